@@ -1,0 +1,1 @@
+"""Forkable entry points: `python -m experiments.ftsam`, `experiments.distill`, `experiments.bench`."""

@@ -1,0 +1,162 @@
+r"""Benchmark of the compiled steps: steady-state images/s and compile seconds.
+
+    python -m experiments.bench --model=preactresnet18 --width=16 --batch_size=128
+    python -m experiments.bench --model=preactresnet18 --dtype=bfloat16 --json
+
+Rows: `train_step` (SGD), `sam_step` (FT-SAM's chain: ASAM rho=2 + weight decay + momentum),
+`eval_step`, and `ftsam_epoch`: one whole compiled epoch of FT-SAM fine-tuning on
+`--ftsam_examples` on-device images with augmentation (the real loop of the defense), from which
+the time of `--ftsam_epochs` epochs is extrapolated. Each row: warm-up calls, then `--steps` timed
+calls ended by `block_until_ready`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+
+import ftsam_jax
+from experiments.cli import InputError, run
+from ftsam_jax import parallel
+from ftsam_jax.loop import make_epoch_fn, standard_preprocess, steps_per_epoch
+from ftsam_jax.models import MODELS, create_model
+from ftsam_jax.train import classification_loss, create_train_state
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "preactresnet18", sorted(MODELS), "Model to time.")
+flags.DEFINE_integer("width", None, "Model width (default: the model's standard width).")
+flags.DEFINE_integer("batch_size", 128, "Global batch size (divisible by the device count).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_integer("steps", 10, "Timed calls per row.")
+flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+flags.DEFINE_integer("image_size", 32, "Square image side.")
+flags.DEFINE_integer("num_classes", 10, "Classes.")
+flags.DEFINE_list("rows", ["train_step", "sam_step", "eval_step", "ftsam_epoch"], "Rows to run.")
+flags.DEFINE_integer("ftsam_examples", 2500, "Benign images for the ftsam_epoch row.")
+flags.DEFINE_integer("ftsam_batch_size", 256, "Batch size of the ftsam_epoch row.")
+flags.DEFINE_integer("ftsam_epochs", 100, "Epochs to extrapolate the ftsam_epoch row to.")
+flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+ROWS = ("train_step", "sam_step", "eval_step", "ftsam_epoch")
+
+
+def _time(fn, args_fn, steps: int, warmup: int) -> tuple[float, float]:
+    """(compile+first call seconds, mean seconds per steady-state call)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args_fn()))
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args_fn()))
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(steps):
+        out = fn(*args_fn())
+    jax.block_until_ready(out)
+    return first, (time.perf_counter() - t0) / steps
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    unknown = set(FLAGS.rows) - set(ROWS)
+    if unknown:
+        raise InputError(f"unknown --rows {sorted(unknown)}; choose from {list(ROWS)}")
+    if FLAGS.steps < 1 or FLAGS.warmup < 0:
+        raise InputError("--steps must be >= 1 and --warmup >= 0")
+    mesh = parallel.make_mesh()
+    try:
+        parallel.check_batch_size(FLAGS.batch_size, mesh)
+        parallel.check_batch_size(FLAGS.ftsam_batch_size, mesh, "--ftsam_batch_size")
+    except ValueError as e:
+        raise InputError(e) from None
+    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    model = create_model(FLAGS.model, FLAGS.num_classes, width=FLAGS.width, dtype=dtype,
+                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    shape = (FLAGS.image_size, FLAGS.image_size, 3)
+    loss_fn = classification_loss(model.apply, label_smoothing=0.1)
+    sgd = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
+    ftsam_tx = ftsam_jax.sam(sgd, 2.0, adaptive=True)
+    rng = np.random.default_rng(0)
+    b = FLAGS.batch_size
+    batch = jax.device_put(
+        {"image": jnp.asarray(rng.random((b, *shape)), jnp.float32),
+         "label": jnp.asarray(rng.integers(0, FLAGS.num_classes, b), jnp.int32)},
+        parallel.data_sharding(mesh))
+    init = jax.jit(lambda: create_train_state(model, ftsam_tx, jax.random.key(0), shape))
+    results = []
+
+    def record(name: str, first: float, per_call: float, images: int, **extra) -> None:
+        results.append({"row": name, "compile_s": round(first, 3), "ms_per_call":
+                        round(per_call * 1e3, 3), "img_per_s": round(images / per_call, 1),
+                        **extra})
+
+    for name in FLAGS.rows:
+        if name in ("train_step", "sam_step"):
+            tx = sgd if name == "train_step" else ftsam_tx
+            state = parallel.replicate(create_train_state(model, tx, jax.random.key(0), shape)
+                                       if name == "train_step" else init(), mesh)
+            step = ftsam_jax.train_step if name == "train_step" else ftsam_jax.sam_step
+            fn = jax.jit(partial(step, tx=tx, loss_fn=loss_fn), donate_argnums=0)
+            holder = {"state": state}
+
+            def call(fn=fn, holder=holder):
+                holder["state"], m = fn(holder["state"], batch, jax.random.key(0))
+                return m
+
+            first, per = _time(call, tuple, FLAGS.steps, FLAGS.warmup)
+            record(name, first, per, b)
+        elif name == "eval_step":
+            variables = parallel.replicate(init().variables, mesh)
+            fn = jax.jit(partial(ftsam_jax.eval_step, apply_fn=model.apply))
+            first, per = _time(fn, lambda v=variables: (v, batch), FLAGS.steps, FLAGS.warmup)
+            record(name, first, per, b)
+        else:
+            n, fb = FLAGS.ftsam_examples, FLAGS.ftsam_batch_size
+            repl = parallel.replicated(mesh)
+            images = jax.device_put(rng.integers(0, 256, (n, *shape), dtype=np.uint8), repl)
+            labels = jax.device_put(rng.integers(0, FLAGS.num_classes, n).astype(np.int32), repl)
+            epoch = make_epoch_fn(partial(ftsam_jax.sam_step, tx=ftsam_tx, loss_fn=loss_fn),
+                                  mesh=mesh, num_examples=n, batch_size=fb,
+                                  preprocess=standard_preprocess(), drop_last=False)
+            holder = {"state": parallel.replicate(init(), mesh)}
+
+            def call_epoch(epoch=epoch, holder=holder):
+                holder["state"], m = epoch(holder["state"], images, labels, jax.random.key(0))
+                return m
+
+            steps = max(1, FLAGS.steps // 5)
+            first, per = _time(call_epoch, tuple, steps, min(1, FLAGS.warmup))
+            spe = steps_per_epoch(n, fb, drop_last=False)
+            record(name, first, per, spe * fb, steps_per_epoch=spe,
+                   mode="scan" if jax.default_backend() != "cpu" else "python loop",
+                   est_seconds_for_epochs=round(first + per * (FLAGS.ftsam_epochs - 1), 1),
+                   epochs=FLAGS.ftsam_epochs, examples=n, batch_size=fb)
+
+    info = {
+        "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+        "devices": jax.device_count(), "jax": jax.__version__, "model": FLAGS.model,
+        "width": model.width, "dtype": FLAGS.dtype, "batch_size": b, "rows": results,
+    }
+    if FLAGS.json:
+        print(json.dumps(info))
+        return
+    print(f"{info['device']} x{info['devices']} ({info['platform']}, jax {info['jax']}) "
+          f"{FLAGS.model} width {model.width} {FLAGS.dtype} batch {b}")
+    print(f"{'row':<12} {'compile s':>10} {'ms/call':>10} {'img/s':>10}  notes")
+    for r in results:
+        note = ""
+        if r["row"] == "ftsam_epoch":
+            note = (f"{r['steps_per_epoch']} SAM steps/epoch, batch {r['batch_size']}; "
+                    f"{r['epochs']} epochs ~ {r['est_seconds_for_epochs']} s")
+        print(f"{r['row']:<12} {r['compile_s']:>10.2f} {r['ms_per_call']:>10.1f} "
+              f"{r['img_per_s']:>10.1f}  {note}")
+
+
+if __name__ == "__main__":
+    run(main)

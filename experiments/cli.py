@@ -1,0 +1,48 @@
+"""What every entry point shares: one-line input errors with exit code 2, flag parsing."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from absl import app, flags
+
+from ftsam_jax.data import DataError
+
+__all__ = ["InputError", "fail", "run"]
+
+
+class InputError(ValueError):
+    """Bad user input (flags, files): reported as `error: ...` on stderr, exit code 2."""
+
+
+def fail(message: object) -> NoReturn:
+    text = " ".join(str(message).split())
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as e:
+        fail(e)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`absl.app.run` with flag errors, InputError and DataError turned into one line + exit 2."""
+
+    def wrapped(argv: list[str]) -> None:
+        if len(argv) > 1:
+            fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
+        try:
+            main(argv)
+        except (InputError, DataError) as e:
+            fail(e)
+        except KeyboardInterrupt:
+            print("interrupted: rerun the same command to resume from the last checkpoint",
+                  file=sys.stderr)
+            sys.exit(130)
+
+    app.run(wrapped, flags_parser=_parse_flags)

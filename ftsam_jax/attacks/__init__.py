@@ -1,0 +1,27 @@
+"""Backdoor attacks: one file each; `create_attack(name, ...)` builds one by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftsam_jax.attacks.badnets import BadNets, BadNetsAllToAll
+from ftsam_jax.attacks.base import Attack, PoisonPlan
+from ftsam_jax.attacks.blended import Blended
+from ftsam_jax.attacks.poison import BackdoorData, build_backdoor_data
+from ftsam_jax.attacks.sig import SIG
+
+__all__ = ["ATTACKS", "Attack", "BackdoorData", "PoisonPlan", "build_backdoor_data",
+           "create_attack"]
+
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (BadNets, BadNetsAllToAll, Blended, SIG)
+}
+
+
+def create_attack(name: str, *, num_classes: int, image_shape: tuple[int, int, int],
+                  target: int = 0, **kwargs: Any) -> Attack:
+    """Builds a registered attack; raises ValueError for an unknown name or bad settings."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
+    return ATTACKS[name](num_classes=num_classes, image_shape=image_shape, target=target,
+                         **kwargs)

@@ -1,0 +1,56 @@
+"""Exact-resume checkpoints: a thin wrapper over orbax's CheckpointManager.
+
+Each checkpoint holds a state pytree and a small JSON `meta` dict (epoch, metrics so far...).
+Randomness is derived from (seed, stage, epoch), never stored, so restoring the state of epoch k
+and re-running epoch k+1 gives the numbers of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer"]
+
+
+class Checkpointer:
+    """Saves `(state, meta)` per step into `directory`; restores the latest into a template."""
+
+    def __init__(self, directory: str | Path, max_to_keep: int = 2) -> None:
+        self.directory = Path(directory).absolute()
+        self._mngr = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self._mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        self._mngr.wait_until_finished()
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
+        """Restores into the structure, dtypes and shardings of `template`; None if empty."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+        r = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return r.state, dict(r.meta)
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

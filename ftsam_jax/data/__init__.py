@@ -1,0 +1,13 @@
+"""Data sets (uint8 NHWC arrays on the host) and on-device augmentation."""
+
+from ftsam_jax.data.augment import crop_flip, random_crop, random_flip
+from ftsam_jax.data.datasets import (
+    NORMALIZATION,
+    DataError,
+    Dataset,
+    load_dataset,
+    normalization_for,
+)
+
+__all__ = ["NORMALIZATION", "DataError", "Dataset", "crop_flip", "load_dataset",
+           "normalization_for", "random_crop", "random_flip"]

@@ -1,0 +1,102 @@
+"""FT and FT-SAM: fine-tuning the backdoored model on benign data, without and with SAM.
+
+FT-SAM (Zhu et al., ICCV 2023, Eq. 4 and 6): every step perturbs the weights by
+e = rho T_w^2 g / ||T_w g|| with T_w = |w| (ASAM, eta = 0, all parameters including BatchNorm's)
+and descends with the gradient taken at w + e; BatchNorm running statistics come from the clean
+pass only. Two recipes:
+
+- `reference` (BackdoorBench `defense/ft-sam.py`, the code behind the paper's tables): SGD lr
+  0.01, momentum 0.9, weight decay 5e-4, label smoothing 0.1, batch 256, 100 epochs, rho 2,
+  class-balanced 5% benign data, crop+flip, and a CosineAnnealingLR(T_max=100) stepped every
+  *iteration*, so the learning rate is cyclic (period 200 iterations; with 2,500 images and
+  batch 256 it reaches 0 at epoch 10 and is back at 0.01 at epoch 20), last-epoch model.
+- `paper` (the paper's text): the same but plain cross-entropy and the cosine stepped per epoch.
+
+FT (BackdoorBench `defense/ft.py`): the same loop without SAM: plain cross-entropy, cosine per
+epoch over 100 epochs, batch 256, a uniformly drawn 5% of the training set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from ftsam_jax.defenses.base import BenignData
+from ftsam_jax.fit import FitConfig, fit
+from ftsam_jax.runner import StageContext
+
+__all__ = ["FineTuneConfig", "ft", "ft_config", "ftsam", "ftsam_config"]
+
+RECIPES = ("reference", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneConfig:
+    """FT / FT-SAM hyperparameters (see the module docstring for the two FT-SAM recipes)."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine_epoch"
+    t_max: int | None = 100
+    label_smoothing: float = 0.0
+    sam: bool = False
+    rho: float = 2.0
+    adaptive: bool = True
+    eta: float = 0.0
+    group_size: int | None = None
+    recipe: str = "reference"
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, schedule=self.schedule, t_max=self.t_max,
+            label_smoothing=self.label_smoothing, sam=self.sam, rho=self.rho,
+            adaptive=self.adaptive, eta=self.eta, group_size=self.group_size, augment=True,
+            drop_last=False,
+        )
+
+
+def _epochs(preset: str) -> int:
+    return {"paper": 100, "cpu": 100, "smoke": 2}[preset]
+
+
+def ft_config(preset: str = "paper") -> FineTuneConfig:
+    """BackdoorBench's FT: plain CE, cosine per epoch (T_max 100), batch 256, 100 epochs."""
+    return FineTuneConfig(epochs=_epochs(preset), sam=False, t_max=100)
+
+
+def ftsam_config(preset: str = "paper", recipe: str = "reference") -> FineTuneConfig:
+    """FT-SAM's `reference` (BackdoorBench) or `paper` recipe."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown FT-SAM recipe {recipe!r}; choose one of {RECIPES}")
+    if recipe == "reference":
+        return FineTuneConfig(epochs=_epochs(preset), sam=True, rho=2.0, label_smoothing=0.1,
+                              schedule="cosine_iter", t_max=100, recipe=recipe)
+    return FineTuneConfig(epochs=_epochs(preset), sam=True, rho=2.0, label_smoothing=0.0,
+                          schedule="cosine_epoch", t_max=100, recipe=recipe)
+
+
+def _finetune(name: str, model: nn.Module, variables: dict[str, Any], benign: BenignData,
+              config: FineTuneConfig, rng: jax.Array, ctx: StageContext) -> dict[str, Any]:
+    out, _ = fit(name, model, variables, benign.x, benign.y, config.fit_config(), rng, ctx)
+    return out
+
+
+def ft(model: nn.Module, variables: dict[str, Any], benign: BenignData, config: FineTuneConfig,
+       rng: jax.Array, ctx: StageContext) -> dict[str, Any]:
+    """Vanilla fine-tuning on the benign data."""
+    return _finetune("ft", model, variables, benign, dataclasses.replace(config, sam=False), rng,
+                     ctx)
+
+
+def ftsam(model: nn.Module, variables: dict[str, Any], benign: BenignData,
+          config: FineTuneConfig, rng: jax.Array, ctx: StageContext) -> dict[str, Any]:
+    """Fine-tuning with adaptive sharpness-aware minimisation (FT-SAM)."""
+    return _finetune("ftsam", model, variables, benign, dataclasses.replace(config, sam=True),
+                     rng, ctx)

@@ -1,0 +1,55 @@
+"""Backdoor metrics: C-Acc, ASR, R-Acc and DER, as fractions in [0, 1].
+
+- clean_acc: accuracy on the full clean test set.
+- asr: share of poisoned test images (every image whose true label is not the target; for
+  all-to-all attacks every image, target y + 1) classified as the attacker's label.
+- robust_acc: accuracy of the same poisoned images against their true labels.
+- der (FT-SAM Eq. 7): [max(0, ASR_bd - ASR_def) - max(0, ACC_bd - ACC_def) + 1] / 2. (One of
+  BackdoorBench's two copies adds the accuracy drop instead of subtracting it.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["asr", "backdoor_metrics", "clean_acc", "der", "robust_acc"]
+
+
+def _accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if preds.shape != labels.shape:
+        raise ValueError(f"predictions {preds.shape} and labels {labels.shape} differ in shape")
+    if preds.size == 0:
+        raise ValueError("no examples to score")
+    return float(np.mean(preds == labels))
+
+
+def clean_acc(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy on clean test images."""
+    return _accuracy(preds, labels)
+
+
+def asr(preds_bd: np.ndarray, attacker_labels: np.ndarray) -> float:
+    """Attack success rate: poisoned images classified as the attacker's label."""
+    return _accuracy(preds_bd, attacker_labels)
+
+
+def robust_acc(preds_bd: np.ndarray, true_labels: np.ndarray) -> float:
+    """Poisoned images still classified as their true label."""
+    return _accuracy(preds_bd, true_labels)
+
+
+def der(backdoored: Mapping[str, float], defended: Mapping[str, float]) -> float:
+    """Defense effectiveness rate (FT-SAM Eq. 7) from dicts with `clean_acc` and `asr`."""
+    d_asr = backdoored["asr"] - defended["asr"]
+    d_acc = backdoored["clean_acc"] - defended["clean_acc"]
+    return (max(0.0, d_asr) - max(0.0, d_acc) + 1.0) / 2.0
+
+
+def backdoor_metrics(preds_clean: np.ndarray, y_clean: np.ndarray, preds_bd: np.ndarray,
+                     y_bd: np.ndarray, y_bd_true: np.ndarray) -> dict[str, float]:
+    """{"clean_acc", "asr", "robust_acc"} from predictions on the clean and poisoned sets."""
+    return {"clean_acc": clean_acc(preds_clean, y_clean), "asr": asr(preds_bd, y_bd),
+            "robust_acc": robust_acc(preds_bd, y_bd_true)}

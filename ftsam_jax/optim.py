@@ -1,0 +1,127 @@
+"""Sharpness-aware minimisation as an optax gradient transformation.
+
+`sam_gradient` is a *stage* of an optax chain: it receives the loss gradient at the current
+weights plus a `grad_fn` (an optax "extra argument") and hands the gradient at the perturbed
+weights to the rest of the chain, so weight decay, momentum, clipping, masking and schedules
+compose with it as usual::
+
+    tx = optax.chain(
+        ftsam_jax.sam_gradient(rho=2.0, adaptive=True),   # FT-SAM (Zhu et al., 2023)
+        optax.add_decayed_weights(5e-4),
+        optax.sgd(0.01, momentum=0.9),
+    )
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+
+`grad_fn(p)` must return only the gradient of the loss at `p` (no aux): statistics such as
+BatchNorm running averages are taken from the caller's clean pass, never from the perturbed one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["SAMState", "sam", "sam_gradient", "sam_perturbation"]
+
+Params = Any
+GradFn = Callable[[Params], Params]
+
+
+class SAMState(NamedTuple):
+    """State of `sam_gradient`.
+
+    Attributes:
+      count: number of updates so far; the argument of a `rho` schedule.
+    """
+
+    count: jax.Array
+
+
+def sam_perturbation(
+    grads: Params,
+    params: Params,
+    rho: float | jax.Array,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    eps: float = 1e-12,
+) -> Params:
+    """The first-order worst-case weight perturbation (FT-SAM Eq. 4, ASAM Eq. 13).
+
+    e = rho * T**2 * g / (||T g||_2 + eps), with T = |w| + eta elementwise (adaptive) or T = 1,
+    and one global L2 norm over the whole tree.
+    """
+    if adaptive:
+        scale = jax.tree.map(lambda w: jnp.abs(w) + eta, params)
+        scaled = jax.tree.map(jnp.multiply, scale, grads)  # T g
+        norm = optax.tree.norm(scaled)
+        return jax.tree.map(lambda t, tg: (rho / (norm + eps)) * t * tg, scale, scaled)
+    norm = optax.tree.norm(grads)
+    return jax.tree.map(lambda g: (rho / (norm + eps)) * g, grads)
+
+
+def sam_gradient(
+    rho: float | optax.ScalarOrSchedule,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    eps: float = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    """Replaces the loss gradient by the gradient at the SAM-perturbed weights.
+
+    Given the gradient g at w, computes e = rho * T**2 g / (||T g|| + eps) and returns
+    grad_fn(w + e). With `adaptive=False` this is SAM (T = 1); with `adaptive=True` it is ASAM
+    (T = |w| + eta). FT-SAM uses `adaptive=True, eta=0.0, rho=2.0` over all parameters.
+
+    Args:
+      rho: radius of the neighbourhood; a float or an optax schedule of the update count.
+      adaptive: scale the neighbourhood elementwise by |w| + eta (ASAM).
+      eta: offset of the adaptive scale, so that zero weights are still perturbed.
+      eps: added to the norm; an all-zero gradient gives a zero perturbation, not NaN.
+
+    Returns:
+      A `GradientTransformationExtraArgs` whose `update(grads, state, params, *, grad_fn)`
+      needs `params` and the extra argument `grad_fn(p) -> gradient at p` (same tree).
+
+    References:
+      Foret et al., Sharpness-Aware Minimization, ICLR 2021 (arXiv 2010.01412);
+      Kwon et al., ASAM, ICML 2021 (arXiv 2102.11600);
+      Zhu et al., FT-SAM, ICCV 2023 (arXiv 2304.11823), Eq. 4 and 6.
+    """
+
+    def init_fn(params: Params) -> SAMState:
+        del params
+        return SAMState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(
+        updates: Params,
+        state: SAMState,
+        params: Params | None = None,
+        *,
+        grad_fn: GradFn | None = None,
+        **extra_args: Any,
+    ) -> tuple[Params, SAMState]:
+        del extra_args
+        if params is None or grad_fn is None:
+            raise ValueError("sam_gradient needs `params` and the extra argument `grad_fn`.")
+        radius = rho(state.count) if callable(rho) else rho
+        e = sam_perturbation(updates, params, radius, adaptive=adaptive, eta=eta, eps=eps)
+        perturbed = jax.tree.map(lambda w, d: w + d.astype(w.dtype), params, e)
+        new_updates = grad_fn(perturbed)
+        new_updates = jax.tree.map(lambda n, g: n.astype(g.dtype), new_updates, updates)
+        return new_updates, SAMState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sam(
+    optimizer: optax.GradientTransformation,
+    rho: float | optax.ScalarOrSchedule,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """`optax.chain(sam_gradient(rho, **kwargs), optimizer)`: SAM in front of any optimizer."""
+    return optax.chain(sam_gradient(rho, **kwargs), optimizer)

@@ -1,0 +1,148 @@
+"""Resumable training stages: epochs with orbax checkpoints, progress bar and per-epoch logs.
+
+A stage is `epoch_fn(state, rng) -> (state, metrics)` run for a number of epochs. Its random
+stream is derived from (seed, stage name, epoch) only, and its state is checkpointed after each
+epoch, so killing a run and re-running the same command continues from the last checkpoint and
+ends with the same numbers as an uninterrupted run. A finished stage is not re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from ftsam_jax.checkpoint import Checkpointer
+
+__all__ = ["NonFiniteLossError", "StageContext", "run_stage", "stage_rng"]
+
+EpochFn = Callable[[Any, jax.Array], tuple[Any, dict[str, Any]]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A stage produced a non-finite loss; its last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class StageContext:
+    """Where and how stages run.
+
+    Attributes:
+      mesh: the device mesh (batch sharded on 'data', state replicated).
+      seed: the run's seed; every stage derives its own stream from it and its name.
+      workdir: checkpoints go to `workdir/checkpoints/<stage>`; None: no checkpoints.
+      progress: show a progress bar per stage.
+      checkpoint_every: save every k epochs (and always after the last one).
+      log: called with the stage's whole history after every epoch (for metrics.jsonl).
+      evaluate: optional `variables -> {metric: float}` for per-epoch curves (C-Acc, ASR...).
+      eval_every: evaluate every k epochs (and after the last one).
+    """
+
+    mesh: Mesh
+    seed: int = 0
+    workdir: Path | None = None
+    progress: bool = True
+    checkpoint_every: int = 1
+    log: Callable[[str, list[dict[str, Any]]], None] | None = None
+    evaluate: Callable[[dict[str, Any]], dict[str, float]] | None = None
+    eval_every: int = 1
+
+    def checkpoint_dir(self, stage: str) -> Path | None:
+        return None if self.workdir is None else Path(self.workdir) / "checkpoints" / stage
+
+
+def stage_rng(seed: int, stage: str) -> jax.Array:
+    """A key that depends only on the seed and the stage's name (not on other stages)."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(stage.encode()) & 0x7FFFFFFF)
+
+
+def _to_host(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run_stage(
+    name: str,
+    state: Any,
+    epoch_fn: EpochFn,
+    epochs: int,
+    ctx: StageContext,
+    *,
+    eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    rng: jax.Array | None = None,
+    finite_key: str = "loss",
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Runs (or resumes, or skips if done) `epochs` epochs of `epoch_fn`.
+
+    Args:
+      name: stage name: checkpoint folder, random stream and log tag.
+      state: the initial state; also the restore template (structure, dtypes, shardings).
+      epoch_fn: `(state, rng) -> (state, metrics)`; metrics are scalars (averaged per epoch).
+      epochs: total epochs of the stage.
+      ctx: mesh, seed, workdir, progress and logging.
+      eval_fn: optional `state -> {name: float}` evaluated every `ctx.eval_every` epochs and
+        after the last one (e.g. C-Acc / ASR curves).
+      rng: the stage's key; default `stage_rng(ctx.seed, name)`. Epoch e uses fold_in(rng, e).
+      finite_key: the metric that must stay finite.
+
+    Returns:
+      The final state and the per-epoch history (dicts with "stage", "epoch", metrics,
+      "seconds").
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/inf; the previous checkpoint stays the latest.
+    """
+    rng = stage_rng(ctx.seed, name) if rng is None else rng
+    ckpt_dir = ctx.checkpoint_dir(name)
+    ckpt = Checkpointer(ckpt_dir) if ckpt_dir is not None else None
+    history: list[dict[str, Any]] = []
+    start = 0
+    try:
+        if ckpt is not None and (restored := ckpt.restore(state)) is not None:
+            state, meta = restored
+            start, history = int(meta["epoch"]), list(meta["history"])
+        if start >= epochs:
+            return state, history
+        bar = None
+        if ctx.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=epochs, initial=start, desc=name, unit="ep", leave=True,
+                       dynamic_ncols=True)
+        try:
+            for epoch in range(start, epochs):
+                t0 = time.perf_counter()
+                state, metrics = epoch_fn(state, jax.random.fold_in(rng, epoch))
+                record: dict[str, Any] = {"stage": name, "epoch": epoch + 1, **_to_host(metrics)}
+                if not math.isfinite(record.get(finite_key, 0.0)):
+                    raise NonFiniteLossError(
+                        f"stage {name}: non-finite {finite_key} at epoch {epoch + 1}; stopped, "
+                        f"the last good checkpoint (epoch {start if ckpt else 0}) is kept")
+                last = epoch + 1 == epochs
+                if eval_fn is not None and ((epoch + 1) % ctx.eval_every == 0 or last):
+                    record.update(eval_fn(state))
+                record["seconds"] = round(time.perf_counter() - t0, 3)
+                history.append(record)
+                if ckpt is not None and ((epoch + 1) % ctx.checkpoint_every == 0 or last):
+                    ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "history": history})
+                    start = epoch + 1
+                if ctx.log is not None:
+                    ctx.log(name, history)
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
+                                     if k not in ("stage", "epoch", "seconds")
+                                     and isinstance(v, float)}, refresh=False)
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return state, history
+    finally:
+        if ckpt is not None:
+            ckpt.close()

@@ -1,0 +1,32 @@
+"""Test set-up: 8 fake CPU devices (so data parallelism is always exercised), fast compiles."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    if not (CIFAR_SUBSET / "cifar-10-batches-py").is_dir():
+        pytest.skip("../shared/data/cifar10-subset is not present")
+    return CIFAR_SUBSET
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(cifar_dir):
+    from ftsam_jax.data import load_dataset
+
+    return load_dataset("cifar10", str(cifar_dir))

@@ -1,0 +1,35 @@
+"""orbax wrapper: exact round trip of a sharded TrainState with NamedTuple optimizer states."""
+
+import jax
+import numpy as np
+import optax
+
+import ftsam_jax
+from ftsam_jax import parallel
+from ftsam_jax.checkpoint import Checkpointer
+from ftsam_jax.models import TinyCNN
+from ftsam_jax.train import create_train_state
+
+
+def test_round_trip_keeps_values_types_and_sharding(tmp_path):
+    mesh = parallel.make_mesh()
+    tx = optax.chain(ftsam_jax.sam_gradient(2.0, adaptive=True), optax.sgd(0.1, momentum=0.9))
+    model = TinyCNN(num_classes=3, width=2)
+    state = parallel.replicate(create_train_state(model, tx, jax.random.key(0), (8, 8, 3)), mesh)
+    state = state.replace(step=state.step + 7)
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.restore(state) is None
+        ckpt.save(3, state, {"epoch": 3, "history": [0.5, 0.25]})
+        ckpt.save(4, state, {"epoch": 4})
+        ckpt.save(5, state, {"epoch": 5})
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() == 5
+        template = parallel.replicate(create_train_state(model, tx, jax.random.key(1), (8, 8, 3)),
+                                      mesh)
+        restored, meta = ckpt.restore(template, step=4)
+    assert meta == {"epoch": 4}
+    assert type(restored.opt_state[0]) is type(state.opt_state[0])  # SAMState, not a tuple
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["4", "5"]
