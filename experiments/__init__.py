@@ -1,1 +1,1 @@
-"""Forkable entry points: `python -m experiments.ftsam`, `experiments.distill`, `experiments.bench`."""
+"""Forkable entry points: experiments.ftsam, experiments.distill, experiments.bench."""

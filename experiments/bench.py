@@ -126,7 +126,7 @@ def main(argv: list[str]) -> None:
                                   preprocess=standard_preprocess(), drop_last=False)
             holder = {"state": parallel.replicate(init(), mesh)}
 
-            def call_epoch(epoch=epoch, holder=holder):
+            def call_epoch(epoch=epoch, holder=holder, images=images, labels=labels):
                 holder["state"], m = epoch(holder["state"], images, labels, jax.random.key(0))
                 return m
 

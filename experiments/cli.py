@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from ftsam_jax.data import DataError
 
@@ -34,6 +34,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run` with flag errors, InputError and DataError turned into one line + exit 2."""
 
     def wrapped(argv: list[str]) -> None:
+        logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
         if len(argv) > 1:
             fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
         try:

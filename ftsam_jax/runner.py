@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import zlib
 from collections.abc import Callable
@@ -56,6 +57,19 @@ class StageContext:
 
     def checkpoint_dir(self, stage: str) -> Path | None:
         return None if self.workdir is None else Path(self.workdir) / "checkpoints" / stage
+
+
+_epochs_run_in_process = 0
+
+
+def _simulated_interrupt() -> None:
+    """Test hook: FTSAM_JAX_INTERRUPT_AFTER=N raises KeyboardInterrupt after N epochs of this
+    process (as a Ctrl-C would), to test that a rerun resumes to the same numbers."""
+    global _epochs_run_in_process
+    _epochs_run_in_process += 1
+    limit = os.environ.get("FTSAM_JAX_INTERRUPT_AFTER")
+    if limit is not None and _epochs_run_in_process >= int(limit):
+        raise KeyboardInterrupt
 
 
 def stage_rng(seed: int, stage: str) -> jax.Array:
@@ -134,6 +148,7 @@ def run_stage(
                     start = epoch + 1
                 if ctx.log is not None:
                     ctx.log(name, history)
+                _simulated_interrupt()
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
                                      if k not in ("stage", "epoch", "seconds")

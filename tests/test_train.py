@@ -85,7 +85,7 @@ def test_sam_step_matches_reference_loop():
 def reference_group_sam(state, batch, loss_fn):
     sam_grads, stats = [], []
     for i in range(3):
-        b = jax.tree.map(lambda x: x[4 * i:4 * i + 4], batch)
+        b = jax.tree.map(lambda x, i=i: x[4 * i:4 * i + 4], batch)
         (_, (_, bs)), g = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, b, None)
         e = sam_perturbation(g, state.params, 2.0, adaptive=True)

@@ -9,7 +9,9 @@ then
   augmentation, so crops and flips move it, as in BackdoorBench;
 - `poison_labels(labels)` maps true labels to the attacker's labels (target, or (y + 1) mod C);
 - optionally `fit(...)` prepares data-dependent triggers (a universal perturbation, a
-  generator) and `train_transform` poisons each batch inside the jitted step (WaNet's warps);
+  generator; an attack that trains the backdoored classifier itself, like Input-aware, leaves it
+  in `trained_variables`), and `make_train_transform(ratio)` poisons each batch inside the
+  jitted step (WaNet's warps);
 - `test_mask(labels)` selects the test images whose poisoned versions measure ASR (all images
   whose label is not the target; every image for all-to-all).
 
@@ -111,17 +113,29 @@ class Attack(abc.ABC):
 
     # -- triggers ----------------------------------------------------------------------------
 
+    # Set by `fit` for attacks that train the backdoored classifier themselves (Input-aware);
+    # the pipeline then uses these variables instead of training on the poisoned set.
+    trained_variables: dict[str, Any] | None = None
+
     def fit(self, **kwargs: Any) -> None:  # noqa: B027 - optional hook
-        """Prepares data-dependent triggers; a no-op for fixed-pattern attacks."""
+        """Prepares data-dependent triggers; a no-op for fixed-pattern attacks.
+
+        The pipeline calls it (only when `needs_fit`) as
+        `fit(ds=Dataset, model=flax Module, fit_config=FitConfig of the backdoored stage,
+        ratio=poison ratio, ctx=StageContext, rng=key)`; use `ctx` for resumable stages
+        (`ftsam_jax.fit.fit`, `ftsam_jax.runner.run_stage`) and cache artifacts under
+        `ctx.workdir` so a rerun does not redo them.
+        """
 
     @abc.abstractmethod
     def apply(self, images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Inserts the trigger into uint8 NHWC images; returns new uint8 images."""
 
-    @property
-    def train_transform(self) -> TrainTransform | None:
-        """A jit-able `(batch, rng) -> batch` applied to every training batch (float [0, 1]
-        images), for attacks that poison on the fly; None for static poisoning."""
+    def make_train_transform(self, ratio: float) -> TrainTransform | None:
+        """A jit-able `(batch, rng) -> batch` applied to every (shuffled) training batch, with
+        "image" as float [0, 1] NHWC and "label" int32, for attacks that poison on the fly
+        (a share `ratio` of each batch); None for static poisoning."""
+        del ratio
         return None
 
     def config(self) -> dict[str, Any]:

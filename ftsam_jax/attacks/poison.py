@@ -48,9 +48,10 @@ def build_backdoor_data(ds: Dataset, attack: Attack, ratio: float, seed: int) ->
     poison each batch through `train_transform`; their plan is then only informational."""
     rng = np.random.default_rng(seed)
     plan = attack.plan(ds.y_train, ratio, rng)
+    transform = attack.make_train_transform(ratio)
     x_train, y_train = ds.x_train.copy(), ds.y_train.copy()
     mask = np.zeros(len(y_train), bool)
-    if attack.train_transform is None:
+    if transform is None:
         x_train[plan.indices] = attack.apply(ds.x_train[plan.indices], ds.y_train[plan.indices])
         y_train[plan.indices] = plan.labels
         mask[plan.indices] = True
@@ -60,5 +61,5 @@ def build_backdoor_data(ds: Dataset, attack: Attack, ratio: float, seed: int) ->
     return BackdoorData(
         x_train=x_train, y_train=y_train, poison_mask=mask, x_test=ds.x_test, y_test=ds.y_test,
         x_bd=x_bd, y_bd=attack.poison_labels(y_true), y_bd_true=y_true, plan=plan,
-        train_transform=attack.train_transform,
+        train_transform=transform,
     )

@@ -1,0 +1,135 @@
+"""experiments.ftsam end to end: results files, exact resume after an interrupt, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+       "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+def run_ftsam(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "experiments.ftsam", "--progress=false", *args],
+                          cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def npz_data(tmp_path_factory):
+    """A small learnable 4-class data set of 16x16 colour images."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 4, n)
+        x = rng.integers(0, 80, (n, 16, 16, 3))
+        for c in range(4):
+            x[y == c, (c // 2) * 8:(c // 2) * 8 + 8, (c % 2) * 8:(c % 2) * 8 + 8] += 150
+        return x.astype(np.uint8), y
+
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    (xtr, ytr), (xte, yte) = make(320), make(80)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+def strip_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: strip_seconds(v) for k, v in obj.items() if k not in ("seconds",)}
+    if isinstance(obj, list):
+        return [strip_seconds(v) for v in obj]
+    return obj
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_smoke_run_writes_results_and_resumes_exactly(npz_data, tmp_path):
+    args = [f"--dataset=npz:{npz_data}", "--attack=badnets", "--preset=smoke",
+            "--defenses=ft,ftsam", "--defense_epochs=2"]
+    full = tmp_path / "full"
+    out = run_ftsam(*args, f"--workdir={full}")
+    results = json.loads((full / "results.json").read_text())
+    assert results["dataset"] == f"npz:{npz_data}" and results["attack"] == "badnets"
+    assert results["model"] == "tiny_cnn" and results["config"]["poison_ratio"] == 0.1
+    for row in [results["backdoored"], *results["defenses"].values()]:
+        for key in ("clean_acc", "asr", "robust_acc"):
+            assert 0.0 <= row[key] <= 1.0
+    assert set(results["defenses"]) == {"ft", "ftsam"}
+    for r in results["defenses"].values():
+        assert 0.0 <= r["der"] <= 1.0 and r["seconds"] >= 0
+    assert results["defenses"]["ftsam"]["benign_examples"] == 16  # 4 per class, balanced
+    table = (full / "results.md").read_text()
+    assert "| No defense |" in table and "| ftsam |" in table
+    assert "| ftsam |" in out.stdout  # the summary table on the terminal
+    stages = [r["stage"] for r in read_jsonl(full / "metrics.jsonl")]
+    assert stages == ["backdoored"] * 2 + ["ft"] * 2 + ["ftsam"] * 2
+
+    # Interrupted after 3 epochs (inside the ft stage), then resumed: the same numbers.
+    part = tmp_path / "part"
+    proc = run_ftsam(*args, f"--workdir={part}", check=False,
+                     env={**ENV, "FTSAM_JAX_INTERRUPT_AFTER": "3"})
+    assert proc.returncode == 130 and "rerun the same command" in proc.stderr
+    partial = json.loads((part / "results.json").read_text())
+    assert partial["defenses"] == {}  # nothing half-finished is reported
+    run_ftsam(*args, f"--workdir={part}")
+    resumed = json.loads((part / "results.json").read_text())
+    assert strip_seconds(resumed["backdoored"]) == strip_seconds(results["backdoored"])
+    assert strip_seconds(resumed["defenses"]) == strip_seconds(results["defenses"])
+    assert strip_seconds(read_jsonl(part / "metrics.jsonl")) == strip_seconds(
+        read_jsonl(full / "metrics.jsonl"))
+
+    # Adding a defense does not change the others; a finished defense is not re-run.
+    run_ftsam(*args[:-2], "--defenses=ftsam,ft", "--defense_epochs=2", f"--workdir={part}")
+    again = json.loads((part / "results.json").read_text())
+    assert again["defenses"]["ft"]["seconds"] == resumed["defenses"]["ft"]["seconds"]
+
+
+def test_cifar_slice_backdoored_stage(cifar_dir, tmp_path):
+    run_ftsam(f"--data_dir={cifar_dir}", "--dataset=cifar10", "--attack=sig", "--preset=smoke",
+              "--epochs=1", f"--workdir={tmp_path}")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["num_train"] == 5170 and results["config"]["num_test"] == 1017
+    # SIG is clean-label: every poisoned training image comes from the target class.
+    assert 0 < results["config"]["num_poisoned"] <= 521
+    assert results["defenses"] == {}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--attack=nope"], "unknown attack 'nope'"),
+    (["--poison_ratio=0"], "--poison_ratio must lie in (0, 1]"),
+    (["--target=7"], "--target 7 is outside [0, 4)"),
+    (["--model=resnet9000"], "unknown model"),
+    (["--batch_size=12"], "not divisible by the number of devices (8)"),
+    (["--defenses=ft,magic"], "unknown defenses ['magic']"),
+    (["--dataset=npz:/no/such/file.npz"], "npz file not found"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(npz_data, tmp_path, args, message):
+    base = [f"--dataset=npz:{npz_data}", "--preset=smoke", f"--workdir={tmp_path / 'w'}"]
+    proc = run_ftsam(*base, *args, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_malformed_cifar_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(b"garbage")
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(b"garbage")
+    proc = run_ftsam("--dataset=cifar10", f"--data_dir={tmp_path}", "--preset=smoke",
+                     f"--workdir={tmp_path / 'w'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert "not a CIFAR python batch file" in proc.stderr
+    assert not (tmp_path / "w").exists()
