@@ -29,6 +29,7 @@ from absl import flags
 from experiments.cli import InputError, run
 from ftsam_jax import metrics, parallel
 from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack
+from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data import load_dataset, normalization_for
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
 from ftsam_jax.fit import FitConfig, fit
@@ -331,6 +332,7 @@ def main(argv: list[str]) -> None:
         benign = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)
         t0 = time.perf_counter()
         variables = spec.run(model, bd_vars, benign, cfg, rng, ctx)
+        save_variables(workdir / "models" / name, variables)
         r = evaluate(variables)
         r["der"] = metrics.der(results["backdoored"], r)
         r.update(seconds=round(time.perf_counter() - t0, 1), benign_examples=int(len(idx)),
@@ -338,11 +340,15 @@ def main(argv: list[str]) -> None:
         results["defenses"][name] = r
         write_results(workdir, results)
 
-    # (4) Analysis.
-    if FLAGS.analysis:
-        from ftsam_jax import analysis
+    # (4) Analysis: neuron norms and TAC of the last conv layer, before and after each defense.
+    if FLAGS.analysis and jax.process_index() == 0:
+        from ftsam_jax.analysis import run_analysis
 
-        analysis.run_analysis(model, bd_vars, bd, workdir, mesh)
+        models = {"backdoored": bd_vars}
+        models.update({name: load_variables(workdir / "models" / name, bd_vars)
+                       for name in settings.defenses})
+        mask = attack.test_mask(bd.y_test)
+        run_analysis(model, models, bd.x_test[mask], bd.x_bd, workdir)
 
     print_summary(results, workdir)
 

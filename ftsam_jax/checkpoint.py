@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "load_variables", "save_variables"]
 
 
 class Checkpointer:
@@ -54,3 +55,18 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def save_variables(path: str | Path, variables: Any) -> None:
+    """Writes a finished model's variables (one orbax checkpoint, overwritten atomically)."""
+    path = Path(path).absolute()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, jax.device_get(variables), force=True)
+
+
+def load_variables(path: str | Path, template: Any) -> Any:
+    """Reads variables written by `save_variables` into the structure of `template`."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                            template)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(Path(path).absolute(), abstract)

@@ -1,0 +1,44 @@
+"""C-Acc, ASR, R-Acc and DER, including DER's sign against the paper's Table 1."""
+
+import numpy as np
+import pytest
+
+from ftsam_jax import metrics
+
+
+def test_accuracies():
+    preds = np.array([0, 1, 2, 0, 0])
+    assert metrics.clean_acc(preds, np.array([0, 1, 1, 0, 2])) == pytest.approx(0.6)
+    assert metrics.asr(preds, np.zeros(5, int)) == pytest.approx(0.6)
+    assert metrics.robust_acc(preds, np.array([3, 1, 2, 3, 3])) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.clean_acc(preds, np.zeros(4, int))
+    with pytest.raises(ValueError, match="no examples"):
+        metrics.asr(np.array([]), np.array([]))
+
+
+@pytest.mark.parametrize("bd,defended,expected", [
+    # (ACC, ASR) in %, from FT-SAM Table 1 (CIFAR-10, PreAct-ResNet18): DER as printed.
+    ((91.82, 93.79), (92.21, 1.63), 96.08),   # BadNets, FT-SAM: accuracy rose, no penalty
+    ((93.44, 97.71), (92.48, 82.22), 57.26),  # Blended, FT: the accuracy drop is subtracted
+    ((93.44, 97.71), (92.44, 4.91), 95.90),   # Blended, FT-SAM
+    ((84.49, 97.87), (84.50, 97.87), 50.00),  # SIG, NC: nothing removed
+])
+def test_der_matches_the_paper(bd, defended, expected):
+    value = metrics.der({"clean_acc": bd[0] / 100, "asr": bd[1] / 100},
+                        {"clean_acc": defended[0] / 100, "asr": defended[1] / 100})
+    assert 100 * value == pytest.approx(expected, abs=0.01)
+
+
+def test_der_sign_penalises_accuracy_loss():
+    bd = {"clean_acc": 0.9, "asr": 0.9}
+    keep = metrics.der(bd, {"clean_acc": 0.9, "asr": 0.1})
+    lose = metrics.der(bd, {"clean_acc": 0.7, "asr": 0.1})
+    assert keep == pytest.approx(0.9) and lose == pytest.approx(0.8) and lose < keep
+    assert metrics.der(bd, {"clean_acc": 0.95, "asr": 0.95}) == pytest.approx(0.5)
+
+
+def test_backdoor_metrics_bundle():
+    out = metrics.backdoor_metrics(np.array([1, 2]), np.array([1, 0]), np.array([0, 0, 3]),
+                                   np.array([0, 0, 0]), np.array([1, 2, 3]))
+    assert out == pytest.approx({"clean_acc": 0.5, "asr": 2 / 3, "robust_acc": 1 / 3})
