@@ -1,0 +1,241 @@
+"""ANP: Adversarial Neuron Pruning (Wu and Wang, NeurIPS 2021).
+
+Every BatchNorm channel ("neuron") k gets a mask m_k in [0, 1]; under perturbation the BN
+computes gamma_k (m_k + d_k) x_hat + beta_k (1 + b_k), with neuron noise d, b (the
+`NoisyBatchNorm2d` of the original code). Per iteration, on a benign batch:
+
+1. d, b ~ U(-eps, eps), then `steps` signed-gradient ascent steps of size `step_size` on the
+   cross-entropy (no projection, as in the code);
+2. the masks descend alpha * CE(masked) + (1 - alpha) * CE(masked + noise) with SGD
+   (lr 0.2, momentum 0.9) and are clipped to [0, 1].
+
+Afterwards every neuron with m_k <= threshold is pruned by zeroing its BN scale gamma_k (the
+original `pruning()`, which leaves the BN bias). Masks and noise act on the params tree
+functionally (`perturb_params`); the model is unchanged. Both passes run in training mode (BN
+batch statistics, as `model.train()` in the original); the running statistics they produce are
+discarded, since the pruned model is the original one with some gamma zeroed.
+
+Settings (original `optimize_mask_cifar.py` and BackdoorBench `config/defense/anp/config.yaml`):
+eps 0.4, 1 step of size eps / steps = 0.4 after a uniform random start, alpha 0.2, mask lr 0.2,
+momentum 0.9, 2000 iterations (4 x 500, one checkpoint per 500), batches sampled with
+replacement from the benign data with crop+flip, batch 256 (BackdoorBench; the original uses
+128 and 1% of the training set), a uniformly drawn 5% of the training set, threshold 0.2
+(pruning by threshold, the paper's default).
+
+Deviations: BackdoorBench sweeps thresholds 0..0.9 and keeps the model with the lowest attack
+success rate on the *poisoned test set* within 10% clean-accuracy loss, an oracle a defender does
+not have; we prune at the fixed threshold 0.2. The original writes masks with 4 decimals
+before thresholding; we compare the float masks. All BN layers are masked (the models here have
+no 1-D BatchNorm); a model without BatchNorm cannot be defended by ANP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from ftsam_jax import parallel
+from ftsam_jax.defenses.base import BenignData
+from ftsam_jax.loop import standard_preprocess
+from ftsam_jax.runner import StageContext, run_stage
+from ftsam_jax.train import cross_entropy
+
+__all__ = ["ANPConfig", "ANPState", "anp", "anp_config", "batchnorm_paths", "init_masks",
+           "perturb_params", "prune_by_mask", "random_noise"]
+
+Variables = dict[str, Any]
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ANPConfig:
+    """ANP hyperparameters (see the module docstring). step_size None: eps / steps."""
+
+    iterations: int = 2000
+    iterations_per_epoch: int = 500
+    batch_size: int = 256
+    lr: float = 0.2
+    momentum: float = 0.9
+    eps: float = 0.4
+    steps: int = 1
+    step_size: float | None = None
+    alpha: float = 0.2
+    threshold: float = 0.2
+    augment: bool = True
+
+
+def anp_config(preset: str = "paper") -> ANPConfig:
+    """The original 2000 iterations; the smoke preset runs 2 epochs of 2 iterations."""
+    if preset == "smoke":
+        return ANPConfig(iterations=4, iterations_per_epoch=2)
+    if preset not in ("paper", "cpu"):
+        raise ValueError(f"unknown preset {preset!r}")
+    return ANPConfig()
+
+
+@flax.struct.dataclass
+class ANPState:
+    step: jax.Array
+    masks: Any
+    opt_state: optax.OptState
+
+
+def batchnorm_paths(variables: Variables) -> list[Path]:
+    """Paths of the BatchNorm layers: modules with running `mean`/`var` and a `scale`."""
+    stats = traverse_util.flatten_dict(jax.device_get(variables.get("batch_stats", {})))
+    params = traverse_util.flatten_dict(variables["params"])
+    paths = sorted({k[:-1] for k in stats if k[-1] == "mean"})
+    return [p for p in paths if (*p, "scale") in params and (*p, "bias") in params]
+
+
+def init_masks(variables: Variables) -> dict[str, Any]:
+    """A nested dict (mirroring params) with one all-ones mask per BN layer."""
+    params = traverse_util.flatten_dict(variables["params"])
+    return traverse_util.unflatten_dict(
+        {p: jnp.ones_like(params[(*p, "scale")], jnp.float32)
+         for p in batchnorm_paths(variables)})
+
+
+def random_noise(rng: jax.Array, masks: Any, eps: float) -> tuple[Any, Any]:
+    """(weight noise, bias noise), each U(-eps, eps) per neuron."""
+    leaves, treedef = jax.tree.flatten(masks)
+    keys = jax.random.split(rng, 2 * len(leaves))
+    draw = lambda k, m: jax.random.uniform(k, m.shape, m.dtype, -eps, eps)  # noqa: E731
+    w = [draw(k, m) for k, m in zip(keys[::2], leaves, strict=True)]
+    b = [draw(k, m) for k, m in zip(keys[1::2], leaves, strict=True)]
+    return jax.tree.unflatten(treedef, w), jax.tree.unflatten(treedef, b)
+
+
+def perturb_params(params: Any, masks: Any, noise: tuple[Any, Any] | None = None) -> Any:
+    """BN scale * (mask + weight noise), BN bias * (1 + bias noise); noise None: mask only."""
+    flat = dict(traverse_util.flatten_dict(params))
+    flat_masks = traverse_util.flatten_dict(masks)
+    flat_w = traverse_util.flatten_dict(noise[0]) if noise is not None else {}
+    flat_b = traverse_util.flatten_dict(noise[1]) if noise is not None else {}
+    for path, mask in flat_masks.items():
+        scale, bias = (*path, "scale"), (*path, "bias")
+        if noise is None:
+            flat[scale] = flat[scale] * mask
+        else:
+            flat[scale] = flat[scale] * (mask + flat_w[path])
+            flat[bias] = flat[bias] * (1.0 + flat_b[path])
+    return traverse_util.unflatten_dict(flat)
+
+
+def prune_by_mask(params: Any, masks: Any, threshold: float) -> Any:
+    """Zeroes the BN scale of every neuron whose mask is <= threshold."""
+    flat = dict(traverse_util.flatten_dict(params))
+    for path, mask in traverse_util.flatten_dict(masks).items():
+        scale = (*path, "scale")
+        flat[scale] = jnp.where(jnp.asarray(mask) <= threshold, 0.0, flat[scale])
+    return traverse_util.unflatten_dict(flat)
+
+
+def _make_epoch(step: Callable, mesh: jax.sharding.Mesh, num_steps: int, scan: bool | None):
+    """`epoch(state, variables, x, y, rng) -> (state, mean metrics)`: `num_steps` steps, as
+    one `lax.scan` on accelerators or a Python loop of jitted steps on CPU."""
+    if scan is None:
+        scan = jax.default_backend() != "cpu"
+    repl = parallel.replicated(mesh)
+
+    def one(state, variables, x, y, rng, i):
+        return step(state, variables, x, y, jax.random.fold_in(rng, i))
+
+    if scan:
+        def scanned(state, variables, x, y, rng):
+            state, metrics = jax.lax.scan(lambda st, i: one(st, variables, x, y, rng, i),
+                                          state, jnp.arange(num_steps))
+            return state, jax.tree.map(jnp.mean, metrics)
+
+        return jax.jit(scanned, donate_argnums=(0,), out_shardings=(repl, repl))
+
+    jit_one = jax.jit(one, donate_argnums=(0,), out_shardings=(repl, repl))
+
+    def looped(state, variables, x, y, rng):
+        history = []
+        for i in range(num_steps):
+            state, metrics = jit_one(state, variables, x, y, rng, jnp.int32(i))
+            history.append(metrics)
+        return state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
+
+    return looped
+
+
+def anp(model: nn.Module, variables: Variables, benign: BenignData, config: ANPConfig,
+        rng: jax.Array, ctx: StageContext, *, scan: bool | None = None) -> Variables:
+    """Learns neuron masks under adversarial neuron perturbation, then prunes by threshold."""
+    mesh = ctx.mesh
+    parallel.check_batch_size(config.batch_size, mesh)
+    if not batchnorm_paths(variables):
+        raise ValueError("ANP needs BatchNorm layers to mask")
+    n = len(benign.y)
+    step_size = config.eps / config.steps if config.step_size is None else config.step_size
+    tx = optax.sgd(config.lr, momentum=config.momentum or None)
+    preprocess = standard_preprocess(augment=config.augment)
+    sharding = parallel.data_sharding(mesh)
+
+    def step(state: ANPState, vs: Variables, x: jax.Array, y: jax.Array, rng_: jax.Array):
+        idx_rng, aug_rng, noise_rng = jax.random.split(rng_, 3)
+        idx = jax.random.randint(idx_rng, (config.batch_size,), 0, n)
+        batch = jax.lax.with_sharding_constraint({"image": x[idx], "label": y[idx]}, sharding)
+        batch = preprocess(batch, aug_rng)
+
+        def ce(params: Any) -> tuple[jax.Array, jax.Array]:
+            logits, _ = model.apply({"params": params, "batch_stats": vs["batch_stats"]},
+                                    batch["image"], train=True, mutable=["batch_stats"])
+            return cross_entropy(logits, batch["label"]).mean(), logits
+
+        noise = None
+        if config.eps > 0:
+            noise = random_noise(noise_rng, state.masks, config.eps)
+            for _ in range(config.steps):
+                grads = jax.grad(lambda nz: ce(perturb_params(vs["params"], state.masks,
+                                                              nz))[0])(noise)
+                noise = jax.tree.map(lambda nz, g: nz + step_size * jnp.sign(g), noise, grads)
+
+        def mask_loss(masks: Any):
+            nat, logits = ce(perturb_params(vs["params"], masks))
+            rob = ce(perturb_params(vs["params"], masks, noise))[0] if noise is not None else 0.0
+            return config.alpha * nat + (1.0 - config.alpha) * rob, logits
+
+        (loss, logits), grads = jax.value_and_grad(mask_loss, has_aux=True)(state.masks)
+        updates, opt_state = tx.update(grads, state.opt_state, state.masks)
+        masks = jax.tree.map(lambda m: jnp.clip(m, 0.0, 1.0),
+                             optax.apply_updates(state.masks, updates))
+        acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return ANPState(state.step + 1, masks, opt_state), {"loss": loss, "accuracy": acc}
+
+    masks = init_masks(variables)
+    state = parallel.replicate(ANPState(jnp.zeros([], jnp.int32), masks, tx.init(masks)), mesh)
+    repl = parallel.replicated(mesh)
+    vs = parallel.replicate({"params": variables["params"],
+                             "batch_stats": variables["batch_stats"]}, mesh)
+    xd = jax.device_put(benign.x, repl)
+    yd = jax.device_put(np.asarray(benign.y, np.int32), repl)
+    epoch = _make_epoch(step, mesh, config.iterations_per_epoch, scan)
+
+    def pruned(st: ANPState) -> Variables:
+        return {**variables, "params": prune_by_mask(variables["params"], st.masks,
+                                                     config.threshold)}
+
+    def epoch_fn(st: ANPState, r: jax.Array):
+        st, metrics = epoch(st, vs, xd, yd, r)
+        below = sum(jnp.sum(m <= config.threshold) for m in jax.tree.leaves(st.masks))
+        return st, {**metrics, "pruned": below}
+
+    eval_fn = None
+    if ctx.evaluate is not None:
+        eval_fn = lambda st: ctx.evaluate(pruned(st))  # noqa: E731
+    epochs = math.ceil(config.iterations / config.iterations_per_epoch)
+    state, _ = run_stage("anp_mask", state, epoch_fn, epochs, ctx, eval_fn=eval_fn, rng=rng)
+    return jax.device_get(pruned(state))
