@@ -7,14 +7,18 @@ from typing import Any
 from ftsam_jax.attacks.badnets import BadNets, BadNetsAllToAll
 from ftsam_jax.attacks.base import Attack, PoisonPlan
 from ftsam_jax.attacks.blended import Blended
+from ftsam_jax.attacks.input_aware import InputAware
+from ftsam_jax.attacks.lf import LowFrequency
 from ftsam_jax.attacks.poison import BackdoorData, build_backdoor_data
 from ftsam_jax.attacks.sig import SIG
+from ftsam_jax.attacks.wanet import WaNet
 
 __all__ = ["ATTACKS", "Attack", "BackdoorData", "PoisonPlan", "build_backdoor_data",
            "create_attack"]
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (BadNets, BadNetsAllToAll, Blended, SIG)
+    cls.name: cls for cls in (BadNets, BadNetsAllToAll, Blended, SIG, WaNet, LowFrequency,
+                               InputAware)
 }
 
 
