@@ -190,8 +190,9 @@ def check_workdir(workdir: Path, run_cfg: dict[str, Any]) -> None:
                              "use another --workdir")
 
 
-def defense_record(cfg: Any) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(cfg).items()}
+def defense_record(cfg: Any, benign_ratio: float) -> dict[str, Any]:
+    """A defense's settings as stored in results.json (and compared on rerun)."""
+    return {"benign_ratio": benign_ratio, **dataclasses.asdict(cfg)}
 
 
 def write_results(workdir: Path, results: dict[str, Any]) -> None:
@@ -322,12 +323,21 @@ def main(argv: list[str]) -> None:
     # (3) Defenses, each from the backdoored weights, with its own random stream.
     for name in settings.defenses:
         spec, cfg = DEFENSES[name], settings.defense_configs[name]
-        done = results["defenses"].get(name)
-        if done is not None:
-            if done.get("config") != json.loads(json.dumps(defense_record(cfg))):
-                raise InputError(f"defense {name} in {workdir} was run with other settings "
-                                 f"({done.get('config')}); use another --workdir")
+        record = json.loads(json.dumps(defense_record(cfg, settings.benign_ratio)))
+        # A defense's checkpoints and result belong to its settings: refuse to mix.
+        marker = workdir / "checkpoints" / f"{name}.settings.json"
+        previous = results["defenses"].get(name, {}).get("config")
+        if previous is None and marker.is_file():
+            previous = json.loads(marker.read_text())
+        if previous is not None and previous != record:
+            changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in record.items()
+                                if previous.get(k) != v)
+            raise InputError(f"defense {name} in {workdir} was run with other settings "
+                             f"({changed}); use another --workdir")
+        if name in results["defenses"]:
             continue
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, json.dumps(record) + "\n")
         rng = stage_rng(FLAGS.seed, f"defense/{name}")
         benign_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
         idx = select_benign(ds.y_train, settings.benign_ratio, benign_rng, spec.balanced)
@@ -338,7 +348,7 @@ def main(argv: list[str]) -> None:
         r = evaluate(variables)
         r["der"] = metrics.der(results["backdoored"], r)
         r.update(seconds=round(time.perf_counter() - t0, 1), benign_examples=int(len(idx)),
-                 config=defense_record(cfg))
+                 config=record)
         results["defenses"][name] = r
         write_results(workdir, results)
 
