@@ -31,9 +31,11 @@ class Checkpointer:
         return self._mngr.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Starts an asynchronous save (the device-to-host copy happens before it returns, so
+        the state may be donated right after); `close` waits for the last one. A save cut short
+        by a crash is never committed, and restore falls back to the previous one."""
         self._mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        self._mngr.wait_until_finished()
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
         """Restores into the structure, dtypes and shardings of `template`; None if empty."""
