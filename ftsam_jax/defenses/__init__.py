@@ -5,7 +5,7 @@ The baselines live in submodules named after their registry names (`defenses.fp.
 
 from __future__ import annotations
 
-from ftsam_jax.defenses import anp, clp, fp, ibau, nad
+from ftsam_jax.defenses import anp, clp, fp, ibau, ikd, nad
 from ftsam_jax.defenses.base import BenignData, DefenseSpec, select_benign
 from ftsam_jax.defenses.finetune import ft, ft_config, ftsam, ftsam_config
 
@@ -38,3 +38,6 @@ register(DefenseSpec("ibau", ibau.ibau, ibau.ibau_config, balanced=False,
 register(DefenseSpec("clp", clp.clp, clp.clp_config, balanced=False, uses_data=False,
                      summary="data-free Channel Lipschitzness-based Pruning, u = 3 "
                              "(Zheng et al., ECCV 2022)"))
+register(DefenseSpec("ikd", ikd.ikd, ikd.ikd_config, balanced=True,
+                     summary="IKD: NAD attention distillation from an FT-SAM teacher plus "
+                             "adversarial feature augmentation (Liang et al., ACM MM 2023)"))
