@@ -25,7 +25,7 @@ def random_crop(rng: jax.Array, images: jnp.ndarray, padding: int = 4) -> jnp.nd
 
 def random_flip(rng: jax.Array, images: jnp.ndarray) -> jnp.ndarray:
     """Flips each NHWC image left-right with probability 1/2."""
-    flip = jax.random.bernoulli(rng, 0.5, (images.shape[0], 1, 1, 1))
+    flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))[:, None, None, None]
     return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
