@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from absl import flags
 
 from experiments.cli import InputError, run
+from experiments.workdir import MetricsLog, atomic_write, check_workdir
 from ftsam_jax import metrics, parallel
 from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack
 from ftsam_jax.checkpoint import load_variables, save_variables
@@ -165,31 +165,6 @@ def resolve_settings(num_devices: int) -> Settings:
 # Files
 
 
-def atomic_write(path: Path, text: str) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def check_workdir(workdir: Path, run_cfg: dict[str, Any]) -> None:
-    """A workdir belongs to one run configuration; refuse to mix."""
-    if workdir.exists() and not workdir.is_dir():
-        raise InputError(f"--workdir {workdir} exists and is not a folder")
-    cfg_path = workdir / "config.json"
-    if cfg_path.is_file():
-        try:
-            old = json.loads(cfg_path.read_text())["run"]
-        except (ValueError, KeyError):
-            raise InputError(f"{cfg_path} is unreadable; use another --workdir") from None
-        diff = [k for k in RUN_KEYS if old.get(k) != run_cfg.get(k)]
-        if diff:
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {run_cfg.get(k)!r}" for k in diff)
-            raise InputError(f"--workdir {workdir} holds a run with other settings ({detail}); "
-                             "use another --workdir")
-
-
 def defense_record(cfg: Any, benign_ratio: float) -> dict[str, Any]:
     """A defense's settings as stored in results.json (and compared on rerun)."""
     return {"benign_ratio": benign_ratio, **dataclasses.asdict(cfg)}
@@ -222,24 +197,6 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class MetricsLog:
-    """metrics.jsonl: every stage's per-epoch history, rewritten atomically after each epoch."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.stages: dict[str, list[dict[str, Any]]] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    self.stages.setdefault(rec["stage"], []).append(rec)
-
-    def __call__(self, stage: str, history: list[dict[str, Any]]) -> None:
-        self.stages[stage] = list(history)
-        atomic_write(self.path, "".join(json.dumps(r) + "\n" for h in self.stages.values()
-                                        for r in h))
-
-
 # ----------------------------------------------------------------------------------------------
 # Pipeline
 
@@ -253,7 +210,7 @@ def main(argv: list[str]) -> None:
     run_cfg = settings.run
     workdir = Path(FLAGS.workdir or f"runs/{FLAGS.dataset.replace('/', '_').replace(':', '_')}"
                    f"_{FLAGS.attack}_{FLAGS.preset}_s{FLAGS.seed}")
-    check_workdir(workdir, run_cfg)
+    check_workdir(workdir, run_cfg, RUN_KEYS)
 
     ds = load_dataset(FLAGS.dataset, FLAGS.data_dir)
     if not 0 <= FLAGS.target < ds.num_classes:

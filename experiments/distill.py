@@ -1,0 +1,296 @@
+r"""IKD for classification: a teacher, then students distilled with each method.
+
+    python -m experiments.distill --dataset=cifar10 --data_dir=../shared/data/cifar10-subset \
+        --preset=cpu --methods=ce,kd,kd_afa,kd_afa_ssa --seeds=0,1,2 --workdir=runs/distill
+
+Methods (Liang et al., ACM MM 2023, adapted to classification as `ftsam_jax.distill` documents):
+- `ce`: the student alone, cross-entropy.
+- `kd`: (1 - a) CE + a T^2 KL(teacher || student) at temperature T (Hinton et al.; a 0.9, T 4).
+- `kd_afa`: kd + IKD's adversarial feature augmentation: the student matches the teacher's
+  features (`--afa_levels`, through 1x1 align convs when widths differ) on adversarial images
+  made once against the teacher (MI-DI-FGSM, eps 8/255, 5 steps), weighted by `--alpha_adv`,
+  for the first 2/3 of the epochs (the official two-phase schedule), plain kd after.
+- `kd_afa_ssa`: kd_afa + the sample-specific augmentation (the Fourier-statistic analogue of the
+  official small-object rule) in the IKD phase.
+Writes results.json ({"teacher": {"clean_acc"}, "students": {method: {"clean_acc", "seconds",
+...}}, "config"}), results.md (mean ± std over `--seeds`), metrics.jsonl, checkpoints/. Rerun
+the same command to resume; finished students are not re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+
+from experiments.cli import InputError, run
+from experiments.workdir import MetricsLog, atomic_write, check_workdir
+from ftsam_jax import distill, parallel
+from ftsam_jax.data import load_dataset, normalization_for
+from ftsam_jax.fit import FitConfig, fit
+from ftsam_jax.loop import make_epoch_fn, make_evaluator, steps_per_epoch
+from ftsam_jax.models import MODELS, create_model
+from ftsam_jax.runner import NonFiniteLossError, StageContext, run_stage, stage_rng
+from ftsam_jax.schedules import make_schedule
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", "cifar10", "TFDS name, 'cifar10'/'cifar100' or 'npz:PATH'.")
+flags.DEFINE_string("data_dir", None, "Official CIFAR python folder or a TFDS data dir.")
+flags.DEFINE_string("teacher", None, f"Teacher model, one of {sorted(MODELS)}.")
+flags.DEFINE_integer("teacher_width", None, "Teacher width.")
+flags.DEFINE_string("student", None, f"Student model, one of {sorted(MODELS)}.")
+flags.DEFINE_integer("student_width", None, "Student width.")
+flags.DEFINE_list("methods", ["ce", "kd", "kd_afa", "kd_afa_ssa"], "Student methods.")
+flags.DEFINE_list("seeds", ["0"], "Student seeds (the teacher uses the first).")
+flags.DEFINE_integer("epochs", None, "Student epochs.")
+flags.DEFINE_integer("teacher_epochs", None, "Teacher epochs.")
+flags.DEFINE_integer("batch_size", None, "Batch size (teacher and students).")
+flags.DEFINE_float("lr", None, "SGD learning rate (teacher and students; cosine per epoch).")
+flags.DEFINE_float("kd_alpha", 0.9, "Weight of the KD term; CE gets 1 - kd_alpha.")
+flags.DEFINE_float("temperature", 4.0, "KD temperature.")
+flags.DEFINE_list("afa_levels", None, "Feature levels of the AFA loss (default: the preset's, "
+                  "stage3,stage4 for PreActResNet18).")
+flags.DEFINE_float("alpha_adv", 1e-4, "AFA weight (on a sum over C*H*W per image).")
+flags.DEFINE_enum("adv_source", "batch", ["batch", "online"],
+                  "batch: adversarial images precomputed once (official); online: every step.")
+flags.DEFINE_float("ssa_quantile", 0.5, "SSA: training-set quantile of the high-frequency "
+                   "share below which an image takes the noise branch.")
+flags.DEFINE_string("workdir", None, "Output folder (default runs/distill_<dataset>_<preset>).")
+flags.DEFINE_enum("preset", "paper", ["paper", "cpu", "smoke"],
+                  "paper: PreActResNet18 w64 -> w16, 100/100 epochs; cpu: w16 -> w4, 30/30 "
+                  "epochs; smoke: tiny nets, seconds.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_integer("eval_every", None, "Evaluate students every k epochs.")
+flags.DEFINE_bool("progress", True, "Progress bars.")
+
+METHODS = ("ce", "kd", "kd_afa", "kd_afa_ssa")
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(teacher="preactresnet18", teacher_width=64, student="preactresnet18",
+                  student_width=16, epochs=100, teacher_epochs=100, batch_size=128, lr=0.05,
+                  eval_every=5),
+    "cpu": dict(teacher="preactresnet18", teacher_width=16, student="preactresnet18",
+                student_width=4, epochs=30, teacher_epochs=30, batch_size=128, lr=0.05,
+                eval_every=5, afa_levels=["stage3", "stage4"]),
+    "smoke": dict(teacher="tiny_cnn", teacher_width=8, student="tiny_cnn", student_width=4,
+                  epochs=2, teacher_epochs=2, batch_size=64, lr=0.05, eval_every=1,
+                  afa_levels=["stage2"]),
+}
+RUN_KEYS = ("dataset", "data_dir", "teacher", "teacher_width", "student", "student_width",
+            "epochs", "teacher_epochs", "batch_size", "lr", "kd_alpha", "temperature",
+            "afa_levels", "alpha_adv", "adv_source", "ssa_quantile", "preset", "dtype")
+
+
+def resolve(num_devices: int) -> dict[str, Any]:
+    p = PRESETS[FLAGS.preset]
+    cfg = {k: (p[k] if getattr(FLAGS, k) is None else getattr(FLAGS, k))
+           for k in ("teacher", "teacher_width", "student", "student_width", "epochs",
+                     "teacher_epochs", "batch_size", "lr", "eval_every", "afa_levels")}
+    for role in ("teacher", "student"):
+        if cfg[role] not in MODELS:
+            raise InputError(f"unknown {role} model {cfg[role]!r}; choose one of "
+                             f"{sorted(MODELS)}")
+    bad = [m for m in FLAGS.methods if m not in METHODS]
+    if bad or not FLAGS.methods:
+        raise InputError(f"unknown methods {bad}; choose from {list(METHODS)}")
+    try:
+        seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError:
+        raise InputError(f"--seeds must be integers, got {FLAGS.seeds}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise InputError("--seeds must list distinct integers")
+    if min(cfg["epochs"], cfg["teacher_epochs"], cfg["teacher_width"], cfg["student_width"],
+           cfg["eval_every"]) < 1 or cfg["lr"] <= 0:
+        raise InputError("epochs, widths and --eval_every must be >= 1 and --lr > 0")
+    if cfg["batch_size"] < 1 or cfg["batch_size"] % num_devices:
+        raise InputError(f"--batch_size {cfg['batch_size']} is not divisible by the number of "
+                         f"devices ({num_devices})")
+    if not 0.0 <= FLAGS.kd_alpha <= 1.0 or FLAGS.temperature <= 0 or FLAGS.alpha_adv < 0:
+        raise InputError("--kd_alpha must lie in [0, 1], --temperature > 0, --alpha_adv >= 0")
+    cfg["afa_levels"] = list(cfg["afa_levels"])
+    if not 0.0 < FLAGS.ssa_quantile < 1.0:
+        raise InputError("--ssa_quantile must lie in (0, 1)")
+    return {"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir, **cfg,
+            "methods": list(FLAGS.methods), "seeds": seeds, "kd_alpha": FLAGS.kd_alpha,
+            "temperature": FLAGS.temperature,
+            "alpha_adv": FLAGS.alpha_adv, "adv_source": FLAGS.adv_source,
+            "ssa_quantile": FLAGS.ssa_quantile, "preset": FLAGS.preset, "dtype": FLAGS.dtype}
+
+
+def method_config(method: str, cfg: dict[str, Any], ikd_steps: int, ssa_threshold: float
+                  ) -> distill.DistillConfig:
+    """The DistillConfig of one student method."""
+    if method == "ce":
+        return distill.DistillConfig(ce_weight=1.0)
+    base = dict(ce_weight=1.0 - cfg["kd_alpha"], kd_weight=cfg["kd_alpha"],
+                temperature=cfg["temperature"])
+    if method == "kd":
+        return distill.DistillConfig(**base)
+    return distill.DistillConfig(
+        **base, afa_levels=tuple(cfg["afa_levels"]), alpha_adv=cfg["alpha_adv"],
+        adv_source=cfg["adv_source"], ikd_steps=ikd_steps, ssa=method == "kd_afa_ssa",
+        ssa_config=distill.SSAConfig(threshold=ssa_threshold))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def results_table(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    lines = [f"# Distillation on {cfg['dataset']}: {cfg['teacher']} (w{cfg['teacher_width']}) -> "
+             f"{cfg['student']} (w{cfg['student_width']})", "",
+             f"Preset {cfg['preset']}, student epochs {cfg['epochs']}, seeds {cfg['seeds']}, "
+             f"alpha_adv {cfg['alpha_adv']}, AFA levels {cfg['afa_levels']}.", "",
+             "| Model | C-Acc (%) | seeds | seconds |", "|---|---:|---:|---:|",
+             f"| teacher | {100 * results['teacher']['clean_acc']:.2f} | 1 | "
+             f"{results['teacher']['seconds']:.0f} |"]
+    for method, r in results["students"].items():
+        n = len(r["per_seed"])
+        std = f" ± {100 * r['clean_acc_std']:.2f}" if n > 1 else ""
+        lines.append(f"| {method} | {100 * r['clean_acc']:.2f}{std} | {n} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    parallel.initialize_distributed()
+    mesh = parallel.make_mesh()
+    cfg = resolve(mesh.devices.size)
+    workdir = Path(FLAGS.workdir or f"runs/distill_{FLAGS.dataset.replace('/', '_')}"
+                   f"_{FLAGS.preset}".replace(":", "_"))
+    check_workdir(workdir, cfg, RUN_KEYS)
+    ds = load_dataset(FLAGS.dataset, FLAGS.data_dir)
+    mean, std = normalization_for(ds)
+    dtype = jnp.bfloat16 if cfg["dtype"] == "bfloat16" else jnp.float32
+    teacher = create_model(cfg["teacher"], ds.num_classes, width=cfg["teacher_width"], mean=mean,
+                           std=std, dtype=dtype)
+    student = create_model(cfg["student"], ds.num_classes, width=cfg["student_width"],
+                           mean=mean, std=std, dtype=dtype)
+    probe = jnp.zeros((1, *ds.image_shape), jnp.float32)
+    for model, role in ((teacher, "teacher"), (student, "student")):
+        _, inter = jax.eval_shape(lambda m=model: m.init_with_output(
+            jax.random.key(0), probe, mutable=["params", "batch_stats", "intermediates"]))
+        missing = [lv for lv in cfg["afa_levels"] if lv not in inter["intermediates"]]
+        if missing and any(m.startswith("kd_afa") for m in cfg["methods"]):
+            raise InputError(f"--afa_levels {missing} are not features of the {role} "
+                             f"({sorted(inter['intermediates'])})")
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
+    log = MetricsLog(workdir / "metrics.jsonl")
+    ctx = StageContext(mesh=mesh, seed=cfg["seeds"][0], workdir=workdir,
+                       progress=FLAGS.progress, log=log, eval_every=cfg["eval_every"])
+    repl = parallel.replicated(mesh)
+    evaluator = make_evaluator(teacher.apply, mesh=mesh, batch_size=_eval_batch(mesh))
+    s_evaluator = make_evaluator(student.apply, mesh=mesh, batch_size=_eval_batch(mesh))
+    x_test, y_test = jax.device_put(ds.x_test, repl), jax.device_put(ds.y_test, repl)
+    results_path = workdir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    # The teacher.
+    t0 = time.perf_counter()
+    t_cfg = FitConfig(epochs=cfg["teacher_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"])
+    ctx.evaluate = lambda v: {"clean_acc": float(evaluator(jax.device_put(v, repl), x_test,
+                                                            y_test)["accuracy"])}
+    t_vars, _ = fit("teacher", teacher, None, ds.x_train, ds.y_train, t_cfg,
+                    stage_rng(cfg["seeds"][0], "teacher"), ctx)
+    if "teacher" not in results:
+        results = {"teacher": {**ctx.evaluate(t_vars),
+                               "seconds": round(time.perf_counter() - t0, 1)},
+                   "students": {}, "config": {**cfg, "num_train": int(len(ds.y_train)),
+                                              "num_test": int(len(ds.y_test)),
+                                              "devices": mesh.devices.size,
+                                              "device_kind": jax.devices()[0].device_kind}}
+        atomic_write(results_path, json.dumps(results, indent=2) + "\n")
+    t_vars = jax.device_put(t_vars, repl)
+
+    # Adversarial images against the teacher, once (deterministic; recomputed on rerun).
+    adv = None
+    if any(m.startswith("kd_afa") for m in cfg["methods"]) and cfg["adv_source"] == "batch":
+        adv = distill.precompute_adversarial(
+            distill.eval_apply(teacher), t_vars, ds.x_train, ds.y_train,
+            stage_rng(cfg["seeds"][0], "adversarial"), mesh=mesh, batch_size=256)
+    ssa_threshold = distill.fourier_threshold(ds.x_train, cfg["ssa_quantile"])
+
+    # The students.
+    spe = steps_per_epoch(len(ds.y_train), cfg["batch_size"], drop_last=True)
+    ikd_steps = int(round(2 / 3 * cfg["epochs"])) * spe
+    x_train, y_train = jax.device_put(ds.x_train, repl), jax.device_put(ds.y_train, repl)
+    extra = None if adv is None else {"adv": jax.device_put(adv, repl)}
+    ctx.evaluate = None
+    for method in cfg["methods"]:
+        done = results["students"].get(method, {})
+        per_seed, seconds = dict(done.get("per_seed", {})), done.get("seconds_per_seed", {})
+        seconds = dict(seconds)
+        for seed in cfg["seeds"]:
+            if str(seed) in per_seed:
+                continue
+            t0 = time.perf_counter()
+            d_cfg = method_config(method, cfg, ikd_steps, ssa_threshold)
+            schedule = make_schedule("cosine_epoch", cfg["lr"], spe, cfg["epochs"])
+            tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
+            rng = stage_rng(seed, f"student/{method}")
+            init_rng, run_rng = jax.random.split(rng)
+            state = distill.StudentTeacherState(
+                distill.create_distill_state(student, tx, init_rng, ds.image_shape,
+                                             model_t=teacher, teacher_vars=t_vars,
+                                             config=d_cfg), t_vars)
+            state = parallel.replicate(state, mesh)
+            step = distill.bind_teacher(distill.make_distill_step(student, teacher, tx, d_cfg))
+            epoch = make_epoch_fn(step, mesh=mesh, num_examples=len(ds.y_train),
+                                  batch_size=cfg["batch_size"],
+                                  preprocess=distill.joint_preprocess(), drop_last=True)
+            use_extra = extra if d_cfg.uses_afa and d_cfg.adv_source == "batch" else None
+
+            def eval_fn(st: Any) -> dict[str, float]:
+                out = s_evaluator(st.variables, x_test, y_test)
+                return {"clean_acc": float(out["accuracy"])}
+
+            state, _ = run_stage(
+                f"student_{method}_s{seed}", state,
+                lambda st, r, epoch=epoch, use_extra=use_extra: epoch(st, x_train, y_train, r,
+                                                                      use_extra),
+                cfg["epochs"], ctx, eval_fn=eval_fn, rng=run_rng)
+            per_seed[str(seed)] = eval_fn(state)["clean_acc"]
+            seconds[str(seed)] = round(time.perf_counter() - t0, 1)
+            m, s = mean_std(list(per_seed.values()))
+            results["students"][method] = {
+                "clean_acc": m, "clean_acc_std": s, "per_seed": per_seed,
+                "seconds": round(float(np.mean(list(seconds.values()))), 1),
+                "seconds_per_seed": seconds,
+                "config": {k: v for k, v in dataclasses.asdict(d_cfg).items()
+                           if k not in ("attack", "ssa_config")}}
+            atomic_write(results_path, json.dumps(results, indent=2) + "\n")
+    atomic_write(workdir / "results.md", results_table(results))
+    print()
+    print(results_table(results))
+    print(f"results: {results_path}  table: {workdir / 'results.md'}")
+
+
+def _eval_batch(mesh: Any) -> int:
+    n = mesh.devices.size
+    return max(n, 512 // n * n)
+
+
+def entry(argv: list[str]) -> None:
+    try:
+        main(argv)
+    except NonFiniteLossError as e:
+        import sys
+
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run(entry)

@@ -1,0 +1,59 @@
+"""Workdir files shared by the entry points: atomic writes, the run-settings guard and
+metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from experiments.cli import InputError
+
+__all__ = ["MetricsLog", "atomic_write", "check_workdir"]
+
+
+def atomic_write(path: Path, text: str) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str]) -> None:
+    """A workdir belongs to one run configuration; refuse to mix."""
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"--workdir {workdir} exists and is not a folder")
+    cfg_path = workdir / "config.json"
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())["run"]
+        except (ValueError, KeyError):
+            raise InputError(f"{cfg_path} is unreadable; use another --workdir") from None
+        diff = [k for k in keys if old.get(k) != run_cfg.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {run_cfg.get(k)!r}" for k in diff)
+            raise InputError(f"--workdir {workdir} holds a run with other settings ({detail}); "
+                             "use another --workdir")
+
+
+class MetricsLog:
+    """metrics.jsonl: every stage's per-epoch history, rewritten atomically after each epoch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stages: dict[str, list[dict[str, Any]]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    self.stages.setdefault(rec["stage"], []).append(rec)
+
+    def __call__(self, stage: str, history: list[dict[str, Any]]) -> None:
+        self.stages[stage] = list(history)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for h in self.stages.values()
+                                        for r in h))

@@ -1,0 +1,87 @@
+"""experiments.distill end to end on a small npz: results contract, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+       "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+def run_distill(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "experiments.distill", "--progress=false",
+                           "--preset=smoke", *args], cwd=ROOT, env=env or ENV,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def npz_data(tmp_path_factory):
+    rng = np.random.default_rng(1)
+
+    def make(n):
+        y = rng.integers(0, 4, n)
+        x = rng.integers(0, 80, (n, 16, 16, 3))
+        for c in range(4):
+            x[y == c, :, :, c % 3] += 120 + 20 * c
+        return x.astype(np.uint8), y
+
+    path = tmp_path_factory.mktemp("distill") / "toy.npz"
+    (xtr, ytr), (xte, yte) = make(256), make(64)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+def strip(obj):
+    if isinstance(obj, dict):
+        return {k: strip(v) for k, v in obj.items() if "seconds" not in k}
+    return obj
+
+
+def test_distill_results_and_exact_resume(npz_data, tmp_path):
+    args = [f"--dataset=npz:{npz_data}", "--methods=ce,kd_afa", "--seeds=0,1"]
+    run_distill(*args, f"--workdir={tmp_path / 'a'}")
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert 0 <= res["teacher"]["clean_acc"] <= 1
+    assert set(res["students"]) == {"ce", "kd_afa"}
+    for r in res["students"].values():
+        assert 0 <= r["clean_acc"] <= 1 and r["seconds"] >= 0 and len(r["per_seed"]) == 2
+        assert r["clean_acc"] == pytest.approx(np.mean(list(r["per_seed"].values())))
+    assert res["config"]["afa_levels"] == ["stage2"]
+    table = (tmp_path / "a" / "results.md").read_text()
+    assert "| teacher |" in table and "| kd_afa |" in table and " ± " in table
+    afa = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text()
+           .splitlines() if line.startswith('{"stage": "student_kd_afa_s0"')]
+    assert afa[0]["ikd"] == 1.0 and afa[0]["afa"] > 0  # IKD phase, then plain KD
+    assert afa[-1]["ikd"] == 0.0 and afa[-1]["afa"] == 0.0
+
+    proc = run_distill(*args, f"--workdir={tmp_path / 'b'}", check=False,
+                       env={**ENV, "FTSAM_JAX_INTERRUPT_AFTER": "5"})
+    assert proc.returncode == 130
+    run_distill(*args, f"--workdir={tmp_path / 'b'}")
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert strip(again["students"]) == strip(res["students"])
+    assert strip(again["teacher"]) == strip(res["teacher"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods=ce,magic"], "unknown methods ['magic']"),
+    (["--seeds=0,x"], "--seeds must be integers"),
+    (["--afa_levels=stage9"], "--afa_levels ['stage9'] are not features"),
+    (["--batch_size=20"], "not divisible by the number of devices"),
+])
+def test_distill_bad_input(npz_data, tmp_path, args, message):
+    proc = run_distill(f"--dataset=npz:{npz_data}", f"--workdir={tmp_path / 'w'}", *args,
+                       check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "w").exists()
