@@ -9,6 +9,7 @@ from typing import NoReturn
 from absl import app, flags, logging
 
 from ftsam_jax.data import DataError
+from ftsam_jax.runner import NonFiniteLossError
 
 __all__ = ["InputError", "fail", "run"]
 
@@ -31,7 +32,9 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run` with flag errors, InputError and DataError turned into one line + exit 2."""
+    """`absl.app.run` with flag errors, InputError and DataError turned into one line + exit 2,
+    a non-finite loss into one line + exit 1 (its stage's last good checkpoint is kept), and
+    Ctrl-C into a hint to rerun (exit 130)."""
 
     def wrapped(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
@@ -41,6 +44,9 @@ def run(main: Callable[[list[str]], None]) -> None:
             main(argv)
         except (InputError, DataError) as e:
             fail(e)
+        except NonFiniteLossError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         except KeyboardInterrupt:
             print("interrupted: rerun the same command to resume from the last checkpoint",
                   file=sys.stderr)

@@ -38,7 +38,7 @@ from ftsam_jax.data import load_dataset, normalization_for
 from ftsam_jax.fit import FitConfig, fit
 from ftsam_jax.loop import make_epoch_fn, make_evaluator, steps_per_epoch
 from ftsam_jax.models import MODELS, create_model
-from ftsam_jax.runner import NonFiniteLossError, StageContext, run_stage, stage_rng
+from ftsam_jax.runner import StageContext, run_stage, stage_rng
 from ftsam_jax.schedules import make_schedule
 
 FLAGS = flags.FLAGS
@@ -282,15 +282,5 @@ def _eval_batch(mesh: Any) -> int:
     return max(n, 512 // n * n)
 
 
-def entry(argv: list[str]) -> None:
-    try:
-        main(argv)
-    except NonFiniteLossError as e:
-        import sys
-
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    run(entry)
+    run(main)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
 from ftsam_jax.fit import FitConfig, fit
 from ftsam_jax.loop import make_evaluator
 from ftsam_jax.models import MODELS, create_model
-from ftsam_jax.runner import NonFiniteLossError, StageContext, stage_rng
+from ftsam_jax.runner import StageContext, stage_rng
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "cifar10", "TFDS name, 'cifar10'/'cifar100' (official python "
@@ -346,13 +345,5 @@ def print_summary(results: dict[str, Any], workdir: Path) -> None:
     print(f"results: {workdir / 'results.json'}  table: {workdir / 'results.md'}")
 
 
-def entry(argv: list[str]) -> None:
-    try:
-        main(argv)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    run(entry)
+    run(main)

@@ -7,6 +7,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -30,3 +32,17 @@ def cifar_subset(cifar_dir):
     from ftsam_jax.data import load_dataset
 
     return load_dataset("cifar10", str(cifar_dir))
+
+
+# Subprocess environment of the entry-point tests: 8 CPU devices, the repo importable.
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+       "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+def run_module(module, *args, env=None, check=True):
+    """Runs `python -m module --progress=false args...` from the repo root."""
+    proc = subprocess.run([sys.executable, "-m", module, "--progress=false", *args], cwd=ROOT,
+                          env=env or ENV, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc

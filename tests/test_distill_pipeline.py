@@ -1,26 +1,15 @@
 """experiments.distill end to end on a small npz: results contract, resume, bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
-
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-       "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+from tests.conftest import ENV, run_module
 
 
 def run_distill(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "experiments.distill", "--progress=false",
-                           "--preset=smoke", *args], cwd=ROOT, env=env or ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_module("experiments.distill", "--preset=smoke", *args, env=env, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ import optax
 
 from ftsam_jax import parallel
 from ftsam_jax.defenses.base import BenignData
+from ftsam_jax.distill.losses import attention_loss, attention_map
 from ftsam_jax.fit import FitConfig, fit, make_optimizer
 from ftsam_jax.loop import make_epoch_fn, standard_preprocess
 from ftsam_jax.runner import StageContext, run_stage
@@ -108,19 +109,6 @@ class NADState:
     @property
     def variables(self) -> Variables:
         return {"params": self.params, "batch_stats": self.batch_stats}
-
-
-def attention_map(features: jax.Array, p: float = 2.0, eps: float = 1e-6) -> jax.Array:
-    """NAD's attention map (N, H, W) of NHWC features: sum_c |f|^p over the spatial L2 norm."""
-    am = jnp.sum(jnp.abs(features.astype(jnp.float32)) ** p, axis=-1)
-    norm = jnp.sqrt(jnp.sum(am * am, axis=(1, 2), keepdims=True))
-    return am / (norm + eps)
-
-
-def attention_loss(student: jax.Array, teacher: jax.Array, p: float = 2.0) -> jax.Array:
-    """MSE between the student's and the (fixed) teacher's attention maps."""
-    diff = attention_map(student, p) - jax.lax.stop_gradient(attention_map(teacher, p))
-    return jnp.mean(diff * diff)
 
 
 def _natural_key(name: str) -> tuple[Any, ...]:
