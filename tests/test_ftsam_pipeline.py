@@ -77,10 +77,14 @@ def test_smoke_run_writes_results_and_resumes_exactly(npz_data, tmp_path):
     assert strip_seconds(read_jsonl(part / "metrics.jsonl")) == strip_seconds(
         read_jsonl(full / "metrics.jsonl"))
 
-    # Adding a defense does not change the others; a finished defense is not re-run.
+    # A finished defense is not re-run; a defense's numbers do not depend on the others.
     run_ftsam(*args[:-2], "--defenses=ftsam,ft", "--defense_epochs=2", f"--workdir={part}")
     again = json.loads((part / "results.json").read_text())
     assert again["defenses"]["ft"]["seconds"] == resumed["defenses"]["ft"]["seconds"]
+    alone = tmp_path / "alone"
+    run_ftsam(*args[:-2], "--defenses=ftsam", "--defense_epochs=2", f"--workdir={alone}")
+    only = json.loads((alone / "results.json").read_text())
+    assert strip_seconds(only["defenses"]["ftsam"]) == strip_seconds(results["defenses"]["ftsam"])
 
 
 def test_cifar_slice_backdoored_stage(cifar_dir, tmp_path):
