@@ -72,9 +72,10 @@ def tac(model: nn.Module, variables: Mapping[str, Any], clean: np.ndarray, poiso
     return np.abs(f_bd - f_clean).sum(axis=(1, 2)).mean(0)
 
 
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation; None (JSON null) where undefined, e.g. a constant vector."""
     if a.std() == 0 or b.std() == 0:
-        return float("nan")
+        return None
     return float(np.corrcoef(a, b)[0, 1])
 
 

@@ -36,7 +36,13 @@ def test_norms_and_tac_match_loops(tmp_path):
     report = run_analysis(model, {"backdoored": variables, "halved": other}, clean, poisoned,
                           tmp_path)
     assert report["layer"] == "conv2" and len(report["models"]["halved"]["norms"]) == 8
-    assert json.loads((tmp_path / "analysis.json").read_text())["images"] == 6
+    def reject(token: str) -> None:
+        raise ValueError(f"analysis.json is not strict JSON: {token}")
+
+    written = json.loads((tmp_path / "analysis.json").read_text(), parse_constant=reject)
+    assert written["images"] == 6
+    # The backdoored model's norm change is zero: its correlation is undefined, i.e. null.
+    assert written["models"]["backdoored"]["corr_norm_change_tac_backdoored"] is None
     assert (tmp_path / "norm_vs_tac.png").stat().st_size > 0
     assert (tmp_path / "norm_hist.png").stat().st_size > 0
 
