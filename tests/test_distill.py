@@ -18,6 +18,7 @@ from ftsam_jax import distill, parallel
 from ftsam_jax.defenses import DEFENSES, BenignData
 from ftsam_jax.defenses import nad as nad_mod
 from ftsam_jax.distill import adversarial, augment, losses
+from ftsam_jax.distill import step as distill_step_module
 from ftsam_jax.models import TinyCNN
 from ftsam_jax.runner import StageContext
 
@@ -243,6 +244,34 @@ def test_distill_step_on_8_devices_equals_1_device(data):
     changed = jax.tree.map(lambda a, b: np.any(np.asarray(a) != np.asarray(b)), s8.params,
                            state0.params)
     assert all(jax.tree.leaves(changed))
+
+
+def test_phase_switch_by_selection_equals_lax_cond(data, monkeypatch):
+    """On CPU the IKD/plain switch computes both branches and selects one; the accelerator path
+    (`lax.cond`) must give the same two steps (IKD phase, then plain)."""
+    x, y = data
+    student, teacher = init(STUDENT, 0), init(TEACHER, 1)
+    cfg = full_config()
+    tx = optax.sgd(0.1, momentum=0.9)
+    state0 = distill.create_distill_state(STUDENT, tx, jax.random.key(2), (8, 8, 3),
+                                          variables=student, model_t=TEACHER,
+                                          teacher_vars=teacher, config=cfg)
+    batch = {"image": x, "label": y}
+    runs = []
+    for both in (True, False):
+        monkeypatch.setattr(distill_step_module, "compute_both_branches", lambda b=both: b)
+        fn = jax.jit(distill.make_distill_step(STUDENT, TEACHER, tx, cfg))
+        state, history = state0, []
+        for i in range(2):
+            state, metrics = fn(state, teacher, batch, jax.random.key(10 + i))
+            history.append(jax.device_get(metrics))
+        runs.append((jax.device_get(state), history))
+    (s_sel, h_sel), (s_cond, h_cond) = runs
+    assert [float(h["ikd"]) for h in h_cond] == [1.0, 0.0]
+    assert float(h_cond[0]["afa"]) > 0 and float(h_sel[1]["afa"]) == 0
+    for a, b in zip(jax.tree.leaves((s_sel, h_sel)), jax.tree.leaves((s_cond, h_cond)),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_sam_chain_gets_the_gradient_at_the_perturbed_weights(data):
