@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 
 from experiments.cli import InputError, run
+from experiments.overrides import apply_overrides
 from experiments.workdir import MetricsLog, atomic_write, check_workdir
 from ftsam_jax import metrics, parallel
 from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack
@@ -65,6 +66,8 @@ flags.DEFINE_enum("ftsam_recipe", "reference", ["reference", "paper"],
                   "cosine); paper: plain CE, cosine per epoch.")
 flags.DEFINE_integer("defense_epochs", None, "Override every defense's epochs.")
 flags.DEFINE_integer("defense_batch_size", None, "Override every defense's batch size.")
+flags.DEFINE_multi_string("set", [], "A defense setting NAME.FIELD=VALUE (repeatable), e.g. "
+                          "ikd.alpha_adv=0 or ikd.teacher.rho=4; see each defense's config.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_integer("eval_every", None, "Evaluate C-Acc/ASR curves every k epochs and "
                      "after the last (default 5; 1 for smoke). Evaluating 19k test images "
@@ -147,13 +150,14 @@ def resolve_settings(num_devices: int) -> Settings:
         overrides = {"epochs": FLAGS.defense_epochs, "batch_size": FLAGS.defense_batch_size,
                      "rho": FLAGS.rho if name == "ftsam" else None}
         fields = {f.name for f in dataclasses.fields(cfg)}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items()
-                                          if v is not None and k in fields})
+        defense_configs[name] = dataclasses.replace(
+            cfg, **{k: v for k, v in overrides.items() if v is not None and k in fields})
+    defense_configs = apply_overrides(defense_configs, FLAGS.set)
+    for name, cfg in defense_configs.items():
         bs = getattr(cfg, "batch_size", None)
         if bs is not None and bs % num_devices:
             raise InputError(f"defense {name}: batch size {bs} is not divisible by the number "
                              f"of devices ({num_devices}); set --defense_batch_size")
-        defense_configs[name] = cfg
     eval_every = FLAGS.eval_every or p["eval_every"]
     if eval_every < 1:
         raise InputError("--eval_every must be >= 1")

@@ -104,6 +104,7 @@ def test_cifar_slice_backdoored_stage(cifar_dir, tmp_path):
     (["--model=resnet9000"], "unknown model"),
     (["--batch_size=12"], "not divisible by the number of devices (8)"),
     (["--defenses=ft,magic"], "unknown defenses ['magic']"),
+    (["--defenses=ft", "--set=ft.epochz=3"], "no setting 'epochz'"),
     (["--dataset=npz:/no/such/file.npz"], "npz file not found"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(npz_data, tmp_path, args, message):
