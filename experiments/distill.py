@@ -32,7 +32,7 @@ import optax
 from absl import flags
 
 from experiments.cli import InputError, run
-from experiments.workdir import MetricsLog, atomic_write, check_workdir
+from experiments.workdir import MetricsLog, atomic_write, check_workdir, elapsed
 from ftsam_jax import distill, parallel
 from ftsam_jax.data import load_dataset, normalization_for
 from ftsam_jax.fit import FitConfig, fit
@@ -198,7 +198,7 @@ def main(argv: list[str]) -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
     # The teacher.
-    t0 = time.perf_counter()
+    t0, ctx.restored_seconds = time.perf_counter(), 0.0
     t_cfg = FitConfig(epochs=cfg["teacher_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"])
     ctx.evaluate = lambda v: {"clean_acc": float(evaluator(jax.device_put(v, repl), x_test,
                                                             y_test)["accuracy"])}
@@ -206,7 +206,7 @@ def main(argv: list[str]) -> None:
                     stage_rng(cfg["seeds"][0], "teacher"), ctx)
     if "teacher" not in results:
         results = {"teacher": {**ctx.evaluate(t_vars),
-                               "seconds": round(time.perf_counter() - t0, 1)},
+                               "seconds": elapsed(t0, ctx)},
                    "students": {}, "config": {**cfg, "num_train": int(len(ds.y_train)),
                                               "num_test": int(len(ds.y_test)),
                                               "devices": mesh.devices.size,
@@ -235,7 +235,7 @@ def main(argv: list[str]) -> None:
         for seed in cfg["seeds"]:
             if str(seed) in per_seed:
                 continue
-            t0 = time.perf_counter()
+            t0, ctx.restored_seconds = time.perf_counter(), 0.0
             d_cfg = method_config(method, cfg, ikd_steps, ssa_threshold)
             schedule = make_schedule("cosine_epoch", cfg["lr"], spe, cfg["epochs"])
             tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
@@ -262,7 +262,7 @@ def main(argv: list[str]) -> None:
                                                                       use_extra),
                 cfg["epochs"], ctx, eval_fn=eval_fn, rng=run_rng)
             per_seed[str(seed)] = eval_fn(state)["clean_acc"]
-            seconds[str(seed)] = round(time.perf_counter() - t0, 1)
+            seconds[str(seed)] = elapsed(t0, ctx)
             m, s = mean_std(list(per_seed.values()))
             results["students"][method] = {
                 "clean_acc": m, "clean_acc_std": s, "per_seed": per_seed,

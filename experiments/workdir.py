@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,16 @@ from typing import Any
 import jax
 
 from experiments.cli import InputError
+from ftsam_jax.runner import StageContext
 
-__all__ = ["MetricsLog", "atomic_write", "check_workdir"]
+__all__ = ["MetricsLog", "atomic_write", "check_workdir", "elapsed"]
+
+
+def elapsed(t0: float, ctx: StageContext) -> float:
+    """Seconds since `t0` (a `time.perf_counter()` reading) plus `ctx.restored_seconds`, the
+    epochs that interrupted earlier runs of the same stages ran (from their checkpoints): a
+    resumed stage reports its whole time, not only this process's share."""
+    return round(time.perf_counter() - t0 + ctx.restored_seconds, 1)
 
 
 def atomic_write(path: Path, text: str) -> None:

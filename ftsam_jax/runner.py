@@ -44,6 +44,9 @@ class StageContext:
       log: called with the stage's whole history after every epoch (for metrics.jsonl).
       evaluate: optional `variables -> {metric: float}` for per-epoch curves (C-Acc, ASR...).
       eval_every: evaluate every k epochs (and after the last one).
+      restored_seconds: incremented by the recorded epoch times of every stage resumed from a
+        checkpoint, so a caller can report a resumed stage's full time (this process's wall
+        time + the epochs earlier, interrupted processes ran; not their start-up).
     """
 
     mesh: Mesh
@@ -54,6 +57,7 @@ class StageContext:
     log: Callable[[str, list[dict[str, Any]]], None] | None = None
     evaluate: Callable[[dict[str, Any]], dict[str, float]] | None = None
     eval_every: int = 1
+    restored_seconds: float = 0.0
 
     def checkpoint_dir(self, stage: str) -> Path | None:
         return None if self.workdir is None else Path(self.workdir) / "checkpoints" / stage
@@ -121,6 +125,7 @@ def run_stage(
         if ckpt is not None and (restored := ckpt.restore(state)) is not None:
             state, meta = restored
             start, history = int(meta["epoch"]), list(meta["history"])
+            ctx.restored_seconds += sum(float(h.get("seconds", 0.0)) for h in history)
         if start >= epochs:
             return state, history
         bar = None

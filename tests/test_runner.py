@@ -37,9 +37,13 @@ def test_resume_continues_and_finished_stages_are_skipped(tmp_path):
 
     full, _ = run_stage("a", {"w": jnp.zeros(())}, epoch_fn, 4, StageContext(
         mesh=ctx.mesh, seed=0, workdir=tmp_path / "full", progress=False))
-    run_stage("a", {"w": jnp.zeros(())}, epoch_fn, 2, ctx)
+    _, first = run_stage("a", {"w": jnp.zeros(())}, epoch_fn, 2, ctx)
+    assert ctx.restored_seconds == 0.0
     resumed, history = run_stage("a", {"w": jnp.zeros(())}, epoch_fn, 4, ctx)
     assert float(resumed["w"]) == float(full["w"]) and len(history) == 4
+    # The resumed run accounts for the time the first two epochs took in the earlier run.
+    assert history[:2] == first
+    assert ctx.restored_seconds == pytest.approx(sum(h["seconds"] for h in first))
     n = len(calls)
     run_stage("a", {"w": jnp.zeros(())}, epoch_fn, 4, ctx)
     assert len(calls) == n  # finished: nothing recomputed
