@@ -150,15 +150,18 @@ def _plots(report: dict[str, Any], bd_tac: np.ndarray, workdir: Path) -> None:
             curves.setdefault(rec["stage"], []).append(rec)
     if not curves:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for stage, recs in curves.items():
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    colors = plt.get_cmap("tab20").colors
+    for i, (stage, recs) in enumerate(curves.items()):
         epochs = [r["epoch"] for r in recs]
-        axes[0].plot(epochs, [100 * r["clean_acc"] for r in recs], label=stage)
-        axes[1].plot(epochs, [100 * r["asr"] for r in recs], label=stage)
+        style = dict(label=stage, color=colors[i % len(colors)], marker="o", markersize=3)
+        axes[0].plot(epochs, [100 * r["clean_acc"] for r in recs], **style)
+        axes[1].plot(epochs, [100 * r["asr"] for r in recs], **style)
     for ax, title in zip(axes, ("C-Acc (%)", "ASR (%)"), strict=True):
-        ax.set_xlabel("defense epoch")
+        ax.set_xlabel("defense epoch (pruning stages: step)")
         ax.set_title(title)
-        ax.legend()
+    # One legend beside the plots: single-point stages (pruning) show as markers.
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
     fig.tight_layout()
     fig.savefig(workdir / "defense_curves.png", dpi=120)
     plt.close(fig)
