@@ -52,6 +52,8 @@ flags.DEFINE_integer("epochs", None, "Epochs of the backdoored model (default: t
 flags.DEFINE_integer("batch_size", None, "Batch size of the backdoored model.")
 flags.DEFINE_float("lr", None, "Learning rate of the backdoored model.")
 flags.DEFINE_integer("seed", 0, "Seed of everything (poisoning, init, order, defenses).")
+flags.DEFINE_integer("defense_seed", None, "Seed of the defenses only (benign subset, their "
+                     "random streams; default --seed): repeat defenses on one backdoored model.")
 flags.DEFINE_string("workdir", None, "Output and checkpoint folder (default: "
                     "runs/<dataset>_<attack>_<preset>_s<seed>).")
 flags.DEFINE_enum("preset", "paper", ["paper", "cpu", "smoke"],
@@ -169,9 +171,9 @@ def resolve_settings(num_devices: int) -> Settings:
 # Files
 
 
-def defense_record(cfg: Any, benign_ratio: float) -> dict[str, Any]:
+def defense_record(cfg: Any, benign_ratio: float, defense_seed: int) -> dict[str, Any]:
     """A defense's settings as stored in results.json (and compared on rerun)."""
-    return {"benign_ratio": benign_ratio, **dataclasses.asdict(cfg)}
+    return {"benign_ratio": benign_ratio, "defense_seed": defense_seed, **dataclasses.asdict(cfg)}
 
 
 def write_results(workdir: Path, results: dict[str, Any]) -> None:
@@ -282,14 +284,18 @@ def main(argv: list[str]) -> None:
         write_results(workdir, results)
 
     # (3) Defenses, each from the backdoored weights, with its own random stream.
+    defense_seed = FLAGS.seed if FLAGS.defense_seed is None else FLAGS.defense_seed
     for name in settings.defenses:
         spec, cfg = DEFENSES[name], settings.defense_configs[name]
-        record = json.loads(json.dumps(defense_record(cfg, settings.benign_ratio)))
+        record = json.loads(json.dumps(defense_record(cfg, settings.benign_ratio,
+                                                      defense_seed)))
         # A defense's checkpoints and result belong to its settings: refuse to mix.
         marker = workdir / "checkpoints" / f"{name}.settings.json"
         previous = results["defenses"].get(name, {}).get("config")
         if previous is None and marker.is_file():
             previous = json.loads(marker.read_text())
+        if previous is not None:  # records written before --defense_seed existed
+            previous = {"defense_seed": FLAGS.seed, **previous}
         if previous is not None and previous != record:
             changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in record.items()
                                 if previous.get(k) != v)
@@ -299,7 +305,7 @@ def main(argv: list[str]) -> None:
             continue
         marker.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(marker, json.dumps(record) + "\n")
-        rng = stage_rng(FLAGS.seed, f"defense/{name}")
+        rng = stage_rng(defense_seed, f"defense/{name}")
         benign_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
         idx = select_benign(ds.y_train, settings.benign_ratio, benign_rng, spec.balanced)
         benign = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)

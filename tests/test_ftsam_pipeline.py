@@ -1,6 +1,7 @@
 """experiments.ftsam end to end: results files, exact resume after an interrupt, bad input."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -85,6 +86,22 @@ def test_smoke_run_writes_results_and_resumes_exactly(npz_data, tmp_path):
     run_ftsam(*args[:-2], "--defenses=ftsam", "--defense_epochs=2", f"--workdir={alone}")
     only = json.loads((alone / "results.json").read_text())
     assert strip_seconds(only["defenses"]["ftsam"]) == strip_seconds(results["defenses"]["ftsam"])
+
+    # --defense_seed repeats defenses on the same backdoored model with a new stream; a workdir
+    # that ran another defense seed refuses it.
+    reseed = [*args[:-2], "--defenses=ftsam", "--defense_epochs=2", "--defense_seed=5"]
+    proc = run_ftsam(*reseed, f"--workdir={alone}", check=False)
+    assert proc.returncode == 2 and "defense_seed: 0 -> 5" in proc.stderr
+    other_dir = tmp_path / "reseeded"
+    shutil.copytree(alone / "checkpoints" / "backdoored", other_dir / "checkpoints" / "backdoored")
+    shutil.copy(alone / "config.json", other_dir / "config.json")
+    run_ftsam(*reseed, f"--workdir={other_dir}")
+    other = json.loads((other_dir / "results.json").read_text())
+    assert strip_seconds(other["backdoored"]) == strip_seconds(only["backdoored"])
+    assert other["defenses"]["ftsam"]["config"]["defense_seed"] == 5
+    losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl") if r["stage"] == "ftsam"]
+              for d in (alone, other_dir)]
+    assert len(losses[1]) == 2 and losses[0] != losses[1]
 
 
 def test_cifar_slice_backdoored_stage(cifar_dir, tmp_path):
