@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import optax
 from absl import flags
 
 from experiments.cli import InputError, run
-from experiments.workdir import MetricsLog, atomic_write, check_workdir, elapsed
+from experiments.workdir import MetricsLog, atomic_write, check_workdir, elapsed, start_timer
 from ftsam_jax import distill, parallel
 from ftsam_jax.data import load_dataset, normalization_for
 from ftsam_jax.fit import FitConfig, fit
@@ -198,7 +197,7 @@ def main(argv: list[str]) -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
     # The teacher.
-    t0, ctx.restored_seconds = time.perf_counter(), 0.0
+    t0 = start_timer(ctx)
     t_cfg = FitConfig(epochs=cfg["teacher_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"])
     ctx.evaluate = lambda v: {"clean_acc": float(evaluator(jax.device_put(v, repl), x_test,
                                                             y_test)["accuracy"])}
@@ -235,7 +234,7 @@ def main(argv: list[str]) -> None:
         for seed in cfg["seeds"]:
             if str(seed) in per_seed:
                 continue
-            t0, ctx.restored_seconds = time.perf_counter(), 0.0
+            t0 = start_timer(ctx)
             d_cfg = method_config(method, cfg, ikd_steps, ssa_threshold)
             schedule = make_schedule("cosine_epoch", cfg["lr"], spe, cfg["epochs"])
             tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from absl import flags
 
 from experiments.cli import InputError, run
 from experiments.overrides import apply_overrides
-from experiments.workdir import MetricsLog, atomic_write, check_workdir, elapsed
+from experiments.workdir import MetricsLog, atomic_write, check_workdir, elapsed, start_timer
 from ftsam_jax import metrics, parallel
 from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack
 from ftsam_jax.checkpoint import load_variables, save_variables
@@ -252,7 +251,7 @@ def main(argv: list[str]) -> None:
                         lr=run_cfg["lr"], schedule=run_cfg["schedule"], drop_last=True)
 
     # (1) Poisoning (and attacks that prepare triggers from data).
-    t0, ctx.restored_seconds = time.perf_counter(), 0.0
+    t0 = start_timer(ctx)
     if attack.needs_fit:
         attack.fit(ds=ds, model=model, fit_config=fit_cfg, ratio=FLAGS.poison_ratio, ctx=ctx,
                    rng=stage_rng(FLAGS.seed, "attack"))
@@ -268,7 +267,7 @@ def main(argv: list[str]) -> None:
 
     # (2) The backdoored model (Input-aware trains it inside `attack.fit`, timed from there).
     if attack.trained_variables is None:
-        t0, ctx.restored_seconds = time.perf_counter(), 0.0
+        t0 = start_timer(ctx)
     if attack.trained_variables is not None:
         bd_vars = attack.trained_variables
     else:
@@ -309,7 +308,7 @@ def main(argv: list[str]) -> None:
         benign_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
         idx = select_benign(ds.y_train, settings.benign_ratio, benign_rng, spec.balanced)
         benign = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)
-        t0, ctx.restored_seconds = time.perf_counter(), 0.0
+        t0 = start_timer(ctx)
         variables = spec.run(model, bd_vars, benign, cfg, rng, ctx)
         save_variables(workdir / "models" / name, variables)
         r = evaluate(variables)

@@ -15,7 +15,14 @@ import jax
 from experiments.cli import InputError
 from ftsam_jax.runner import StageContext
 
-__all__ = ["MetricsLog", "atomic_write", "check_workdir", "elapsed"]
+__all__ = ["MetricsLog", "atomic_write", "check_workdir", "elapsed", "start_timer"]
+
+
+def start_timer(ctx: StageContext) -> float:
+    """Starts timing a section of stages: clears `ctx.restored_seconds` and returns the
+    `time.perf_counter()` reading to pass to `elapsed`."""
+    ctx.restored_seconds = 0.0
+    return time.perf_counter()
 
 
 def elapsed(t0: float, ctx: StageContext) -> float:
