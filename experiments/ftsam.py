@@ -87,6 +87,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 # BackdoorBench trains WaNet and Input-aware with a MultiStepLR whose milestones (100..400)
 # never fire in 100 epochs: a constant learning rate. The paper preset keeps that.
 CONSTANT_LR_ATTACKS = ("wanet", "input_aware")
+# Config fields added to a defense after workdirs existed, with the value that reproduces what
+# ran before: a stored record without such a field is compared as if it had that value (so old
+# runs resume when the new field's default is the old behaviour, and are refused when it is not).
+ADDED_DEFENSE_FIELDS: dict[str, dict[str, Any]] = {
+    "anp": {"selection": "threshold", "sweep_max": 0.9, "sweep_step": 0.05, "acc_ratio": 0.1},
+    "fp": {"keep": "last_within"},
+    "ibau": {"delta_space": "pixel"},
+}
 # Settings whose change makes a workdir's checkpoints and results meaningless.
 RUN_KEYS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
             "width", "epochs", "batch_size", "lr", "seed", "preset", "dtype", "schedule")
@@ -293,8 +301,9 @@ def main(argv: list[str]) -> None:
         previous = results["defenses"].get(name, {}).get("config")
         if previous is None and marker.is_file():
             previous = json.loads(marker.read_text())
-        if previous is not None:  # records written before --defense_seed existed
-            previous = {"defense_seed": FLAGS.seed, **previous}
+        if previous is not None:  # records written before --defense_seed (or a field) existed
+            previous = {"defense_seed": FLAGS.seed, **ADDED_DEFENSE_FIELDS.get(name, {}),
+                        **previous}
         if previous is not None and previous != record:
             changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in record.items()
                                 if previous.get(k) != v)

@@ -203,6 +203,35 @@ def test_fp_channel_order_and_pruning_search_match_reference():
     assert keep == keep_ref and 0 < keep < 10 and history[0] == (0, 1.0)
 
 
+def test_fp_first_beyond_rule_matches_backdoorbench_loop():
+    """BackdoorBench `defense/fp.py`: step m > 0 masks seq_sort[0:m - 1] (cumulative), and the
+    network fine-tuned is the pruned network itself after the loop (the first step beyond the
+    tolerance, or the last step)."""
+    rng = np.random.default_rng(1)
+    feats = rng.gamma(2.0, 1.0, (60, 12)).astype(np.float32)
+    kernel = rng.normal(size=(12, 3)).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    labels = np.argmax(feats @ kernel + bias, -1)
+    order = np.argsort(feats.mean(0), kind="stable")
+    for acc_ratio in (0.05, 0.2, 1.0):
+        mask, acc0, num_masked, tested = np.ones(12, np.float32), None, 0, []
+        for m in range(0, 12, 3):
+            if m:
+                mask[order[0:m - 1]] = 0.0
+                num_masked = m - 1
+            acc = float(np.mean(np.argmax((feats * mask) @ kernel + bias, -1) == labels))
+            tested.append((num_masked, acc))
+            acc0 = acc if acc0 is None else acc0
+            if not abs(acc - acc0) / acc0 < acc_ratio:
+                break
+        keep, _, history = fp_mod.select_pruning(feats, labels, kernel, bias, acc_ratio, 3,
+                                                 keep="first_beyond")
+        assert keep == num_masked and history == tested
+    assert fp_mod.fp_config("paper").keep == "first_beyond"
+    with pytest.raises(ValueError, match="keep rule"):
+        fp_mod.select_pruning(feats, labels, kernel, bias, 0.1, 3, keep="best")
+
+
 def test_fp_mask_equals_zeroing_last_stage_channels(mesh, tiny_vars, benign):
     feats = fp_mod.benign_features(MODEL, tiny_vars, benign.x, mesh, batch_size=16)
     _, mut = MODEL.apply(tiny_vars, benign.x, train=False, mutable=["intermediates"])
@@ -279,6 +308,18 @@ def test_nad_loss_is_ce_plus_weighted_attention_terms(tiny_vars, benign):
           for k, t in zip(layers, teacher, strict=True)]
     np.testing.assert_allclose(loss, ce + 1000.0 * at[0] + 1000.0 * at[1], rtol=1e-5)
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-6)
+
+
+def test_nad_settings_are_backdoorbench_effective_ones():
+    """BackdoorBench `defense/nad.py`: te_epochs (10) for teacher and student, wd 5e-4 (the
+    YAML's `weight_decay` is never read), layer3 (500) and layer4 (1000) of PreAct-ResNet18."""
+    cfg = nad_mod.nad_config("paper")
+    assert (cfg.teacher_epochs, cfg.epochs, cfg.weight_decay) == (10, 10, 5e-4)
+    assert (cfg.lr, cfg.schedule, cfg.teacher_schedule) == (0.01, "constant", "cosine_epoch")
+    pre = create_model("preactresnet18", 10, width=2)
+    pv = jax.eval_shape(pre.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    assert nad_mod.nad_layers(pre, pv, (8, 8, 3), len(cfg.betas)) == ("stage3", "stage4")
+    assert cfg.betas == (500.0, 1000.0)
 
 
 def test_nad_end_to_end_and_resumes(mesh, tmp_path, tiny_vars, benign):
@@ -358,6 +399,53 @@ def test_anp_end_to_end_and_resumes_after_interrupt(mesh, tmp_path, tiny_vars, b
     assert_same(out, resumed)
 
 
+def test_anp_sweep_matches_backdoorbench_threshold_choice(tiny_vars):
+    """`evaluate_by_threshold`: masks with 4 decimals, thresholds 0..0.9 by 0.05, lowest ASR
+    within 10% relative clean-accuracy loss, strictly below the unpruned ASR."""
+    rng = np.random.default_rng(0)
+    masks = jax.tree.map(lambda m: rng.uniform(0, 1, m.shape).astype(np.float32),
+                         anp_mod.init_masks(tiny_vars))
+    flat_m = np.concatenate([np.ravel(m) for m in jax.tree.leaves(masks)])
+    scales = [np.ravel(np.asarray(traverse_util.flatten_dict(tiny_vars["params"])[(*p, "scale")]))
+              for p in anp_mod.batchnorm_paths(tiny_vars)]
+
+    def fake_eval(v):  # more pruning: lower ASR and lower accuracy
+        flat = traverse_util.flatten_dict(v["params"])
+        got = np.concatenate([np.ravel(np.asarray(flat[(*p, "scale")]))
+                              for p in anp_mod.batchnorm_paths(v)])
+        frac = np.mean(got == 0)
+        return {"clean_acc": 0.9 - 0.3 * frac, "asr": 1.0 - frac}
+
+    assert np.all(np.concatenate(scales) != 0)
+    best_t, best_asr = None, 1.0
+    for t in np.arange(0.0, 0.9 + 0.05, 0.05):
+        frac = np.mean(np.round(flat_m.astype(np.float64), 4) <= t)
+        if abs(0.3 * frac) / 0.9 < 0.1 and 1.0 - frac < best_asr:
+            best_t, best_asr = float(t), 1.0 - frac
+    out, t = anp_mod.sweep_thresholds(tiny_vars, masks, fake_eval)
+    assert t == best_t and 0 < best_t < 0.9
+    assert_same(out["params"], anp_mod.prune_by_mask(tiny_vars["params"], jax.tree.map(
+        lambda m: np.where(np.round(m.astype(np.float64), 4) <= t, 0.0, 1.0), masks), 0.5))
+    # Nothing within the tolerance lowers the ASR: the unpruned model.
+    same, t = anp_mod.sweep_thresholds(tiny_vars, masks, fake_eval, acc_ratio=1e-9)
+    assert t is None and same is tiny_vars
+
+
+def test_anp_sweep_end_to_end_and_needs_an_evaluator(mesh, tmp_path, tiny_vars, benign):
+    cfg = smoke("anp", batch_size=16, selection="sweep")
+    with pytest.raises(ValueError, match="evaluator"):
+        anp_mod.anp(MODEL, tiny_vars, benign, cfg, jax.random.key(7),
+                    StageContext(mesh=mesh, seed=0, workdir=tmp_path / "none", progress=False))
+    ctx = make_ctx(mesh, tmp_path / "sweep")
+    ctx.evaluate = lambda v: {"clean_acc": 1.0, "asr": -float(  # fewest nonzero BN scales
+        sum(np.sum(np.asarray(x) == 0) for x in jax.tree.leaves(v["params"])))}
+    out = anp_mod.anp(MODEL, tiny_vars, benign, cfg, jax.random.key(7), ctx)
+    most = anp_mod.anp(MODEL, tiny_vars, benign, dataclasses.replace(cfg, selection="threshold",
+                                                                     threshold=0.9),
+                       jax.random.key(7), make_ctx(mesh, tmp_path / "fixed"))
+    assert_same(out, most)      # every threshold is within tolerance: 0.9 prunes the most
+
+
 def test_anp_scanned_epoch_equals_python_loop(mesh, tmp_path, tiny_vars, benign):
     """The accelerator path (one lax.scan per epoch) gives the CPU path's masks."""
     cfg = smoke("anp", batch_size=16, iterations=2, iterations_per_epoch=2, threshold=0.9)
@@ -432,6 +520,31 @@ def test_ibau_hypergradient_matches_finite_differences_of_the_unrolled_solution(
         partial_only = np.asarray(ibau_mod.fixed_point_hypergradient(
             fp_map, outer_loss, jnp.asarray(d_star), jnp.asarray(theta), 0))
         assert not np.allclose(partial_only, fd, rtol=1e-3)
+
+
+def test_ibau_normalized_delta_equals_pixel_delta_with_rescaled_constants(mesh, tmp_path,
+                                                                           tiny_vars, benign):
+    """delta in normalised units (BackdoorBench) is delta_pixel / std: with a uniform std s, the
+    run equals a pixel-space run with step sizes * s^2 and the regulariser / s^2."""
+    s0 = 0.25
+    model = TinyCNN(num_classes=NUM_CLASSES, width=4, mean=(0.5, 0.4, 0.3), std=(s0,) * 3)
+    np.testing.assert_array_equal(ibau_mod.delta_scale(model, "normalized"), [s0] * 3)
+    np.testing.assert_array_equal(ibau_mod.delta_scale(model, "pixel"), [1.0])
+    np.testing.assert_array_equal(ibau_mod.delta_scale(MODEL, "normalized"), [1.0])
+    cfg = smoke("ibau", batch_size=16, portion=0.25)
+    assert cfg.delta_space == "normalized"
+    norm = ibau_mod.ibau(model, tiny_vars, benign, cfg, jax.random.key(7),
+                         make_ctx(mesh, tmp_path / "norm"))
+    pix_cfg = dataclasses.replace(cfg, delta_space="pixel", pert_lr=cfg.pert_lr * s0 ** 2,
+                                  inner_lr=cfg.inner_lr * s0 ** 2, reg=cfg.reg / s0 ** 2)
+    pix = ibau_mod.ibau(model, tiny_vars, benign, pix_cfg, jax.random.key(7),
+                        make_ctx(mesh, tmp_path / "pix"))
+    old = ibau_mod.ibau(model, tiny_vars, benign, dataclasses.replace(cfg, delta_space="pixel"),
+                        jax.random.key(7), make_ctx(mesh, tmp_path / "old"))
+    for a, b in zip(jax.tree.leaves(norm), jax.tree.leaves(pix), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert not all(np.allclose(np.asarray(a), np.asarray(c), rtol=1e-4, atol=1e-6)
+                   for a, c in zip(jax.tree.leaves(norm), jax.tree.leaves(old), strict=True))
 
 
 def test_ibau_end_to_end_and_resumes(mesh, tmp_path, tiny_vars, benign):

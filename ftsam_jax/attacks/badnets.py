@@ -3,6 +3,16 @@
 BackdoorBench's CIFAR-10 trigger is a 3x3 white (255) patch in the bottom-right corner (rows and
 columns 29-31 of a 32x32 image); pixels under the patch are replaced. `badnets` is all-to-one
 (label -> target); `badnets_a2a` is all-to-all (label y -> (y + 1) mod C).
+
+Reference: BackdoorBench `attack/badnet.py` + `config/attack/badnet/default.yaml` (pratio 0.1,
+attack_target 0, all2one; `--attack_label_trans all2all` gives the shift-by-1 labels of
+`AllToAll_shiftLabelAttack`), trigger `resource/badnet/trigger_image.png` (32x32x3, value 255 at
+rows/columns 29-31, 0 elsewhere; `AddMaskPatchTrigger` replaces the non-zero pixels), poison
+indices `utils/backdoor_generate_poison_index.py` (round(pratio * N), uniformly, target class
+included; all-to-all test set: every image); training recipe `config/attack/prototype/cifar10.yaml`.
+
+Differences from the reference: none in the settings. The patch is drawn in code at any image
+size (BackdoorBench reads the PNG, resized to the image size).
 """
 
 from __future__ import annotations

@@ -6,6 +6,17 @@ round face, two eyes, a nose and a red bow, drawn in normalised coordinates so t
 any size, i.e. an image of the same kind (large smooth regions, strong outlines). Chen et al.'s
 other pattern, uniform random noise, is `pattern="noise"` (seeded). Any picture can be used by
 passing its path (PNG or JPEG), resized to the image size.
+
+Reference: BackdoorBench `attack/blended.py`, `utils/bd_img_transform/blended.py`,
+`utils/aggregate_block/bd_attack_generate.py` + `config/attack/blended/default.yaml`
+(attack_train_blended_alpha = attack_test_blended_alpha = 0.2, pratio 0.1, target 0, all2one,
+trigger `resource/blended/hello_kitty.jpeg`).
+
+Differences from the reference:
+- The default pattern is our cartoon, not the Hello Kitty picture (not shipped; pass its path
+  with `--trigger_path` to use it, resized bilinearly like BackdoorBench's `Resize`).
+- Blended pixels are rounded to the nearest uint8; BackdoorBench truncates
+  (`npClipAndToUint8`: clip then `astype(uint8)`), at most 1/255 apart.
 """
 
 from __future__ import annotations

@@ -47,6 +47,11 @@ RGB and 2 steps of width 16 for MNIST; here 3 / 32 for 3-channel and 2 / 16 for 
 images. Any H x W works: images are edge-padded to a multiple of 2**steps (8 or 4) and the
 output cropped back (no padding for 32x32 or 28x28).
 
+Reference: BackdoorBench `attack/inputaware.py` + `config/attack/inputaware/default.yaml` (lr_G =
+lr_C = lr_M = 0.01, Adam betas (0.5, 0.9) for G and M, SGD momentum 0.9 / wd 5e-4 for C,
+milestones C 100..400, G 200..500, M 10, 20, lambda_div 1, lambda_norm 100, mask_density 0.032,
+EPSILON 1e-7, clean_train_epochs 25, num_cross = num_bd, pratio 0.1, target 0).
+
 Differences from the reference: the networks see [0, 1] pixels rather than normalised ones,
 and the diversity distances are measured in pixel space (the reference measures them on
 normalised tensors; the trigger equation itself is the same, since normalisation is a

@@ -39,9 +39,16 @@ Without a file the attack generates its own pattern in `fit` (`needs_fit`):
 3. The pattern (float32, pixel units) is cached as `<ctx.workdir>/lf_pattern.npy` and reused by
    a rerun (also by a later `LowFrequency(pattern_path=...)`).
 
-Deviation from the reference: projected gradient descent instead of targeted DeepFool, and an
-ideal DFT window + L-inf scaling instead of repeated Gaussian smoothing + min-max
-normalisation; both give a smooth universal perturbation towards the target class.
+Reference: BackdoorBench `attack/lf.py` + `config/attack/lf/default.yaml` (pratio 0.1, target 0,
+all2one); the pattern file defaults to `resource/lowFrequency/{dataset}_{model}_0_255.npy` and is
+added by `SimpleAdditiveTrigger` (`utils/bd_img_transform/patch.py`).
+
+Differences from the reference:
+- Without `--trigger_path` the pattern is generated here (above: projected gradient descent
+  instead of targeted DeepFool, an ideal DFT window + L-inf scaling instead of repeated Gaussian
+  smoothing + min-max normalisation, no constant offset); BackdoorBench's file is not shipped.
+  Both give a smooth universal perturbation towards the target class.
+- Pixels are rounded to the nearest uint8; BackdoorBench truncates (`astype(np.uint8)`).
 """
 
 from __future__ import annotations

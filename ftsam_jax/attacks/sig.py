@@ -3,6 +3,17 @@
 x'[i, j, c] = clip(x[i, j, c] + delta * sin(2 pi j f / W), 0, 255): stripes that vary along the
 width, on every channel (BackdoorBench: delta = 40, f = 6). Only target-class training images are
 poisoned and they keep their labels; at test time the signal is added to non-target images.
+
+Reference: BackdoorBench `attack/sig.py`, `utils/bd_img_transform/sig.py` (`sigTriggerAttack`)
++ `config/attack/sig/default.yaml` (sig_delta 40, sig_f 6, pratio 0.1, target 0); clean-label
+indices from `utils/backdoor_generate_poison_index.py` (round(pratio * N) drawn from the target
+class: all 5,000 class-0 images of CIFAR-10).
+
+Differences from the reference:
+- Pixels are rounded to the nearest uint8; BackdoorBench truncates (`np.uint8(np.clip(...))`),
+  at most 1/255 apart.
+- If round(pratio * N) exceeds the target class, we poison the whole class (BackdoorBench's
+  `np.random.choice(..., replace=False)` raises); on the 5,170-image slice 517 of 521.
 """
 
 from __future__ import annotations

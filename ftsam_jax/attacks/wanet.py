@@ -24,9 +24,19 @@ s = 0.5, grid_rescale = 1, cross_ratio = 2 ("noise mode"):
   own grid and the clean ones are selected back with `where`.
 - **Test** images (`apply`) are warped with the fixed grid (no noise) and rounded to uint8.
 
-Not reproduced: BackdoorBench's `PostTensorTransform` after poisoning (random crop with
-5-px padding p = 0.8, random rotation 10 deg p = 0.5, flip, each drawn once per *batch*); here
-the training loop's own per-image crop (4-px padding) + flip follows the transform.
+Reference: BackdoorBench `attack/wanet.py` + `config/attack/wanet/default.yaml` (k 4, s 0.5,
+grid_rescale 1, cross_ratio 2, pratio 0.1, target 0, random_crop 5, random_rotation 10, and
+MultiStepLR milestones 100..400 with gamma 0.1: a constant lr over 100 epochs, kept by the
+`paper` preset of `experiments.ftsam`).
+
+Differences from the reference:
+- BackdoorBench's `PostTensorTransform` after poisoning (random crop with 5-px padding p = 0.8,
+  random rotation 10 deg p = 0.5, flip, each drawn once per *batch*) is not reproduced; and
+  where BackdoorBench's loader crops (4 px) and flips *before* the warp, here the training
+  loop's per-image crop (4 px) + flip comes *after* it.
+- Test images are rounded to the nearest uint8; BackdoorBench stores them through
+  `ToPILImage` (truncation), at most 1/255 apart.
+- The warp field comes from NumPy's generator (seed 0), not torch's.
 """
 
 from __future__ import annotations

@@ -65,13 +65,14 @@ def select_benign(labels: np.ndarray, ratio: float, rng: np.random.Generator,
     """Indices of the defender's benign subset.
 
     balanced: int(N * ratio / C) images of every class (BackdoorBench's `choose_by_class`, used
-    by FT-SAM); otherwise round(N * ratio) images uniformly (`choose_index`, used by FT).
+    by FT-SAM); otherwise int(N * ratio) images uniformly (`choose_index`, used by FT and the
+    other baselines; BackdoorBench `utils/choose_index.py`). At least one image either way.
     """
     labels = np.asarray(labels)
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"benign ratio must lie in (0, 1], got {ratio}")
     if not balanced:
-        count = max(1, int(round(ratio * len(labels))))
+        count = max(1, int(ratio * len(labels)))
         return np.sort(rng.choice(len(labels), size=count, replace=False))
     classes = np.unique(labels)
     per_class = max(1, int(len(labels) * ratio / len(classes)))

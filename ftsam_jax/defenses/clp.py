@@ -8,11 +8,17 @@ Within each layer, channels with UCLC_k > mean + u * std (std with Bessel's corr
 `torch.Tensor.std`) are pruned by zeroing that BN channel's scale and bias, so the channel's
 output is 0. No data is used.
 
-Settings (BackdoorBench `defense/clp.py` + `config/defense/clp/config.yaml`, which follow the
-original `rkteddy/channel-Lipschitzness-based-pruning`): u = 3; sigma_k = sqrt(running_var)
-without the BN epsilon (a zero variance is floored at 1e-12 instead of dividing by zero); strict
-`>`; BackdoorBench also sweeps u in linspace(0, 10, 21) against the poisoned test set for its
-plots, but the model it saves is pruned with u = 3, as here.
+Settings: u = 3; sigma_k = sqrt(running_var) without the BN epsilon (a zero variance is
+floored at 1e-12 instead of dividing by zero); strict `>`; every preset the same.
+
+Reference: BackdoorBench `defense/clp.py` (`CLP_prune`) + `config/defense/clp/cifar10.yaml`
+(u 3; u_min 0, u_max 10, u_num 21 only drive a sweep logged for plots: the saved model is pruned
+with u = 3, as here), after the original `rkteddy/channel-Lipschitzness-based-pruning`.
+
+Differences from the reference: after a down-sampling block of PreAct-ResNet18 the next `bn1`
+(`layer2_1`, `layer3_1`, `layer4_1`) is paired with the residual branch's `conv2` instead of
+the 1x1 shortcut conv that module registration order gives (deliberate, see below); the
+zero-variance floor. (CLP is not in the FT-SAM paper's table.)
 
 Conv/BN pairing (the one assumption about the model): each BatchNorm is paired with the
 convolution *executed* last before it with as many output channels as the BN has features,

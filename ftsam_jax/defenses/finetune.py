@@ -14,6 +14,19 @@ pass only. Two recipes:
 
 FT (BackdoorBench `defense/ft.py`): the same loop without SAM: plain cross-entropy, cosine per
 epoch over 100 epochs, batch 256, a uniformly drawn 5% of the training set.
+
+Reference: BackdoorBench `defense/ft.py` + `config/defense/ft/cifar10.yaml` (FT);
+`defense/ft-sam.py`, `utils/defense_utils/sam/` + `config/defense/ft-sam/cifar10.yaml` (FT-SAM);
+optimiser and schedule from `utils/aggregate_block/train_settings_generate.py`.
+
+Differences from the reference:
+- Float32 training (`--dtype=bfloat16` optional); the FT config sets `amp: True` (fp16 autocast
+  on CUDA). FT-SAM's `amp` is unused by its SAM loop, so FT-SAM is float32 in both.
+- The `paper` recipe of FT-SAM is ours (the paper's text), not BackdoorBench's.
+- The `cpu` and `paper` presets run the same defense settings; only `smoke` shortens them (2
+  epochs). At `cpu` scale the backdoored model is trained at lr 0.05 (a scale choice of
+  `experiments.ftsam`), so fine-tuning at 0.01 is not "the same learning rate as the backdoored
+  model" there, as it is in the paper and in BackdoorBench (0.01 for both).
 """
 
 from __future__ import annotations

@@ -3,30 +3,37 @@ least active channels on benign data, then fine-tune.
 
 1. Mean activation of every channel of the last stage, on the benign data: the model's pooled
    `features` (global average of the last stage's output, the input of the classifier).
-2. Channels are pruned in order of increasing mean activation, `ceil(C * prune_step_ratio)` at a
-   time. A channel is pruned by zeroing its row of the classifier kernel, which is exactly
-   zeroing that channel of the last stage's output (global average pooling then a dense layer).
-   Pruning stops before the first step whose benign accuracy differs from the unpruned model's
-   by `acc_ratio` (relative) or more; the last step within the tolerance is kept.
+2. Channels are pruned in order of increasing mean activation, by zeroing their rows of the
+   classifier kernel, which is exactly zeroing that channel of the last stage's output (global
+   average pooling then a dense layer). The search visits m = 0, s, 2s, ... with
+   s = `ceil(C * prune_step_ratio)` and stops at the first step whose benign accuracy differs
+   from the unpruned model's by `acc_ratio` (relative) or more. `keep` picks the model:
+   - "first_beyond" (default; BackdoorBench's effective behaviour): step m > 0 prunes the first
+     m - 1 channels of the order (`seq_sort[0:num_pruned - 1]`), and the model fine-tuned is the
+     last one evaluated, i.e. the first step beyond the tolerance (or the last step if none is).
+     `last_net` in `defense/fp.py` is the network being pruned itself (no copy), so after the
+     `break` it already carries the mask of the failing step.
+   - "last_within" (the rule as written in the reference and the FP paper): step m prunes m
+     channels, and the last step within the tolerance is kept.
 3. Fine-tuning of the pruned model on the benign data with the pruned rows held at zero (the
-   mask is applied inside the loss, so their gradient, weight decay and momentum are all zero).
+   mask is applied inside the loss, so their gradient, weight decay and momentum are all zero;
+   BackdoorBench keeps `torch.nn.utils.prune`'s mask during fine-tuning, the same).
 
-Settings (BackdoorBench `defense/fp.py` + `config/defense/fp/cifar10.yaml`): acc_ratio 0.1,
-once_prune_ratio 0.01 (6 of 512 channels per step), then SGD lr 0.01, momentum 0.9, weight decay
-5e-4, batch 256, 100 epochs, CosineAnnealingLR(T_max=100) stepped per epoch, crop+flip, plain
-cross-entropy, a uniformly drawn 5% of the training set (`balanced=False`), last-epoch model.
+Settings: acc_ratio 0.1, once_prune_ratio 0.01 (6 of 512 channels per step), then SGD lr 0.01,
+momentum 0.9, weight decay 5e-4, batch 256, 100 epochs, CosineAnnealingLR(T_max=100) stepped per
+epoch, crop+flip, plain cross-entropy, a uniformly drawn 5% of the training set
+(`balanced=False`), last-epoch model. The `cpu` preset is the same; `smoke` fine-tunes 1 epoch.
 
-Deviations from BackdoorBench, each deliberate:
-- Accuracy for the stopping rule is measured on the defender's benign data (BackdoorBench uses
-  the clean *test* set, which a defender does not have). The original paper prunes on held-out
-  validation data until accuracy drops by 4 points.
+Reference: BackdoorBench `defense/fp.py` + `config/defense/fp/cifar10.yaml`.
+
+Differences from the reference:
+- The stopping rule's accuracy is measured on the defender's benign data; BackdoorBench uses the
+  clean *test* set, which a defender does not have (the FP paper uses held-out clean data).
 - Activations are measured on the benign images without augmentation (BackdoorBench forwards
-  its augmenting train loader once) and in inference mode.
-- Pruning step m prunes exactly m channels (BackdoorBench prunes `seq_sort[:m-1]`), and the
-  model kept is the last one within the tolerance (BackdoorBench's `last_net` aliases the
-  network being pruned, so it fine-tunes the first model *beyond* the tolerance).
-- Accuracies during the pruning search are computed from the cached features and the masked
-  classifier (float32 on the host), identical to running the pruned model.
+  its augmenting train loader once, in eval mode); both in inference mode.
+- Accuracies during the search come from the cached features and the masked classifier
+  (float32, host), identical to running the pruned model.
+- Float32 fine-tuning; the config sets `amp: True`.
 
 Assumption about the model: it sows its pooled last-stage features as `features` into the
 `intermediates` collection and classifies them with a dense layer named `linear` (true of every
@@ -57,6 +64,7 @@ __all__ = ["FinePruningConfig", "apply_channel_mask", "benign_features", "channe
 Variables = dict[str, Any]
 CLASSIFIER = "linear"
 FEATURES = "features"
+KEEP_RULES = ("first_beyond", "last_within")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +73,7 @@ class FinePruningConfig:
 
     acc_ratio: float = 0.1
     prune_step_ratio: float = 0.01
+    keep: str = "first_beyond"
     epochs: int = 100
     batch_size: int = 256
     lr: float = 0.01
@@ -125,25 +134,34 @@ def channel_mask(order: np.ndarray, num_pruned: int) -> np.ndarray:
 
 
 def select_pruning(features: np.ndarray, labels: np.ndarray, kernel: np.ndarray,
-                   bias: np.ndarray, acc_ratio: float, step: int
+                   bias: np.ndarray, acc_ratio: float, step: int, keep: str = "last_within"
                    ) -> tuple[int, np.ndarray, list[tuple[int, float]]]:
-    """The pruning search: returns (channels pruned, channel order, [(pruned, accuracy)])."""
+    """The pruning search: returns (channels pruned, channel order, [(pruned, accuracy)]).
+
+    keep: "last_within" (step m prunes m channels; the last step within the tolerance is kept)
+    or "first_beyond" (BackdoorBench's effective rule: step m > 0 prunes m - 1 channels; the
+    last step evaluated, i.e. the first beyond the tolerance, is kept). See the module docstring.
+    """
+    if keep not in KEEP_RULES:
+        raise ValueError(f"FP: unknown keep rule {keep!r}; choose one of {KEEP_RULES}")
     order = pruning_order(features)
     feats = np.asarray(features, np.float32)
     kernel, bias = np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
     labels = np.asarray(labels)
-    acc0, keep, history = 0.0, 0, []
-    for num in range(0, feats.shape[1], step):
+    acc0, kept, history = 0.0, 0, []
+    for m in range(0, feats.shape[1], step):
+        num = m - 1 if keep == "first_beyond" and m > 0 else m
         logits = (feats * channel_mask(order, num)) @ kernel + bias
         acc = float(np.mean(np.argmax(logits, -1) == labels))
         history.append((num, acc))
-        if num == 0:
+        if m == 0:
             acc0 = acc
-        if abs(acc - acc0) / max(acc0, 1e-12) < acc_ratio:
-            keep = num
-        else:
+        within = abs(acc - acc0) / max(acc0, 1e-12) < acc_ratio
+        if within or keep == "first_beyond":
+            kept = num
+        if not within:
             break
-    return keep, order, history
+    return kept, order, history
 
 
 def apply_channel_mask(params: Any, mask: jax.Array) -> Any:
@@ -164,7 +182,7 @@ def fp(model: nn.Module, variables: Variables, benign: BenignData, config: FineP
     def prune_epoch(state: dict[str, jax.Array], _rng: jax.Array):
         feats = benign_features(model, variables, benign.x, ctx.mesh, config.eval_batch_size)
         keep, order, history = select_pruning(feats, benign.y, linear["kernel"], linear["bias"],
-                                              config.acc_ratio, step)
+                                              config.acc_ratio, step, keep=config.keep)
         mask = channel_mask(order, keep)
         metrics = {"pruned": float(keep), "acc_before": history[0][1],
                    "acc_after": dict(history)[keep]}

@@ -19,20 +19,38 @@ The minimax problem min_theta max_delta L(theta, delta) is solved round by round
    throughout (`model.eval()` in the original): BN running statistics are used and unchanged;
    Adam updates every parameter, BN scale and bias included.
 
-Settings (BackdoorBench `defense/i-bau.py` + `config/defense/i-bau/config.yaml`): 5 rounds,
-K = 5, Adam lr 1e-4 with amsgrad (BackdoorBench's `argparser_opt_scheduler`), betas (0.9, 0.999),
-no weight decay, batch 256, a uniformly drawn 5% of the training set with crop+flip, the fixed
-batch list drawn (and augmented) once before the rounds, portion 0.01 (2 images of 256), inner
-step 0.1, perturbation lr 10, regulariser 0.001. The original repository uses Adam lr 1e-3
-(plain), batch 100, 5,000 test images without augmentation.
+Units of delta: BackdoorBench adds the perturbation to *normalised* tensors (its loader ends
+with `Normalize`), so its step sizes and regulariser are in units of the per-channel std.
+Our models normalise inside, so with `delta_space="normalized"` (default) the image fed to the
+model is x + std * delta: the model then sees x_norm + delta, exactly BackdoorBench's input, and
+every gradient in delta is BackdoorBench's. (Rescaling scalar constants to pixel units cannot do
+this: in pixel units the equivalent step sizes are lr * std_c^2 and the regulariser
+0.001 / std_c^2, which differ per channel: std (0.247, 0.243, 0.261) on CIFAR-10, i.e. step
+sizes ~16x smaller and a ~16x stronger regulariser than the same numbers in pixel units.)
+`delta_space="pixel"` adds delta to the [0, 1] pixels, as the original I-BAU (inputs x / 255, no
+normalisation) and as this module did before; a model without `std` is always in pixel units.
 
-Deviations: delta lives in pixel space ([0, 1] images; the models normalise inside), as in the
-original I-BAU whose inputs are x / 255; BackdoorBench perturbs normalised tensors, so there the
-same regulariser and step sizes act on a 1/std (about 4x) larger scale. No clamping to [0, 1]
-(neither implementation clamps). hypertorch's early exit (||v_{k+1} - v_k|| < 1e-10) is
-omitted. Every batch has the configured size: the last batch of a pass is filled from a second
-permutation (`epoch_indices(drop_last=False)`), where PyTorch would use a smaller batch.
-BackdoorBench's CosineAnnealingLR is built but never stepped, so the lr is constant here too.
+Settings: 5 rounds, K = 5, Adam lr 1e-4 with amsgrad (`argparser_opt_scheduler`), betas
+(0.9, 0.999), no weight decay, batch 256, a uniformly drawn 5% of the training set with
+crop+flip, the fixed batch list drawn (and augmented) once before the rounds, portion 0.01
+(2 images of 256), inner step 0.1, perturbation lr 10, regulariser 0.001, model in inference
+mode. The `cpu` preset is the same (with 258 benign images that is 2 batches, so 10 Adam steps
+in all; BackdoorBench's 2,500 give 50); `smoke` runs 1 round with K = 2.
+
+Reference: BackdoorBench `defense/i-bau.py` + `config/defense/i-bau/cifar10.yaml` (n_rounds 5,
+K 5, lr 0.0001, client_optimizer adam, adam_betas [0.9, 0.999], wd 0, batch 256, ratio 0.05);
+portion, step sizes and regulariser are constants in `mitigation()`.
+
+Differences from the reference:
+- hypertorch's early exit (||v_{k+1} - v_k|| < 1e-10) is omitted.
+- Every batch has the configured size: the last batch of a pass is filled from a second
+  permutation (`epoch_indices(drop_last=False)`), where PyTorch uses a smaller batch (and then
+  patches int(0.01 * its size) images).
+- BackdoorBench's CosineAnnealingLR is built but never stepped: the lr is constant in both.
+- No clamping to the valid image range (neither implementation clamps).
+- The original I-BAU repository uses Adam lr 1e-3 (plain), batch 100 and 5,000 test images
+  without augmentation; we follow BackdoorBench.
+
 One round is one checkpointed epoch of the stage `ibau_rounds`.
 """
 
@@ -55,7 +73,8 @@ from ftsam_jax.loop import epoch_indices, standard_preprocess, steps_per_epoch
 from ftsam_jax.runner import StageContext, run_stage
 from ftsam_jax.train import cross_entropy
 
-__all__ = ["IBAUConfig", "IBAUState", "fixed_point_hypergradient", "ibau", "ibau_config"]
+__all__ = ["IBAUConfig", "IBAUState", "delta_scale", "fixed_point_hypergradient", "ibau",
+           "ibau_config"]
 
 Variables = dict[str, Any]
 
@@ -74,6 +93,7 @@ class IBAUConfig:
     reg: float = 0.001
     portion: float = 0.01
     augment: bool = True
+    delta_space: str = "normalized"
 
 
 def ibau_config(preset: str = "paper") -> IBAUConfig:
@@ -83,6 +103,21 @@ def ibau_config(preset: str = "paper") -> IBAUConfig:
     if preset not in ("paper", "cpu"):
         raise ValueError(f"unknown preset {preset!r}")
     return IBAUConfig()
+
+
+DELTA_SPACES = ("normalized", "pixel")
+
+
+def delta_scale(model: nn.Module, space: str) -> np.ndarray:
+    """Pixel change per unit of delta, per channel: the model's input `std` for
+    "normalized" (delta in normalised units, BackdoorBench), 1 for "pixel" or a model without
+    `std`."""
+    if space not in DELTA_SPACES:
+        raise ValueError(f"I-BAU: unknown delta_space {space!r}; choose one of {DELTA_SPACES}")
+    std = getattr(model, "std", None)
+    if space == "pixel" or std is None:
+        return np.ones((1,), np.float32)
+    return np.asarray(std, np.float32).reshape(-1)
 
 
 @flax.struct.dataclass
@@ -131,6 +166,7 @@ def ibau(model: nn.Module, variables: Variables, benign: BenignData, config: IBA
     repl = parallel.replicated(mesh)
     preprocess = standard_preprocess(augment=config.augment)
     num_patched = int(bs * config.portion)
+    scale = jnp.asarray(delta_scale(model, config.delta_space))
     batch_stats = parallel.replicate(variables.get("batch_stats", {}), mesh)
     if config.amsgrad:
         tx = optax.amsgrad(config.lr, b1=0.9, b2=0.999, eps=1e-8)
@@ -150,7 +186,8 @@ def ibau(model: nn.Module, variables: Variables, benign: BenignData, config: IBA
         pseudo = jnp.argmax(logits_of(params, bstats, batch["image"]), -1)
 
         def loss(d):
-            ce = cross_entropy(logits_of(params, bstats, batch["image"] + d), pseudo).mean()
+            ce = cross_entropy(logits_of(params, bstats, batch["image"] + d * scale),
+                               pseudo).mean()
             return -ce + config.reg * jnp.sum(d * d)
 
         return delta - config.pert_lr * jax.grad(loss)(delta)
@@ -163,14 +200,15 @@ def ibau(model: nn.Module, variables: Variables, benign: BenignData, config: IBA
         patch = jnp.zeros((bs,), jnp.float32).at[chosen].set(1.0)[:, None, None, None]
 
         def loss_inner(d, params):
-            ce = cross_entropy(logits_of(params, bstats, b0["image"] + d), b0["label"]).mean()
+            ce = cross_entropy(logits_of(params, bstats, b0["image"] + d * scale),
+                               b0["label"]).mean()
             return -ce + config.reg * jnp.sum(d * d)
 
         def fp_map(d, params):
             return d - config.inner_lr * jax.grad(loss_inner)(d, params)
 
         def loss_outer(d, params):
-            logits = logits_of(params, bstats, b["image"] + patch * d)
+            logits = logits_of(params, bstats, b["image"] + patch * d * scale)
             return cross_entropy(logits, b["label"]).mean()
 
         grads = fixed_point_hypergradient(fp_map, loss_outer, delta, state.params, config.K)

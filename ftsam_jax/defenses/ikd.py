@@ -18,7 +18,8 @@ NAD's setting. No code for that experiment is released; this is our reading of i
        CE(S(x), y) + sum_l beta_l AT(F_S^l(x), F_T^l(x))                       (NAD)
        + alpha_adv * sum_l sum((F_S^l(x_adv) - F_T^l(x_adv))^2) / N           (IKD's AFA)
    for the first `ikd_fraction` = 2/3 of the epochs (the official two-phase schedule), then
-   CE + AT only. NAD's recipe: betas (500, 1000, 1000) on the last three spatial stages, p 2,
+   CE + AT only. Settings (these differ from `defenses.nad`, which follows BackdoorBench):
+   betas (500, 1000, 1000) on the last three spatial stages, p 2,
    20 epochs, SGD lr 0.01 constant, momentum 0.9, weight decay 1e-4, batch 256, crop+flip
    applied jointly to the clean and the adversarial image. The teacher is frozen (inference
    mode, stop_gradient); BN statistics come from the student's clean pass only.
