@@ -24,7 +24,7 @@ from absl import flags
 
 import ftsam_jax
 from experiments.cli import InputError, run
-from ftsam_jax import parallel
+from ftsam_jax import parallel, xla
 from ftsam_jax.loop import make_epoch_fn, standard_preprocess, steps_per_epoch
 from ftsam_jax.models import MODELS, create_model
 from ftsam_jax.train import classification_loss, create_train_state
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> None:
         {"image": jnp.asarray(rng.random((b, *shape)), jnp.float32),
          "label": jnp.asarray(rng.integers(0, FLAGS.num_classes, b), jnp.int32)},
         parallel.data_sharding(mesh))
-    init = jax.jit(lambda: create_train_state(model, ftsam_tx, jax.random.key(0), shape))
+    init = xla.jit(lambda: create_train_state(model, ftsam_tx, jax.random.key(0), shape))
     results = []
 
     def record(name: str, first: float, per_call: float, images: int, **extra) -> None:
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
             state = parallel.replicate(create_train_state(model, tx, jax.random.key(0), shape)
                                        if name == "train_step" else init(), mesh)
             step = ftsam_jax.train_step if name == "train_step" else ftsam_jax.sam_step
-            fn = jax.jit(partial(step, tx=tx, loss_fn=loss_fn), donate_argnums=0)
+            fn = xla.jit(partial(step, tx=tx, loss_fn=loss_fn), donate_argnums=0)
             holder = {"state": state}
 
             def call(fn=fn, holder=holder):
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> None:
             record(name, first, per, b)
         elif name == "eval_step":
             variables = parallel.replicate(init().variables, mesh)
-            fn = jax.jit(partial(ftsam_jax.eval_step, apply_fn=model.apply))
+            fn = xla.jit(partial(ftsam_jax.eval_step, apply_fn=model.apply))
             first, per = _time(fn, lambda v=variables: (v, batch), FLAGS.steps, FLAGS.warmup)
             record(name, first, per, b)
         else:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax
 import numpy as np
 
+from ftsam_jax import xla
 from ftsam_jax.models import VGG, PreActResNet, TinyCNN
 
 __all__ = ["last_conv_path", "neuron_norms", "run_analysis", "tac"]
@@ -50,7 +50,7 @@ def layer_output(model: nn.Module, variables: Mapping[str, Any], images: np.ndar
                  path: tuple[str, ...], batch_size: int = 256) -> np.ndarray:
     """The output of module `path` (inference mode) for uint8 or [0, 1] images."""
 
-    @jax.jit
+    @xla.jit
     def run(x):
         x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
         _, state = model.apply(variables, x, train=False, capture_intermediates=lambda m, _: (

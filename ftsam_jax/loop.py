@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ftsam_jax import parallel
+from ftsam_jax import parallel, xla
 from ftsam_jax.data.augment import crop_flip
 from ftsam_jax.train import Batch, Metrics, TrainState, eval_step
 
@@ -120,10 +120,10 @@ def make_epoch_fn(
         return state, jax.tree.map(jnp.mean, metrics)
 
     if scan:
-        return jax.jit(scanned_epoch, donate_argnums=(0,), out_shardings=(repl, repl))
+        return xla.jit(scanned_epoch, donate_argnums=(0,), out_shardings=(repl, repl))
 
-    jit_indices = jax.jit(indices)
-    jit_step = jax.jit(one_step, donate_argnums=(0,), out_shardings=(repl, repl))
+    jit_indices = xla.jit(indices)
+    jit_step = xla.jit(one_step, donate_argnums=(0,), out_shardings=(repl, repl))
 
     def looped_epoch(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array,
                      extra: dict[str, jax.Array] | None = None):
@@ -173,7 +173,7 @@ def make_evaluator(
         correct, preds = jax.lax.scan(body, jnp.zeros([], jnp.int32), jnp.arange(steps))
         return {"preds": preds.reshape(-1)[:n], "accuracy": correct / n}
 
-    return jax.jit(run)
+    return xla.jit(run)
 
 
 def evaluate(apply_fn: Callable[..., Any], variables: dict[str, Any], images: Any, labels: Any,

@@ -75,11 +75,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftsam_jax import parallel
+from ftsam_jax import parallel, xla
 from ftsam_jax.attacks.base import Attack, to_uint8
 from ftsam_jax.data.augment import crop_flip
 from ftsam_jax.loop import make_epoch_fn, steps_per_epoch, to_float
-from ftsam_jax.models.common import torch_kernel_init
+from ftsam_jax.models.common import Conv
 from ftsam_jax.runner import StageContext, run_stage
 from ftsam_jax.train import cross_entropy
 
@@ -118,9 +118,8 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
-                    kernel_init=torch_kernel_init,
-                    bias_init=_torch_bias_init(9 * x.shape[-1]))(x)
+        x = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
+                 bias_init=_torch_bias_init(9 * x.shape[-1]))(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.95, epsilon=1e-5)(x)
         return nn.relu(x) if self.relu else x
 
@@ -212,7 +211,7 @@ class InputAware(Attack):
         self.mask_net = TriggerNet(1, self.generator_width, self.generator_steps)
         self.generator_variables: Variables | None = None
         self.mask_variables: Variables | None = None
-        self._trigger_fn = jax.jit(self._trigger)
+        self._trigger_fn = xla.jit(self._trigger)
 
     # -- the trigger -----------------------------------------------------------------------------
 
@@ -256,7 +255,7 @@ class InputAware(Attack):
         fast = jax.random.key(seed, impl="rbg")
         dummy = jnp.zeros((1, *self.image_shape), jnp.float32)
 
-        @jax.jit
+        @xla.jit
         def init(key: jax.Array) -> tuple[Variables, Variables]:
             k_g, k_m = jax.random.split(key)
             return self.generator.init(k_g, dummy), self.mask_net.init(k_m, dummy)
@@ -295,7 +294,7 @@ class InputAware(Attack):
         xd, yd = jax.device_put(x, repl), jax.device_put(y, repl)
         k_net, k_c, k_s1, k_s2 = jax.random.split(rng, 4)
 
-        @partial(jax.jit, out_shardings=repl)
+        @partial(xla.jit, out_shardings=repl)
         def shuffled(images: jax.Array, key: jax.Array) -> jax.Array:
             return images[jax.random.permutation(key, images.shape[0])]
 
@@ -332,7 +331,7 @@ class InputAware(Attack):
 
         # Stage 2: classifier + generator.
         dummy = jnp.zeros((1, *x.shape[1:]), jnp.float32)
-        c_vars = jax.device_get(jax.jit(partial(model.init, train=False))(k_c, dummy))
+        c_vars = jax.device_get(xla.jit(partial(model.init, train=False))(k_c, dummy))
         c_tx = make_optimizer(cfg, n_ex)
         g_tx = optax.adam(self.generator_lr, b1=0.5, b2=0.9)
         j_state = JointState(

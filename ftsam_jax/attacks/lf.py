@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ftsam_jax import xla
 from ftsam_jax.attacks.base import Attack, to_uint8
 
 __all__ = ["LowFrequency", "load_lf_pattern", "low_frequency_mask", "low_pass"]
@@ -192,7 +193,7 @@ class LowFrequency(Attack):
             d = low_pass(d, mask)
             return d * jnp.minimum(1.0, budget / (jnp.max(jnp.abs(d)) + 1e-12))
 
-        @jax.jit
+        @xla.jit
         def step(d: jax.Array, key: jax.Array) -> jax.Array:
             sel = jax.random.choice(key, xs.shape[0], (bs,), replace=False)
             g = low_pass(jax.grad(loss)(d, xs[sel], ys[sel]), mask)

@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from ftsam_jax import parallel
+from ftsam_jax import parallel, xla
 from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.loop import standard_preprocess
 from ftsam_jax.runner import StageContext, run_stage
@@ -202,9 +202,9 @@ def _make_epoch(step: Callable, mesh: jax.sharding.Mesh, num_steps: int, scan: b
                                           state, jnp.arange(num_steps))
             return state, jax.tree.map(jnp.mean, metrics)
 
-        return jax.jit(scanned, donate_argnums=(0,), out_shardings=(repl, repl))
+        return xla.jit(scanned, donate_argnums=(0,), out_shardings=(repl, repl))
 
-    jit_one = jax.jit(one, donate_argnums=(0,), out_shardings=(repl, repl))
+    jit_one = xla.jit(one, donate_argnums=(0,), out_shardings=(repl, repl))
 
     def looped(state, variables, x, y, rng):
         history = []

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftsam_jax import parallel
+from ftsam_jax import parallel, xla
 from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.fit import FitConfig, fit
 from ftsam_jax.loop import to_float
@@ -103,7 +103,7 @@ def benign_features(model: nn.Module, variables: Variables, images: np.ndarray,
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
     sharding = parallel.data_sharding(mesh)
 
-    @jax.jit
+    @xla.jit
     def run(v: Variables, x: jax.Array) -> jax.Array:
         x = jax.lax.with_sharding_constraint(to_float(x), sharding)
         _, mut = model.apply(v, x, train=False, mutable=["intermediates"])

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftsam_jax import parallel
+from ftsam_jax import parallel, xla
 from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.loop import epoch_indices, standard_preprocess, steps_per_epoch
 from ftsam_jax.runner import StageContext, run_stage
@@ -180,7 +180,7 @@ def ibau(model: nn.Module, variables: Variables, benign: BenignData, config: IBA
         batch = jax.lax.with_sharding_constraint({"image": x[ids], "label": y[ids]}, sharding)
         return preprocess(batch, aug_rng)
 
-    @jax.jit
+    @xla.jit
     def perturbation_step(delta, params, bstats, x, y, ids, aug_rng):
         batch = get_batch(x, y, ids, aug_rng)
         pseudo = jnp.argmax(logits_of(params, bstats, batch["image"]), -1)
@@ -192,7 +192,7 @@ def ibau(model: nn.Module, variables: Variables, benign: BenignData, config: IBA
 
         return delta - config.pert_lr * jax.grad(loss)(delta)
 
-    @jax.jit
+    @xla.jit
     def outer_step(state: IBAUState, delta, bstats, x, y, ids0, aug0, ids, aug_rng, patch_rng):
         b0 = get_batch(x, y, ids0, aug0)
         b = get_batch(x, y, ids, aug_rng)

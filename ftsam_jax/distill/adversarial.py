@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ftsam_jax import parallel
+from ftsam_jax import parallel, xla
 from ftsam_jax.distill.augment import bilinear_matrix, resize_window
 from ftsam_jax.loop import to_float
 from ftsam_jax.train import cross_entropy
@@ -219,7 +219,7 @@ def precompute_adversarial(apply_fn: ApplyFn, variables: Any, images: np.ndarray
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
         return to_uint8(mi_di_fgsm(apply_fn, v, x, y, keys, config))
 
-    fn = jax.jit(attack, in_shardings=(repl, data, data, data, repl), out_shardings=data)
+    fn = xla.jit(attack, in_shardings=(repl, data, data, data, repl), out_shardings=data)
     variables = jax.device_put(variables, repl)
     out = np.empty(images.shape, np.uint8)
     labels = np.asarray(labels, np.int32)

@@ -6,8 +6,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ftsam_jax.models.conv import conv_general_dilated
 
 
 def torch_kernel_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32
@@ -21,6 +24,13 @@ def torch_kernel_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.flo
     limit = 1.0 / math.sqrt(fan_in)
     flat = jax.random.uniform(key, (math.prod(shape),), dtype, -limit, limit)
     return flat.reshape(shape)
+
+
+def Conv(features: int, kernel_size: Sequence[int], **kwargs: Any) -> nn.Conv:  # noqa: N802
+    """`flax.linen.Conv` with PyTorch's kernel init and `ftsam_jax.models.conv`'s convolution
+    (same parameters and names as `nn.Conv`; on CPU its weight gradient follows the policy)."""
+    kwargs.setdefault("kernel_init", torch_kernel_init)
+    return nn.Conv(features, kernel_size, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
 def normalize_input(

@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ftsam_jax.models.common import normalize_input, torch_kernel_init
+from ftsam_jax.models.common import Conv, normalize_input, torch_kernel_init
 
 Dtype = Any
 
@@ -33,7 +33,7 @@ class PreActBlock(nn.Module):
             nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
             dtype=self.dtype,
         )
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=torch_kernel_init)
+        conv = partial(Conv, use_bias=False, dtype=self.dtype)
         out = nn.relu(norm(name="bn1")(x))
         if self.stride != 1 or x.shape[-1] != self.features:
             shortcut = conv(self.features, (1, 1), strides=self.stride, padding="VALID",
@@ -71,8 +71,8 @@ class PreActResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = normalize_input(x, self.mean, self.std).astype(self.dtype)
-        x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    dtype=self.dtype, kernel_init=torch_kernel_init, name="conv1")(x)
+        x = Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                 dtype=self.dtype, name="conv1")(x)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1

@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ftsam_jax.models.common import normalize_input, torch_kernel_init
+from ftsam_jax.models.common import Conv, normalize_input, torch_kernel_init
 
 Dtype = Any
 
@@ -29,8 +29,8 @@ class TinyCNN(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = normalize_input(x, self.mean, self.std).astype(self.dtype)
         for i, (feats, stride) in enumerate(((self.width, 1), (2 * self.width, 2))):
-            x = nn.Conv(feats, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
-                        dtype=self.dtype, kernel_init=torch_kernel_init, name=f"conv{i + 1}")(x)
+            x = Conv(feats, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
+                     dtype=self.dtype, name=f"conv{i + 1}")(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype, name=f"bn{i + 1}")(x)
             x = nn.relu(x)

@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ftsam_jax.models.common import normalize_input, torch_kernel_init
+from ftsam_jax.models.common import Conv, normalize_input, torch_kernel_init
 
 Dtype = Any
 
@@ -50,8 +50,8 @@ class VGG(nn.Module):
                 self.sow("intermediates", f"block{pool_i}", x)
                 continue
             feats = max(1, int(v) * self.width // 64)
-            x = nn.Conv(feats, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                        kernel_init=torch_kernel_init, name=f"conv{conv_i}")(x)
+            x = Conv(feats, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                     name=f"conv{conv_i}")(x)
             x = nn.relu(norm(name=f"bn{conv_i}")(x))
             conv_i += 1
         x = jnp.mean(x, axis=(1, 2))
