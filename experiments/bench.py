@@ -69,6 +69,10 @@ def main(argv: list[str]) -> None:
         raise InputError(f"unknown --rows {sorted(unknown)}; choose from {list(ROWS)}")
     if FLAGS.steps < 1 or FLAGS.warmup < 0:
         raise InputError("--steps must be >= 1 and --warmup >= 0")
+    try:
+        parallel.initialize_distributed()
+    except ValueError as e:
+        raise InputError(e) from None
     mesh = parallel.make_mesh()
     try:
         parallel.check_batch_size(FLAGS.batch_size, mesh)

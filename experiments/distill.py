@@ -162,7 +162,10 @@ def results_table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    parallel.initialize_distributed()
+    try:
+        parallel.initialize_distributed()
+    except ValueError as e:
+        raise InputError(e) from None
     mesh = parallel.make_mesh()
     cfg = resolve(mesh.devices.size)
     workdir = Path(FLAGS.workdir or f"runs/distill_{FLAGS.dataset.replace('/', '_')}"

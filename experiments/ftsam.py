@@ -216,7 +216,10 @@ def results_table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    parallel.initialize_distributed()
+    try:
+        parallel.initialize_distributed()
+    except ValueError as e:
+        raise InputError(e) from None
     mesh = parallel.make_mesh()
     n_dev = mesh.devices.size
     settings = resolve_settings(n_dev)

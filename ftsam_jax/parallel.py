@@ -19,21 +19,54 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def initialize_distributed() -> bool:
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+
+
+def initialize_distributed(num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
     """Calls `jax.distributed.initialize()` when this looks like a multi-process launch.
 
     Detected from the usual launchers' environment (JAX_COORDINATOR_ADDRESS, TPU pod workers,
-    SLURM, Open MPI) or forced with FTSAM_JAX_DISTRIBUTED=1. Returns whether it initialised.
+    SLURM, Open MPI) or forced with FTSAM_JAX_DISTRIBUTED=1. TPU pods, SLURM and Open MPI
+    tell JAX the process count and id themselves; a hand-made launch (any machines, e.g.
+    multi-node GPU) sets JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID on every process (or passes `num_processes` / `process_id`, which win).
+    Returns whether it initialised; ValueError for an incomplete or inconsistent launch.
     """
     env = os.environ
-    multi = env.get("FTSAM_JAX_DISTRIBUTED") == "1" or any(
-        k in env for k in ("JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
-    )
-    multi = multi or int(env.get("SLURM_NTASKS", "1")) > 1
-    multi = multi or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    if multi:
-        jax.distributed.initialize()
-    return multi
+    auto = ("OMPI_COMM_WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+            or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+    num_processes = _env_int("JAX_NUM_PROCESSES") if num_processes is None else num_processes
+    process_id = _env_int("JAX_PROCESS_ID") if process_id is None else process_id
+    address = env.get("JAX_COORDINATOR_ADDRESS") or None
+    multi = auto or env.get("FTSAM_JAX_DISTRIBUTED") == "1" or address is not None
+    if not multi:
+        return False
+    if not auto and (num_processes is None or process_id is None):
+        raise ValueError(
+            "a multi-process launch without a cluster manager needs JAX_NUM_PROCESSES and "
+            "JAX_PROCESS_ID (beside JAX_COORDINATOR_ADDRESS) on every process")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"JAX_NUM_PROCESSES must be >= 1, got {num_processes}")
+    if num_processes is not None and process_id is not None and not (
+            0 <= process_id < num_processes):
+        raise ValueError(f"JAX_PROCESS_ID must be in [0, {num_processes}), got {process_id}")
+    kwargs: dict[str, Any] = {}
+    if address is not None:
+        kwargs["coordinator_address"] = address
+    if num_processes is not None:
+        kwargs["num_processes"] = num_processes
+    if process_id is not None:
+        kwargs["process_id"] = process_id
+    jax.distributed.initialize(**kwargs)
+    return True
 
 
 def make_mesh(devices: list[Any] | None = None) -> Mesh:

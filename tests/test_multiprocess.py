@@ -1,0 +1,43 @@
+"""2 processes x 2 CPU devices (gloo on 127.0.0.1) give the steps of 1 process x 4 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import ROOT
+
+WORKER = ROOT / "tests" / "multiprocess_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_", "XLA_", "FTSAM_JAX_DISTRIBUTED"))}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def test_two_processes_equal_one(tmp_path):
+    single = tmp_path / "single.npz"
+    subprocess.run([sys.executable, str(WORKER), str(single)], env=_env(), check=True,
+                   timeout=600, capture_output=True)
+    multi = tmp_path / "multi.npz"
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, str(WORKER), str(multi)],
+        env=_env(JAX_COORDINATOR_ADDRESS=addr, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    a, b = np.load(single), np.load(multi)
+    assert sorted(a.files) == sorted(b.files) and any(k.startswith("sam_") for k in a.files)
+    for k in a.files:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
