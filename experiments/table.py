@@ -1,0 +1,318 @@
+r"""The paper's Table 1 in one command: every attack x every defense, mean +- std over seeds.
+
+    python -m experiments.table --dataset=cifar10 --data_dir=../shared/data/cifar10-subset \
+        --preset=cpu --attacks=badnets,badnets_a2a,blended,sig,wanet,lf,input_aware \
+        --defenses=ft,ftsam,fp,nad,anp,ibau,clp,ikd --defense_seeds=0,1,2 \
+        --seeded_defenses=ft,ftsam --workdir=runs/table
+
+Every cell runs through `experiments.ftsam` (a subprocess each, so one failing cell does not
+stop the others): per attack, `WORKDIR/ATTACK/ds{s}` holds the run for defense seed s; the
+backdoored model is trained once, in the first seed's folder, and its checkpoints are copied
+to the others (nothing is trained twice; those folders are ordinary `experiments.ftsam`
+workdirs). Defenses in `--seeded_defenses` run with every seed of `--defense_seeds`, the others
+with the first. Rerunning the command skips finished cells and resumes interrupted ones from
+their checkpoints. Writes `table.md` (rows: attacks and their average; column groups: No
+defense and each defense with C-Acc / ASR / DER in %, mean +- std over seeds), `table.json`
+(every number, per seed, and the failed cells), `table.png` (ASR and C-Acc heat maps) and
+`logs/` (each cell's output).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import flags
+
+from experiments.cli import InputError, fail, run
+from experiments.workdir import atomic_write
+from ftsam_jax.attacks import ATTACKS
+from ftsam_jax.defenses import DEFENSES
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", "cifar10", "As in experiments.ftsam.")
+flags.DEFINE_string("data_dir", None, "As in experiments.ftsam.")
+flags.DEFINE_enum("preset", "cpu", ["paper", "cpu", "smoke"], "As in experiments.ftsam.")
+flags.DEFINE_list("attacks", ["badnets", "badnets_a2a", "blended", "sig", "wanet", "lf",
+                              "input_aware"], "Rows of the table.")
+flags.DEFINE_list("defenses", ["ft", "ftsam", "fp", "nad", "anp", "ibau", "clp", "ikd"],
+                  "Column groups of the table.")
+flags.DEFINE_list("defense_seeds", ["0"], "Defense seeds (benign subset and random streams).")
+flags.DEFINE_list("seeded_defenses", None, "Defenses run with every --defense_seeds seed "
+                  "(default: all); the others run with the first seed only.")
+flags.DEFINE_integer("seed", 0, "Seed of the backdoored models (poisoning, init, order).")
+flags.DEFINE_multi_string("ftsam_flag", [], "A flag passed to every experiments.ftsam cell, "
+                          "e.g. --ftsam_flag=--epochs=30 (repeatable).")
+flags.DEFINE_string("workdir", "runs/table", "Output folder.")
+flags.DEFINE_bool("plot", True, "Write table.png.")
+
+NO_DEFENSE = "No defense"
+
+
+def _ints(values: list[str], name: str) -> list[int]:
+    try:
+        out = [int(v) for v in values]
+    except ValueError:
+        raise InputError(f"--{name} must be integers, got {values}") from None
+    if not out or len(set(out)) != len(out):
+        raise InputError(f"--{name} must list distinct integers, got {values}")
+    return out
+
+
+def _names(values: list[str], known: dict[str, Any], name: str) -> list[str]:
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise InputError(f"unknown --{name} {unknown}; choose from {sorted(known)}")
+    if not values or len(set(values)) != len(values):
+        raise InputError(f"--{name} must list distinct names, got {values}")
+    return list(values)
+
+
+def plan_cells(attacks: list[str], defenses: list[str], seeds: list[int],
+               seeded: set[str]) -> list[tuple[str, str | None, int]]:
+    """(attack, defense or None for the backdoored model, seed), in running order."""
+    cells: list[tuple[str, str | None, int]] = []
+    for a in attacks:
+        cells.append((a, None, seeds[0]))
+        for d in defenses:
+            cells.extend((a, d, s) for s in (seeds if d in seeded else seeds[:1]))
+    return cells
+
+
+def cell_dir(root: Path, attack: str, seed: int) -> Path:
+    return root / attack / f"ds{seed}"
+
+
+def _results(folder: Path) -> dict[str, Any]:
+    path = folder / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _done(root: Path, cell: tuple[str, str | None, int]) -> bool:
+    attack, defense, seed = cell
+    res = _results(cell_dir(root, attack, seed))
+    return ("backdoored" in res) if defense is None else defense in res.get("defenses", {})
+
+
+def _share_backdoored(root: Path, attack: str, first: int, seed: int) -> None:
+    """Copies the backdoored stage's checkpoints (not the defenses') into seed's folder."""
+    src, dst = cell_dir(root, attack, first) / "checkpoints", cell_dir(root, attack, seed)
+    (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        stem = entry.name.removesuffix(".settings.json")
+        target = dst / "checkpoints" / entry.name
+        if stem in DEFENSES or target.exists() or not entry.is_dir():
+            continue
+        shutil.copytree(entry, target)
+
+
+def run_cell(root: Path, cell: tuple[str, str | None, int], first_seed: int,
+             extra: list[str]) -> tuple[int, str]:
+    """Runs one cell as `python -m experiments.ftsam`; returns (exit code, last stderr line)."""
+    attack, defense, seed = cell
+    folder = cell_dir(root, attack, seed)
+    if seed != first_seed:
+        _share_backdoored(root, attack, first_seed, seed)
+    cmd = [sys.executable, "-m", "experiments.ftsam", f"--dataset={FLAGS.dataset}",
+           f"--attack={attack}", f"--preset={FLAGS.preset}", f"--seed={FLAGS.seed}",
+           f"--defense_seed={seed}", f"--defenses={defense or ''}", f"--workdir={folder}",
+           "--progress=false", *extra]
+    if FLAGS.data_dir:
+        cmd.append(f"--data_dir={FLAGS.data_dir}")
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{attack}_{defense or 'backdoored'}_ds{seed}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, text=True)
+        fh.write(proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return proc.returncode, (lines[-1] if lines else "")
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
+
+
+def collect(root: Path, attacks: list[str], defenses: list[str], seeds: list[int],
+            seeded: set[str]) -> dict[str, Any]:
+    """table.json's "cells": per attack, the backdoored model and each defense per seed."""
+    cells: dict[str, Any] = {}
+    for a in attacks:
+        base = _results(cell_dir(root, a, seeds[0])).get("backdoored")
+        row: dict[str, Any] = {NO_DEFENSE: None if base is None else {
+            k: base[k] for k in ("clean_acc", "asr", "robust_acc")}}
+        for d in defenses:
+            per_seed = []
+            for s in (seeds if d in seeded else seeds[:1]):
+                r = _results(cell_dir(root, a, s)).get("defenses", {}).get(d)
+                if r is not None:
+                    per_seed.append({"seed": s, **{k: r[k] for k in
+                                                   ("clean_acc", "asr", "robust_acc", "der")},
+                                     "seconds": r.get("seconds")})
+            row[d] = {"per_seed": per_seed, **({k: _mean_std([p[k] for p in per_seed])
+                                                for k in ("clean_acc", "asr", "robust_acc",
+                                                          "der")} if per_seed else {})}
+        cells[a] = row
+    return cells
+
+
+def _fmt(stat: dict[str, float] | None, n: int) -> str:
+    if not stat:
+        return "-"
+    text = f"{100 * stat['mean']:.1f}"
+    return text + (f" ± {100 * stat['std']:.1f}" if n > 1 else "")
+
+
+def table_markdown(table: dict[str, Any]) -> str:
+    """The paper's Table 1 layout: attacks x (No defense, each defense) of C-Acc / ASR / DER."""
+    defenses, cells = table["defenses"], table["cells"]
+    head = ["Attack", "No def. C-Acc", "No def. ASR"]
+    for d in defenses:
+        head += [f"{d} C-Acc", f"{d} ASR", f"{d} DER"]
+    lines = [f"# Backdoor defenses on {table['dataset']} (preset {table['preset']})", "",
+             f"C-Acc / ASR / DER in %, mean ± std over defense seeds (seeds "
+             f"{table['defense_seeds']} for {sorted(table['seeded_defenses'])}, the first for "
+             "the others).", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" + "---:|" * (len(head) - 1)]
+    averages: dict[str, list[dict[str, float]]] = {}
+
+    def add_avg(key: str, value: float | None) -> None:
+        if value is not None:
+            averages.setdefault(key, []).append(value)
+
+    for a, row in cells.items():
+        base = row[NO_DEFENSE]
+        out = [a, "-" if base is None else f"{100 * base['clean_acc']:.1f}",
+               "-" if base is None else f"{100 * base['asr']:.1f}"]
+        if base is not None:
+            add_avg("nd/clean_acc", base["clean_acc"])
+            add_avg("nd/asr", base["asr"])
+        for d in defenses:
+            r, n = row[d], len(row[d]["per_seed"])
+            out += [_fmt(r.get(k), n) for k in ("clean_acc", "asr", "der")]
+            for k in ("clean_acc", "asr", "der"):
+                add_avg(f"{d}/{k}", r[k]["mean"] if k in r else None)
+        lines.append("| " + " | ".join(out) + " |")
+    avg = lambda key: (f"{100 * float(np.mean(averages[key])):.1f}"
+                       if len(averages.get(key, [])) == len(cells) else "-")
+    out = ["Average", avg("nd/clean_acc"), avg("nd/asr")]
+    for d in defenses:
+        out += [avg(f"{d}/{k}") for k in ("clean_acc", "asr", "der")]
+    lines.append("| " + " | ".join(out) + " |")
+    if table["failures"]:
+        lines += ["", "Failed cells (see logs/):"]
+        lines += [f"- {f['attack']} / {f['defense'] or 'backdoored'} / seed {f['seed']}: "
+                  f"exit {f['exit_code']}: {f['error']}" for f in table["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def table_plot(table: dict[str, Any], path: Path) -> None:
+    """Two heat maps (ASR, C-Acc) of attack x (No defense + defenses), seed means in %."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks, cols = list(table["cells"]), [NO_DEFENSE, *table["defenses"]]
+    fig, axes = plt.subplots(1, 2, figsize=(1.2 * len(cols) * 2 + 2, 0.5 * len(attacks) + 2))
+    for ax, key, title, cmap in ((axes[0], "asr", "ASR (%)", "Reds"),
+                                 (axes[1], "clean_acc", "C-Acc (%)", "Greens")):
+        grid = np.full((len(attacks), len(cols)), np.nan)
+        for i, a in enumerate(attacks):
+            for j, c in enumerate(cols):
+                cell = table["cells"][a][c]
+                if c == NO_DEFENSE and cell is not None:
+                    grid[i, j] = 100 * cell[key]
+                elif c != NO_DEFENSE and key in cell:
+                    grid[i, j] = 100 * cell[key]["mean"]
+        ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
+        for i in range(len(attacks)):
+            for j in range(len(cols)):
+                text = "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}"
+                dark = not np.isnan(grid[i, j]) and grid[i, j] > 60
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+        ax.set_yticks(range(len(attacks)), attacks)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    attacks = _names(FLAGS.attacks, ATTACKS, "attacks")
+    defenses = _names(FLAGS.defenses, DEFENSES, "defenses")
+    seeds = _ints(FLAGS.defense_seeds, "defense_seeds")
+    seeded = set(defenses if FLAGS.seeded_defenses is None else
+                 _names(FLAGS.seeded_defenses, DEFENSES, "seeded_defenses"))
+    if seeded - set(defenses):
+        raise InputError(f"--seeded_defenses {sorted(seeded - set(defenses))} are not in "
+                         "--defenses")
+    for f in FLAGS.ftsam_flag:
+        name = f.lstrip("-").split("=", 1)[0]
+        if not f.startswith("--") or name in ("dataset", "data_dir", "attack", "preset", "seed",
+                                              "defense_seed", "defenses", "workdir"):
+            raise InputError(f"--ftsam_flag={f}: pass a flag (--name=value) that the table "
+                             "does not set itself")
+    root = Path(FLAGS.workdir)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--workdir {root} exists and is not a folder")
+
+    cells = plan_cells(attacks, defenses, seeds, seeded)
+    failures: list[dict[str, Any]] = []
+    failed_attacks: set[str] = set()
+    ran_any = False
+    for k, cell in enumerate(cells, 1):
+        attack, defense, seed = cell
+        label = f"[{k}/{len(cells)}] {attack} / {defense or 'backdoored'} / seed {seed}"
+        if _done(root, cell):
+            print(f"{label}: done earlier", flush=True)
+            continue
+        if attack in failed_attacks:
+            failures.append({"attack": attack, "defense": defense, "seed": seed,
+                             "exit_code": None, "error": "backdoored model failed"})
+            print(f"{label}: skipped (the backdoored model failed)", flush=True)
+            continue
+        print(f"{label}: running ({len(cells) - k} after it)", flush=True)
+        t0 = time.perf_counter()
+        code, error = run_cell(root, cell, seeds[0], list(FLAGS.ftsam_flag))
+        if code == 2 and not ran_any:  # bad input (flags, data): every cell would say the same
+            fail(error.removeprefix("error: ") or "experiments.ftsam refused its input")
+        ran_any = True
+        if code != 0:
+            failures.append({"attack": attack, "defense": defense, "seed": seed,
+                             "exit_code": code, "error": error})
+            if defense is None:
+                failed_attacks.add(attack)
+            print(f"{label}: FAILED (exit {code}): {error}", flush=True)
+            continue
+        print(f"{label}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    table = {"dataset": FLAGS.dataset, "preset": FLAGS.preset, "seed": FLAGS.seed,
+             "attacks": attacks, "defenses": defenses, "defense_seeds": seeds,
+             "seeded_defenses": sorted(seeded), "ftsam_flags": list(FLAGS.ftsam_flag),
+             "cells": collect(root, attacks, defenses, seeds, seeded), "failures": failures}
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / "table.json", json.dumps(table, indent=2) + "\n")
+    md = table_markdown(table)
+    atomic_write(root / "table.md", md)
+    if FLAGS.plot:
+        table_plot(table, root / "table.png")
+    print()
+    print(md)
+    print(f"table: {root / 'table.md'}  numbers: {root / 'table.json'}")
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,89 @@
+"""experiments.table: a small grid end to end (smoke preset), resume, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ENV, ROOT
+
+
+def run_module(module, *args, check=True):
+    """`python -m module args...` from the repo root (the table has no --progress flag)."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def toy_npz(tmp_path_factory):
+    """A small learnable 4-class data set of 16x16 colour images."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 4, n)
+        x = rng.integers(0, 80, (n, 16, 16, 3))
+        for c in range(4):
+            x[y == c, (c // 2) * 8:(c // 2) * 8 + 8, (c % 2) * 8:(c % 2) * 8 + 8] += 150
+        return x.astype(np.uint8), y
+
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    (xtr, ytr), (xte, yte) = make(320), make(80)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+def test_smoke_table_two_attacks_three_defenses(toy_npz, tmp_path):
+    args = [f"--dataset=npz:{toy_npz}", "--preset=smoke", "--attacks=badnets,blended",
+            "--defenses=ft,ftsam,clp", "--defense_seeds=0,1", "--seeded_defenses=ft",
+            "--ftsam_flag=--defense_epochs=2", f"--workdir={tmp_path / 't'}"]
+    out = run_module("experiments.table", *args).stdout
+    assert "[10/10] blended / clp / seed 0: running" in out
+    table = json.loads((tmp_path / "t" / "table.json").read_text())
+    assert table["failures"] == []
+    for attack in ("badnets", "blended"):
+        row = table["cells"][attack]
+        assert 0 <= row["No defense"]["asr"] <= 1
+        assert [p["seed"] for p in row["ft"]["per_seed"]] == [0, 1]
+        assert [p["seed"] for p in row["ftsam"]["per_seed"]] == [0]
+        ft = [p["asr"] for p in row["ft"]["per_seed"]]
+        assert row["ft"]["asr"]["mean"] == pytest.approx(np.mean(ft))
+        assert row["ft"]["asr"]["std"] == pytest.approx(np.std(ft, ddof=1))
+        # the backdoored model was trained once and shared with seed 1's folder
+        r0 = json.loads((tmp_path / "t" / attack / "ds0" / "results.json").read_text())
+        r1 = json.loads((tmp_path / "t" / attack / "ds1" / "results.json").read_text())
+        assert r0["backdoored"]["asr"] == r1["backdoored"]["asr"]
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert "| badnets |" in md and "| blended |" in md and "| Average |" in md
+    assert (tmp_path / "t" / "table.png").stat().st_size > 0
+    # Rerun: every cell is done, nothing runs again, same numbers.
+    again = run_module("experiments.table", *args).stdout
+    assert "running" not in again and again.count("done earlier") == 10
+    assert json.loads((tmp_path / "t" / "table.json").read_text())["cells"] == table["cells"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--attacks=badnets,nope", "unknown --attacks"),
+    ("--defense_seeds=0,x", "must be integers"),
+    ("--seeded_defenses=nad", "not in --defenses"),
+    ("--ftsam_flag=--attack=sig", "does not set itself"),
+])
+def test_bad_input_is_one_line(tmp_path, flag, message):
+    proc = run_module("experiments.table", "--preset=smoke", "--defenses=ft", flag,
+                      f"--workdir={tmp_path / 't'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_bad_data_stops_at_the_first_cell(tmp_path):
+    proc = run_module("experiments.table", "--dataset=npz:/nonexistent.npz", "--preset=smoke",
+                      "--attacks=badnets", "--defenses=ft", f"--workdir={tmp_path / 't'}",
+                      check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t" / "table.json").exists()
