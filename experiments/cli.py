@@ -8,6 +8,7 @@ from typing import NoReturn
 
 from absl import app, flags, logging
 
+from ftsam_jax.checkpoint import CheckpointError
 from ftsam_jax.data import DataError
 from ftsam_jax.runner import NonFiniteLossError
 
@@ -32,7 +33,8 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run` with flag errors, InputError and DataError turned into one line + exit 2,
+    """`absl.app.run` with flag errors, InputError, DataError and an unreadable checkpoint
+    (CheckpointError) turned into one line + exit 2,
     a non-finite loss into one line + exit 1 (its stage's last good checkpoint is kept), and
     Ctrl-C into a hint to rerun (exit 130)."""
 
@@ -42,7 +44,7 @@ def run(main: Callable[[list[str]], None]) -> None:
             fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
         try:
             main(argv)
-        except (InputError, DataError) as e:
+        except (InputError, DataError, CheckpointError) as e:
             fail(e)
         except NonFiniteLossError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -31,7 +31,14 @@ import optax
 from absl import flags
 
 from experiments.cli import InputError, run
-from experiments.workdir import MetricsLog, atomic_write, check_workdir, elapsed, start_timer
+from experiments.workdir import (
+    MetricsLog,
+    atomic_write,
+    check_workdir,
+    elapsed,
+    lock_workdir,
+    start_timer,
+)
 from ftsam_jax import distill, parallel
 from ftsam_jax.data import load_dataset, normalization_for
 from ftsam_jax.fit import FitConfig, fit
@@ -172,6 +179,9 @@ def main(argv: list[str]) -> None:
                    f"_{FLAGS.preset}".replace(":", "_"))
     check_workdir(workdir, cfg, RUN_KEYS)
     ds = load_dataset(FLAGS.dataset, FLAGS.data_dir)
+    if cfg["batch_size"] > len(ds.y_train):
+        raise InputError(f"--batch_size {cfg['batch_size']} is larger than the training set "
+                         f"({len(ds.y_train)} images)")
     mean, std = normalization_for(ds)
     dtype = jnp.bfloat16 if cfg["dtype"] == "bfloat16" else jnp.float32
     teacher = create_model(cfg["teacher"], ds.num_classes, width=cfg["teacher_width"], mean=mean,
@@ -187,7 +197,7 @@ def main(argv: list[str]) -> None:
             raise InputError(f"--afa_levels {missing} are not features of the {role} "
                              f"({sorted(inter['intermediates'])})")
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    lock_workdir(workdir)  # a second run on this workdir is refused
     atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
     log = MetricsLog(workdir / "metrics.jsonl")
     ctx = StageContext(mesh=mesh, seed=cfg["seeds"][0], workdir=workdir,

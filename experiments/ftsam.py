@@ -25,7 +25,14 @@ from absl import flags
 
 from experiments.cli import InputError, run
 from experiments.overrides import apply_overrides
-from experiments.workdir import MetricsLog, atomic_write, check_workdir, elapsed, start_timer
+from experiments.workdir import (
+    MetricsLog,
+    atomic_write,
+    check_workdir,
+    elapsed,
+    lock_workdir,
+    start_timer,
+)
 from ftsam_jax import metrics, parallel
 from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack
 from ftsam_jax.checkpoint import load_variables, save_variables
@@ -229,6 +236,9 @@ def main(argv: list[str]) -> None:
     check_workdir(workdir, run_cfg, RUN_KEYS)
 
     ds = load_dataset(FLAGS.dataset, FLAGS.data_dir)
+    if run_cfg["batch_size"] > len(ds.y_train):
+        raise InputError(f"--batch_size {run_cfg['batch_size']} is larger than the training set "
+                         f"({len(ds.y_train)} images)")
     if not 0 <= FLAGS.target < ds.num_classes:
         raise InputError(f"--target {FLAGS.target} is outside [0, {ds.num_classes})")
     attack_kwargs: dict[str, Any] = {}
@@ -248,7 +258,7 @@ def main(argv: list[str]) -> None:
                          std=std, dtype=dtype)
 
     # Everything is valid: from here on the workdir is ours.
-    workdir.mkdir(parents=True, exist_ok=True)
+    lock_workdir(workdir)  # a second run on this workdir is refused
     config = {**run_cfg, "benign_ratio": settings.benign_ratio,
               "num_train": int(len(ds.y_train)), "num_test": int(len(ds.y_test)),
               "attack_config": attack.config(), "devices": n_dev,

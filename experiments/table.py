@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 
 from experiments.cli import InputError, fail, run
-from experiments.workdir import atomic_write
+from experiments.workdir import atomic_write, lock_workdir
 from ftsam_jax.attacks import ATTACKS
 from ftsam_jax.defenses import DEFENSES
 
@@ -267,6 +267,7 @@ def main(argv: list[str]) -> None:
     if root.exists() and not root.is_dir():
         raise InputError(f"--workdir {root} exists and is not a folder")
 
+    lock_workdir(root)  # a second table on this workdir is refused
     cells = plan_cells(attacks, defenses, seeds, seeded)
     failures: list[dict[str, Any]] = []
     failed_attacks: set[str] = set()
@@ -301,7 +302,6 @@ def main(argv: list[str]) -> None:
              "attacks": attacks, "defenses": defenses, "defense_seeds": seeds,
              "seeded_defenses": sorted(seeded), "ftsam_flags": list(FLAGS.ftsam_flag),
              "cells": collect(root, attacks, defenses, seeds, seeded), "failures": failures}
-    root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / "table.json", json.dumps(table, indent=2) + "\n")
     md = table_markdown(table)
     atomic_write(root / "table.md", md)

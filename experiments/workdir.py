@@ -15,7 +15,36 @@ import jax
 from experiments.cli import InputError
 from ftsam_jax.runner import StageContext
 
-__all__ = ["MetricsLog", "atomic_write", "check_workdir", "elapsed", "start_timer"]
+__all__ = ["MetricsLog", "atomic_write", "check_workdir", "elapsed", "lock_workdir",
+           "start_timer"]
+
+_held_locks: dict[Path, int] = {}
+
+
+def lock_workdir(workdir: Path) -> None:
+    """Creates `workdir` and holds an exclusive lock on `workdir/.lock` until this process ends.
+
+    A second run started on the same workdir is refused (InputError) instead of writing into
+    the same checkpoints. The lock is the kernel's (`flock`), so a killed run leaves nothing
+    stuck. Multi-host: only process 0 locks (the others share its workdir).
+    """
+    import fcntl
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = workdir.resolve()
+    if jax.process_index() != 0 or key in _held_locks:
+        return
+    fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise InputError(f"--workdir {workdir} is in use by another run (pid {holder}); wait "
+                         "for it to finish or use another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[key] = fd
 
 
 def start_timer(ctx: StageContext) -> float:

@@ -7,6 +7,7 @@ and re-running epoch k+1 gives the numbers of an uninterrupted run.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "load_variables", "save_variables"]
+__all__ = ["CheckpointError", "Checkpointer", "load_variables", "save_variables"]
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a stage can be read (all are damaged); says which folder to delete."""
 
 
 class Checkpointer:
@@ -38,15 +43,34 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
-        """Restores into the structure, dtypes and shardings of `template`; None if empty."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
+        """Restores into the structure, dtypes and shardings of `template`; None if empty.
+
+        Without `step`, the newest readable checkpoint: a damaged newer one (e.g. files cut
+        short on a full disk) is skipped with a warning. CheckpointError if none can be read.
+        """
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
-        r = self._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return r.state, dict(r.meta)
+        steps = [step] if step is not None else sorted(self._mngr.all_steps(), reverse=True)
+        if not steps:
+            return None
+        errors, damaged = [], []
+        for s in steps:
+            try:
+                r = self._mngr.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                errors.append(f"step {s}: {type(e).__name__}")
+                damaged.append(s)
+                continue
+            if errors:
+                for bad in damaged:  # so the epochs after `s` can be saved again
+                    self._mngr.delete(bad)
+                warnings.warn(f"damaged checkpoints in {self.directory} deleted "
+                              f"({'; '.join(errors)}); resumed from step {s}", RuntimeWarning,
+                              stacklevel=2)
+            return r.state, dict(r.meta)
+        raise CheckpointError(f"no readable checkpoint in {self.directory} "
+                              f"({'; '.join(errors)}); delete that folder to rerun the stage")
 
     def close(self) -> None:
         self._mngr.wait_until_finished()

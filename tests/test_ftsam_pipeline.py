@@ -120,6 +120,7 @@ def test_cifar_slice_backdoored_stage(cifar_dir, tmp_path):
     (["--target=7"], "--target 7 is outside [0, 4)"),
     (["--model=resnet9000"], "unknown model"),
     (["--batch_size=12"], "not divisible by the number of devices (8)"),
+    (["--batch_size=100000"], "larger than the training set (320 images)"),
     (["--defenses=ft,magic"], "unknown defenses ['magic']"),
     (["--defenses=ft", "--set=ft.epochz=3"], "no setting 'epochz'"),
     (["--dataset=npz:/no/such/file.npz"], "npz file not found"),
