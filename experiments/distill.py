@@ -199,7 +199,7 @@ def main(argv: list[str]) -> None:
 
     lock_workdir(workdir)  # a second run on this workdir is refused
     atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
-    log = MetricsLog(workdir / "metrics.jsonl")
+    log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
     ctx = StageContext(mesh=mesh, seed=cfg["seeds"][0], workdir=workdir,
                        progress=FLAGS.progress, log=log, eval_every=cfg["eval_every"])
     repl = parallel.replicated(mesh)

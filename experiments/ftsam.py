@@ -264,7 +264,7 @@ def main(argv: list[str]) -> None:
               "attack_config": attack.config(), "devices": n_dev,
               "device_kind": jax.devices()[0].device_kind}
     atomic_write(workdir / "config.json", json.dumps({"run": run_cfg}, indent=2) + "\n")
-    log = MetricsLog(workdir / "metrics.jsonl")
+    log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
     ctx = StageContext(mesh=mesh, seed=FLAGS.seed, workdir=workdir, progress=FLAGS.progress,
                        checkpoint_every=FLAGS.checkpoint_every, log=log,
                        eval_every=settings.eval_every)

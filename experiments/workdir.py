@@ -87,9 +87,11 @@ def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str]) -
 
 
 class MetricsLog:
-    """metrics.jsonl: every stage's per-epoch history, rewritten atomically after each epoch."""
+    """metrics.jsonl: every stage's per-epoch history, rewritten atomically after each epoch;
+    and the same scalars as TensorBoard event files, one run per stage, in `tensorboard_dir`
+    (`tensorboard --logdir runs/`; written with tensorboardX, no TensorFlow)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
         self.path = path
         self.stages: dict[str, list[dict[str, Any]]] = {}
         if path.is_file():
@@ -97,8 +99,37 @@ class MetricsLog:
                 if line.strip():
                     rec = json.loads(line)
                     self.stages.setdefault(rec["stage"], []).append(rec)
+        self.tensorboard_dir = tensorboard_dir
+        # epochs already in event files: those of earlier processes (a resumed run)
+        self._written = {s: max(r["epoch"] for r in h) for s, h in self.stages.items()}
+        self._writers: dict[str, Any] = {}
 
     def __call__(self, stage: str, history: list[dict[str, Any]]) -> None:
         self.stages[stage] = list(history)
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for h in self.stages.values()
                                         for r in h))
+        if self.tensorboard_dir is not None and jax.process_index() == 0:
+            self._to_tensorboard(stage, history)
+
+    def _to_tensorboard(self, stage: str, history: list[dict[str, Any]]) -> None:
+        from tensorboardX import SummaryWriter
+
+        if stage not in self._writers:
+            # a unique file per process: a resumed run must not overwrite the earlier events
+            self._writers[stage] = SummaryWriter(
+                str(self.tensorboard_dir / stage),
+                filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        writer = self._writers[stage]
+        for rec in history:
+            if rec["epoch"] <= self._written.get(stage, 0):
+                continue
+            for key, value in rec.items():
+                if key not in ("stage", "epoch") and isinstance(value, int | float):
+                    writer.add_scalar(key, value, rec["epoch"])
+            self._written[stage] = rec["epoch"]
+        writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()

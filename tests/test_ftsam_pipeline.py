@@ -63,6 +63,8 @@ def test_smoke_run_writes_results_and_resumes_exactly(npz_data, tmp_path):
     assert "| ftsam |" in out.stdout  # the summary table on the terminal
     stages = [r["stage"] for r in read_jsonl(full / "metrics.jsonl")]
     assert stages == ["backdoored"] * 2 + ["ft"] * 2 + ["ftsam"] * 2
+    for stage in ("backdoored", "ft", "ftsam"):  # TensorBoard event files, one run per stage
+        assert list((full / "tensorboard" / stage).glob("events.out.tfevents.*"))
 
     # Interrupted after 3 epochs (inside the ft stage), then resumed: the same numbers.
     part = tmp_path / "part"
