@@ -87,6 +87,12 @@ def sam_gradient(
       A `GradientTransformationExtraArgs` whose `update(grads, state, params, *, grad_fn)`
       needs `params` and the extra argument `grad_fn(p) -> gradient at p` (same tree).
 
+    Stages before it in a chain change only the gradient that sets the perturbation's
+    *direction*: e is invariant to rescaling that gradient (it is normalised), so a global-norm
+    clip placed before `sam_gradient` has no effect, while a stage that changes the direction
+    (masking, noise) changes e. The gradient handed on is `grad_fn`'s at w + e, untouched by
+    earlier stages: put clipping, masking or weight decay *after* `sam_gradient` to act on it.
+
     References:
       Foret et al., Sharpness-Aware Minimization, ICLR 2021 (arXiv 2010.01412);
       Kwon et al., ASAM, ICML 2021 (arXiv 2102.11600);

@@ -5,14 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftsam_jax import parallel
+from ftsam_jax import parallel, runner
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
 from ftsam_jax.defenses.finetune import ftsam_config
 from ftsam_jax.fit import make_optimizer
 from ftsam_jax.models import TinyCNN
 from ftsam_jax.optim import SAMState
 from ftsam_jax.runner import StageContext
-from ftsam_jax.schedules import make_schedule
 
 
 def test_balanced_and_random_benign_selection():
@@ -30,24 +29,35 @@ def test_balanced_and_random_benign_selection():
         select_benign(labels, 0.0, np.random.default_rng(0), balanced=True)
 
 
-def lr_at(tx_state_schedule, count):
-    return float(tx_state_schedule(jnp.asarray(count)))
+def built_learning_rates(cfg, num_examples, steps):
+    """The learning rate of each of `steps` updates of the optimizer the recipe builds,
+    read off its updates: params 0 (no weight decay), SAM's gradient a constant 1, so
+    update_t = -lr_t * m_t with the momentum buffer m_t = 1 + momentum * m_{t-1}."""
+    tx = make_optimizer(cfg.fit_config(), num_examples=num_examples)
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    assert isinstance(state[0], SAMState)
+    ones = lambda p: jax.tree.map(jnp.ones_like, p)
+    update = jax.jit(lambda s: tx.update(ones(params), s, params, grad_fn=ones))
+    lrs, buf = [], 0.0
+    for _ in range(steps):
+        u, state = update(state)
+        buf = 1.0 + cfg.momentum * buf
+        lrs.append(-float(u["w"]) / buf)
+    return np.asarray(lrs)
 
 
 def test_reference_recipe_has_the_cyclic_per_iteration_cosine():
     cfg = ftsam_config("paper", "reference")
     assert cfg.sam and cfg.rho == 2.0 and cfg.adaptive and cfg.eta == 0.0
     assert cfg.label_smoothing == 0.1 and cfg.batch_size == 256 and cfg.epochs == 100
-    tx = make_optimizer(cfg.fit_config(), num_examples=2500)  # 10 iterations per epoch
-    assert isinstance(tx.init({"w": jnp.ones(())})[0], SAMState)
+    lr = built_learning_rates(cfg, 2500, 201)  # 10 iterations per epoch
     # closed form: lr(t) = 0.005 (1 + cos(pi t / 100)): 0 at t=100, back to 0.01 at t=200
-    sched = make_schedule("cosine_iter", 0.01, 10, 100)
-    assert lr_at(sched, 0) == pytest.approx(0.01)
-    assert lr_at(sched, 100) == pytest.approx(0.0, abs=1e-9)
-    assert lr_at(sched, 200) == pytest.approx(0.01)
-    paper = make_schedule("cosine_epoch", 0.01, 10, 100)
-    assert lr_at(paper, 9) == pytest.approx(0.01) and lr_at(paper, 10) < 0.01  # per epoch
-    assert lr_at(paper, 500) == pytest.approx(0.005)
+    np.testing.assert_allclose(lr, 0.005 * (1 + np.cos(np.pi * np.arange(201) / 100)),
+                               atol=1e-7)
+    paper = built_learning_rates(ftsam_config("paper", "paper"), 2500, 31)
+    assert np.allclose(paper[:10], 0.01) and paper[10] < 0.01  # cosine per epoch
+    np.testing.assert_allclose(paper[10:20], paper[10], rtol=1e-6)  # constant within an epoch
 
 
 def test_paper_recipe_differs_only_in_loss_and_schedule():
@@ -61,7 +71,7 @@ def test_paper_recipe_differs_only_in_loss_and_schedule():
 
 
 @pytest.mark.parametrize("name", ["ft", "ftsam"])
-def test_defense_end_to_end_and_resume(name, tmp_path):
+def test_defense_end_to_end_and_resume(name, tmp_path, monkeypatch):
     model = TinyCNN(num_classes=4, width=4)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
@@ -69,12 +79,26 @@ def test_defense_end_to_end_and_resume(name, tmp_path):
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     spec = DEFENSES[name]
     cfg = spec.default_config("smoke")
-    ctx = StageContext(mesh=parallel.make_mesh(), seed=0, workdir=tmp_path, progress=False)
-    out = spec.run(model, variables, BenignData(x, y, 4), cfg, jax.random.key(1), ctx)
+    assert cfg.epochs >= 2
+    mesh = parallel.make_mesh()
+    run = lambda workdir: spec.run(model, variables, BenignData(x, y, 4), cfg,
+                                   jax.random.key(1), StageContext(mesh=mesh, seed=0,
+                                                                   workdir=workdir,
+                                                                   progress=False))
+    out = run(tmp_path / "full")
     assert jax.tree.structure(out) == jax.tree.structure(jax.device_get(variables))
     changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(out),
                                                      jax.tree.leaves(variables), strict=True)]
     assert any(changed)
-    again = spec.run(model, variables, BenignData(x, y, 4), cfg, jax.random.key(1), ctx)
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(again), strict=True):
+    # Interrupted after its first epoch (as a Ctrl-C would), then rerun: resumes mid-stage
+    # from the checkpoint and ends with the uninterrupted numbers.
+    monkeypatch.setattr(runner, "_epochs_run_in_process", 0)
+    monkeypatch.setenv("FTSAM_JAX_INTERRUPT_AFTER", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "part")
+    monkeypatch.delenv("FTSAM_JAX_INTERRUPT_AFTER")
+    stage_dir = next(p for p in (tmp_path / "part" / "checkpoints").iterdir() if p.is_dir())
+    assert sorted(int(p.name) for p in stage_dir.iterdir() if p.name.isdigit()) == [1]
+    resumed = run(tmp_path / "part")
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)

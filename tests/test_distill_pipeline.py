@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import ENV, run_module
 
+pytestmark = pytest.mark.slow  # subprocess runs of the entry points
+
 
 def run_distill(*args, env=None, check=True):
     return run_module("experiments.distill", "--preset=smoke", *args, env=env, check=check)

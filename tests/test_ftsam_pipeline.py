@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import ENV, run_module
 
+pytestmark = pytest.mark.slow  # subprocess runs of the entry points
+
 
 def run_ftsam(*args, env=None, check=True):
     return run_module("experiments.ftsam", *args, env=env, check=check)

@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # subprocess runs of the entry points
 
 WORKER = ROOT / "tests" / "multiprocess_worker.py"
 

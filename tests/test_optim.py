@@ -130,17 +130,42 @@ def test_composes_with_clipping_masking_and_injected_hyperparams():
     params, _ = make_params(5)
     mask = {"a": True, "b": False}
     tx = optax.chain(
-        optax.clip_by_global_norm(1.0),
         ftsam_jax.sam_gradient(0.05),
+        optax.clip_by_global_norm(1e-3),
         optax.masked(optax.add_decayed_weights(1e-2), mask),
         optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
     )
     state = tx.init(params)
     updates, state = jax.jit(
         lambda p, s: tx.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss)))(params, state)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(updates))
+    # Clipping after SAM acts on the perturbed gradient: 0.1 * (clip(g_adv) + masked decay).
+    g_adv = jax.grad(loss)(jax.tree.map(jnp.add, params, ftsam_jax.sam_perturbation(
+        jax.grad(loss)(params), params, 0.05)))
+    clipped = jax.tree.map(lambda g: g * min(1.0, 1e-3 / float(optax.tree.norm(g_adv))), g_adv)
+    want = {"a": -0.1 * (clipped["a"] + 1e-2 * params["a"]), "b": -0.1 * clipped["b"]}
+    jax.tree.map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-5, atol=1e-9),
+                 updates, want)
     # Learning rate injected and changeable in the state, as optax users expect.
     assert float(state[3].hyperparams["learning_rate"]) == pytest.approx(0.1)
+
+
+def test_stage_before_sam_changes_only_the_direction():
+    """Documented: a norm clip before sam_gradient is a no-op (e is scale-invariant), a mask
+    before it changes the perturbation, and neither touches the gradient handed on."""
+    params, _ = make_params(5)
+    g = jax.grad(loss)(params)
+    run = lambda tx: tx.update(g, tx.init(params), params, grad_fn=jax.grad(loss))[0]
+    plain = run(ftsam_jax.sam_gradient(0.05))
+    clipped_first = run(optax.chain(optax.clip_by_global_norm(1e-4),
+                                    ftsam_jax.sam_gradient(0.05)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), clipped_first, plain)
+    assert optax.tree.norm(g) > 1e-3  # so the clip did rescale the gradient it saw
+    masked_first = run(optax.chain(optax.masked(optax.set_to_zero(), {"a": True, "b": False}),
+                                   ftsam_jax.sam_gradient(0.05)))
+    e_b = ftsam_jax.sam_perturbation({"a": jnp.zeros_like(g["a"]), "b": g["b"]}, params, 0.05)
+    want = jax.grad(loss)(jax.tree.map(jnp.add, params, e_b))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), masked_first, want)
+    assert not np.allclose(masked_first["a"], plain["a"])
 
 
 def test_missing_grad_fn_is_a_clear_error():

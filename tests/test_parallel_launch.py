@@ -56,6 +56,7 @@ def test_incomplete_launch_is_refused(calls, monkeypatch, env, match):
     assert calls == []
 
 
+@pytest.mark.slow
 def test_entry_point_reports_an_incomplete_launch_in_one_line(tmp_path):
     proc = run_module("experiments.ftsam", "--preset=smoke", f"--workdir={tmp_path / 'w'}",
                       env={**ENV, "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, check=False)

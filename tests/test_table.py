@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import ENV, ROOT
 
+pytestmark = pytest.mark.slow  # subprocess runs of the entry points
+
 
 def run_module(module, *args, check=True):
     """`python -m module args...` from the repo root (the table has no --progress flag)."""

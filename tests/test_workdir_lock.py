@@ -4,8 +4,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from experiments.workdir import lock_workdir
 from tests.conftest import ENV, ROOT
+
+pytestmark = pytest.mark.slow  # subprocess runs of the entry points
 
 HOLD = ("import sys, time; from pathlib import Path; from experiments.workdir import lock_workdir;"
         " lock_workdir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
