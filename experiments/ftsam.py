@@ -14,6 +14,7 @@ PNG plots.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,13 @@ ADDED_DEFENSE_FIELDS: dict[str, dict[str, Any]] = {
     "fp": {"keep": "last_within"},
     "ibau": {"delta_space": "pixel"},
 }
+# Settings a defense fixes or derives itself: `--set` may not change them (it would be dropped).
+FIXED_DEFENSE_FIELDS: dict[str, dict[str, str]] = {
+    "ft": {"sam": "FT is plain fine-tuning; the ftsam defense is FT with SAM"},
+    "ftsam": {"sam": "FT-SAM always uses SAM; the ft defense is FT without it"},
+    "ikd": {"teacher.sam": "the teacher's SAM is ikd.teacher_sam",
+            "teacher.batch_size": "the teacher's batch size is ikd.batch_size"},
+}
 # Settings whose change makes a workdir's checkpoints and results meaningless.
 RUN_KEYS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
             "width", "epochs", "batch_size", "lr", "seed", "preset", "dtype", "schedule")
@@ -168,7 +176,13 @@ def resolve_settings(num_devices: int) -> Settings:
         fields = {f.name for f in dataclasses.fields(cfg)}
         defense_configs[name] = dataclasses.replace(
             cfg, **{k: v for k, v in overrides.items() if v is not None and k in fields})
+    defaults = dict(defense_configs)
     defense_configs = apply_overrides(defense_configs, FLAGS.set)
+    for name, fixed in FIXED_DEFENSE_FIELDS.items():
+        for path, reason in fixed.items() if name in defense_configs else ():
+            get = lambda cfg, path=path: functools.reduce(getattr, path.split("."), cfg)
+            if get(defense_configs[name]) != get(defaults[name]):
+                raise InputError(f"--set {name}.{path}: cannot be changed ({reason})")
     for name, cfg in defense_configs.items():
         bs = getattr(cfg, "batch_size", None)
         if bs is not None and bs % num_devices:

@@ -127,6 +127,9 @@ def test_cifar_slice_backdoored_stage(cifar_dir, tmp_path):
     (["--batch_size=100000"], "larger than the training set (320 images)"),
     (["--defenses=ft,magic"], "unknown defenses ['magic']"),
     (["--defenses=ft", "--set=ft.epochz=3"], "no setting 'epochz'"),
+    (["--defenses=ft", "--set=ft.sam=true"], "--set ft.sam: cannot be changed"),
+    (["--defenses=ikd", "--set=ikd.teacher.sam=false"], "ikd.teacher_sam"),
+    (["--defenses=ikd", "--set=ikd.teacher.batch_size=64"], "ikd.batch_size"),
     (["--dataset=npz:/no/such/file.npz"], "npz file not found"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(npz_data, tmp_path, args, message):
