@@ -1,0 +1,65 @@
+"""COCO detection metrics with the official COCO API (pycocotools' COCOeval).
+
+AP@[.5:.95], AP50, AP75, AP_S, AP_M, AP_L and AR@100 as COCOeval computes them. The size buckets
+are COCO's (small < 32^2 <= medium < 96^2 px of box area) unless `area_ranges` says otherwise:
+`SCENE_AREAS` (small < 16^2 <= medium < 48^2) for the 128 px `scenes:` canvas, the same share of
+the image side as COCO's buckets at ~640 px.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["COCO_AREAS", "SCENE_AREAS", "coco_metrics"]
+
+COCO_AREAS = (32.0**2, 96.0**2)
+SCENE_AREAS = (16.0**2, 48.0**2)
+KEYS = ("ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l", "ar100")
+
+
+def coco_metrics(gt_boxes: Sequence[np.ndarray], gt_labels: Sequence[np.ndarray],
+                 detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 num_classes: int, *, area_ranges: tuple[float, float] = COCO_AREAS
+                 ) -> dict[str, float]:
+    """Metrics (fractions in [0, 1]; -1 where COCOeval has nothing to average, e.g. no small
+    objects) of per-image detections (boxes (n, 4) x1y1x2y2, scores (n,), classes (n,))
+    against per-image ground truth (boxes (m, 4) x1y1x2y2, labels (m,))."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, results = [], [], []
+    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels, strict=True)):
+        images.append({"id": i})
+        for b, c in zip(np.asarray(boxes, float), np.asarray(labels), strict=True):
+            w, h = b[2] - b[0], b[3] - b[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(c),
+                                "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": 0})
+    for i, (boxes, scores, classes) in enumerate(detections):
+        for b, s, c in zip(np.asarray(boxes, float), np.asarray(scores, float),
+                           np.asarray(classes), strict=True):
+            results.append({"image_id": i, "category_id": int(c), "score": float(s),
+                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+    if not annotations:
+        raise ValueError("no ground-truth boxes to evaluate against")
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO's API prints its progress
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations,
+                      "categories": [{"id": k} for k in range(num_classes)]}
+        gt.createIndex()
+        dt = gt.loadRes(results) if results else COCO()
+        if not results:
+            dt.dataset = {"images": images, "annotations": [], "categories":
+                          gt.dataset["categories"]}
+            dt.createIndex()
+        ev = COCOeval(gt, dt, "bbox")
+        small, medium = area_ranges
+        ev.params.areaRng = [[0, 1e10], [0, small], [small, medium], [medium, 1e10]]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = ev.stats  # AP, AP50, AP75, AP_S, AP_M, AP_L, AR1, AR10, AR100, AR_S, AR_M, AR_L
+    return {k: float(v) for k, v in zip(KEYS, (*stats[:6], stats[8]), strict=True)}
