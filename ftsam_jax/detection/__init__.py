@@ -1,6 +1,6 @@
-"""Object detection for IKD: FCOS targets and losses, the training step, decoding + NMS and COCO
-metrics (the detector is `ftsam_jax.models.fcos.FCOS`; FGD, IKD for detection and
-`experiments.detect` are not built yet)."""
+"""Object detection for IKD: FCOS targets and losses, the training step, decoding + NMS, COCO
+metrics, FGD and the IKD distillation step (the detector is `ftsam_jax.models.fcos.FCOS`;
+`experiments.detect` is not built yet)."""
 
 from ftsam_jax.detection.losses import detection_loss, giou_ltrb
 from ftsam_jax.detection.targets import DEFAULT_RANGES, DEFAULT_STRIDES, fcos_targets, level_points

@@ -148,17 +148,21 @@ def _diversity_draws(rng: jax.Array, n: int, steps: int) -> jax.Array:
     return jax.vmap(lambda key: jax.random.uniform(key, (steps * 4,)))(rng).reshape(n, steps, 4)
 
 
-def mi_di_fgsm(apply_fn: ApplyFn, variables: Any, images: jax.Array, labels: jax.Array,
-               rng: jax.Array, config: AttackConfig = AttackConfig()) -> jax.Array:
+def mi_di_fgsm(apply_fn: ApplyFn, variables: Any, images: jax.Array, labels: Any,
+               rng: jax.Array, config: AttackConfig = AttackConfig(),
+               objective: Callable[[Any, Any], jax.Array] | None = None) -> jax.Array:
     """Adversarial images (float32 NHWC in [0, 1]) against `apply_fn(variables, x) -> logits`.
 
     Args:
       apply_fn: the frozen teacher in inference mode (`eval_apply(model)`); no gradient flows
         into `variables`.
       images: NHWC, uint8 or float in [0, 1].
-      labels: (N,) ground-truth classes; the attack ascends CE(T(x), y).
+      labels: (N,) ground-truth classes; the attack ascends CE(T(x), y). With `objective`, any
+        pytree of ground truth it takes (e.g. a detector's boxes, labels and mask).
       rng: one key, or a batch of N keys (example i draws from key i only).
       config: eps, step size, steps, momentum, DI.
+      objective: `(outputs, labels) -> scalar` to ascend instead of the summed cross-entropy
+        (for a detector: its classification loss on the ground truth, the official rule).
 
     Pure and jit-compatible; shard the batch over a mesh like any step (JAX's partitionable
     threefry makes the draws independent of the sharding).
@@ -178,7 +182,10 @@ def mi_di_fgsm(apply_fn: ApplyFn, variables: Any, images: jax.Array, labels: jax
         if config.diversity_prob > 0:
             x = jax.vmap(lambda uu, im: diversity_from_uniforms(
                 uu, im, config.resize_rate, config.diversity_prob, config.pad_value))(u, x)
-        return jnp.sum(cross_entropy(apply_fn(variables, x), labels))
+        outputs = apply_fn(variables, x)
+        if objective is not None:
+            return objective(outputs, labels)
+        return jnp.sum(cross_entropy(outputs, labels))
 
     grad = jax.grad(loss)
     x = x0

@@ -1,0 +1,159 @@
+"""IKD for detection: the student's detection loss + FGD on the FPN levels + adversarial feature
+augmentation (AFA), as one pure step `detect_distill_step(state, teacher_params, batch, rng)`.
+
+During the IKD phase (the official first 16 of 24 epochs; `batch["ikd"]` = 1) the objective is
+
+    L = L_det(S; x) + sum_l [ FGD(F^l_S(x), F^l_T(x); GT) + alpha_adv * sum (F^l_S(x_adv)
+        - F^l_T(x_adv))^2 / N ]
+
+(IKD paper Sec. 3.3; official `FGDDistiller.forward_train` + `AdvFeatureLoss`), with x the
+sample-specifically augmented image and x_adv the teacher's precomputed MI-DI-FGSM image (same
+geometry, no noise: `ftsam_jax.distill.augment.ssa_boxes`); after it (`batch["ikd"]` = 0) the
+AFA term is off and the objective is plain FGD. The teacher is frozen (its parameters are an
+argument, never differentiated); the trainable set is the student and FGD's relation modules.
+`detection_objective` is the teacher's summed focal classification loss on the ground truth,
+what the official attack ascends (`mi_di_fgsm(..., objective=...)`).
+
+Default alpha_adv = 1e-5, the official RetinaNet/RepPoints configs' value for 256-channel
+features (to be rescaled for the compact detector on a held-out split, as FGD's weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ftsam_jax.detection.fgd import FGDConfig, FGDRelation, fgd_loss
+from ftsam_jax.detection.losses import detection_loss
+from ftsam_jax.detection.targets import DEFAULT_RANGES, DEFAULT_STRIDES, fcos_targets
+from ftsam_jax.loop import to_float
+
+__all__ = ["DetectDistillConfig", "DetectDistillState", "create_detect_distill_state",
+           "detection_objective", "make_detect_distill_step"]
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectDistillConfig:
+    """fgd: FGD's weights (None: no FGD); alpha_adv: the AFA weight (0: no AFA);
+    levels: the FPN features distilled."""
+
+    fgd: FGDConfig | None = FGDConfig()
+    alpha_adv: float = 1e-5
+    levels: Sequence[str] = ("p3", "p4", "p5")
+
+
+@flax.struct.dataclass
+class DetectDistillState:
+    """params = {"student": detector params, "fgd": {level: {"student", "teacher"}}}."""
+
+    step: jax.Array
+    params: Any
+    opt_state: optax.OptState
+
+
+def _targets(batch: Batch, image_size: int) -> dict[str, jax.Array]:
+    return jax.vmap(lambda b, lab, m: fcos_targets(b, lab, m, image_size, strides=DEFAULT_STRIDES,
+                                                   ranges=DEFAULT_RANGES))(
+        batch["boxes"], batch["labels"], batch["mask"])
+
+
+def detection_objective(num_classes: int, image_size: int) -> Callable[[Any, Batch], jax.Array]:
+    """`(detector outputs, {"boxes", "labels", "mask"}) -> summed focal classification loss`."""
+
+    def objective(outputs: dict[str, jax.Array], gt: Batch) -> jax.Array:
+        t = _targets(gt, image_size)
+        onehot = jax.nn.one_hot(t["labels"], num_classes)
+        return optax.sigmoid_focal_loss(outputs["cls"], onehot, alpha=0.25, gamma=2.0).sum()
+
+    return objective
+
+
+def _features(model: nn.Module, params: Any, x: jax.Array, levels: Sequence[str]
+              ) -> tuple[dict[str, jax.Array], list[jax.Array]]:
+    out, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    return out, [state["intermediates"][name][0] for name in levels]
+
+
+def create_detect_distill_state(student: nn.Module, tx: optax.GradientTransformation,
+                                rng: jax.Array, image_size: int, config: DetectDistillConfig,
+                                student_params: Any | None = None) -> DetectDistillState:
+    """The student's params (fresh or given) and, with FGD, one student/teacher relation pair
+    per level (sized from the student's features; the teacher's must have the same channels)."""
+    k_model, k_fgd = jax.random.split(rng)
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    if student_params is None:
+        student_params = student.init(k_model, x)["params"]
+    params: dict[str, Any] = {"student": student_params, "fgd": {}}
+    if config.fgd is not None:
+        _, feats = _features(student, student_params, x, config.levels)
+        keys = jax.random.split(k_fgd, 2 * len(feats))
+        for i, (name, f) in enumerate(zip(config.levels, feats, strict=True)):
+            params["fgd"][name] = {
+                side: FGDRelation().init(keys[2 * i + j], jnp.zeros_like(f))["params"]
+                for j, side in enumerate(("student", "teacher"))}
+    return DetectDistillState(step=jnp.zeros([], jnp.int32), params=params,
+                              opt_state=tx.init(params))
+
+
+def make_detect_distill_step(student: nn.Module, teacher: nn.Module | None,
+                             tx: optax.GradientTransformation, config: DetectDistillConfig,
+                             num_classes: int, image_size: int
+                             ) -> Callable[[DetectDistillState, Any, Batch, jax.Array],
+                                           tuple[DetectDistillState, dict[str, jax.Array]]]:
+    """`step(state, teacher_params, batch, rng)`; batch: "image", "boxes", "labels", "mask",
+    and for AFA "adv" (same geometry as "image") and "ikd" (1.0 in the IKD phase, else 0.0).
+    Any optax chain works, SAM included (it gets `grad_fn`)."""
+    hw = (image_size, image_size)
+    levels = tuple(config.levels)
+    needs_teacher = config.fgd is not None or config.alpha_adv > 0
+    if needs_teacher and teacher is None:
+        raise ValueError("FGD and AFA need a teacher")
+
+    def loss_fn(params: Any, teacher_params: Any, batch: Batch):
+        x = to_float(batch["image"])
+        out, fs = _features(student, params["student"], x, levels)
+        parts = detection_loss(out["cls"], out["ltrb"], out["ctr"], _targets(batch, image_size),
+                               num_classes)
+        total = parts["loss"]
+        metrics = {"det": parts["loss"]}
+        if needs_teacher:
+            teacher_params = jax.lax.stop_gradient(teacher_params)
+            _, ft = _features(teacher, teacher_params, x, levels)
+        if config.fgd is not None:
+            fgd = sum(fgd_loss(s, t, batch["boxes"], batch["mask"], hw, params["fgd"][name],
+                               config.fgd)["loss"]
+                      for name, s, t in zip(levels, fs, ft, strict=True))
+            total, metrics["fgd"] = total + fgd, fgd
+        if config.alpha_adv > 0 and "adv" in batch:
+            xa = to_float(batch["adv"])
+            _, fsa = _features(student, params["student"], xa, levels)
+            _, fta = _features(teacher, teacher_params, xa, levels)
+            n = xa.shape[0]
+            afa = config.alpha_adv * sum(jnp.sum((s - t) ** 2) / n
+                                         for s, t in zip(fsa, fta, strict=True))
+            afa = afa * batch.get("ikd", jnp.ones((), jnp.float32))
+            total, metrics["afa"] = total + afa, afa
+        metrics["loss"] = total
+        return total, metrics
+
+    def step(state: DetectDistillState, teacher_params: Any, batch: Batch, rng: jax.Array):
+        del rng
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, teacher_params, batch)
+        grad_fn = lambda p: jax.grad(lambda q: loss_fn(q, teacher_params, batch)[0])(p)
+        updates, opt_state = optax.with_extra_args_support(tx).update(
+            grads, state.opt_state, state.params, grad_fn=grad_fn)
+        return state.replace(step=state.step + 1,
+                             params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), metrics
+
+    return step
