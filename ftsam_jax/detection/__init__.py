@@ -1,6 +1,6 @@
 """Object detection for IKD: FCOS targets and losses, the training step, decoding + NMS, COCO
-metrics, FGD and the IKD distillation step (the detector is `ftsam_jax.models.fcos.FCOS`;
-`experiments.detect` is not built yet)."""
+metrics, FGD and the IKD distillation step (the detector is `ftsam_jax.models.fcos.FCOS`; the
+experiment is `experiments.detect`)."""
 
 from ftsam_jax.detection.losses import detection_loss, giou_ltrb
 from ftsam_jax.detection.targets import DEFAULT_RANGES, DEFAULT_STRIDES, fcos_targets, level_points

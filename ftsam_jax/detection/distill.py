@@ -33,6 +33,7 @@ import optax
 from ftsam_jax.detection.fgd import FGDConfig, FGDRelation, fgd_loss
 from ftsam_jax.detection.losses import detection_loss
 from ftsam_jax.detection.targets import DEFAULT_RANGES, DEFAULT_STRIDES, fcos_targets
+from ftsam_jax.distill.augment import SSAConfig, ssa_boxes
 from ftsam_jax.loop import to_float
 
 __all__ = ["DetectDistillConfig", "DetectDistillState", "create_detect_distill_state",
@@ -106,12 +107,16 @@ def create_detect_distill_state(student: nn.Module, tx: optax.GradientTransforma
 
 def make_detect_distill_step(student: nn.Module, teacher: nn.Module | None,
                              tx: optax.GradientTransformation, config: DetectDistillConfig,
-                             num_classes: int, image_size: int
+                             num_classes: int, image_size: int, *,
+                             ikd_steps: int | None = None, ssa: SSAConfig | None = None
                              ) -> Callable[[DetectDistillState, Any, Batch, jax.Array],
                                            tuple[DetectDistillState, dict[str, jax.Array]]]:
     """`step(state, teacher_params, batch, rng)`; batch: "image", "boxes", "labels", "mask",
-    and for AFA "adv" (same geometry as "image") and "ikd" (1.0 in the IKD phase, else 0.0).
-    Any optax chain works, SAM included (it gets `grad_fn`)."""
+    and for AFA "adv" (same geometry as "image"). The IKD phase is `batch["ikd"]` (1.0 / 0.0)
+    if given, else `state.step < ikd_steps` (always on when `ikd_steps` is None). With `ssa`,
+    the IKD phase applies the official sample-specific augmentation to (image, adv, boxes)
+    jointly (`ssa_boxes`: noise for all-small images, a random crop otherwise). Any optax chain
+    works, SAM included (it gets `grad_fn`)."""
     hw = (image_size, image_size)
     levels = tuple(config.levels)
     needs_teacher = config.fgd is not None or config.alpha_adv > 0
@@ -146,7 +151,23 @@ def make_detect_distill_step(student: nn.Module, teacher: nn.Module | None,
         return total, metrics
 
     def step(state: DetectDistillState, teacher_params: Any, batch: Batch, rng: jax.Array):
-        del rng
+        if "ikd" in batch:
+            phase = jnp.asarray(batch["ikd"], jnp.float32)
+        elif ikd_steps is not None:
+            phase = (state.step < ikd_steps).astype(jnp.float32)
+        else:
+            phase = jnp.ones((), jnp.float32)
+        batch = {**batch, "ikd": phase}
+        if ssa is not None:
+            image = to_float(batch["image"])
+            adv = to_float(batch["adv"]) if "adv" in batch else image
+            aug = ssa_boxes(rng, image, adv, batch["boxes"], batch["mask"], ssa)
+            on = phase > 0
+            batch.update(image=jnp.where(on, aug["image"], image),
+                         boxes=jnp.where(on, aug["boxes"], batch["boxes"].astype(jnp.float32)),
+                         mask=jnp.where(on, aug["valid"], batch["mask"]))
+            if "adv" in batch:
+                batch["adv"] = jnp.where(on, aug["adv"], adv)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, teacher_params, batch)
         grad_fn = lambda p: jax.grad(lambda q: loss_fn(q, teacher_params, batch)[0])(p)
