@@ -23,7 +23,7 @@ import optax
 from absl import flags
 
 import ftsam_jax
-from experiments.cli import InputError, run
+from experiments.cli import InputError, make_mesh, run
 from ftsam_jax import parallel, xla
 from ftsam_jax.loop import make_epoch_fn, standard_preprocess, steps_per_epoch
 from ftsam_jax.models import MODELS, create_model
@@ -69,11 +69,7 @@ def main(argv: list[str]) -> None:
         raise InputError(f"unknown --rows {sorted(unknown)}; choose from {list(ROWS)}")
     if FLAGS.steps < 1 or FLAGS.warmup < 0:
         raise InputError("--steps must be >= 1 and --warmup >= 0")
-    try:
-        parallel.initialize_distributed()
-    except ValueError as e:
-        raise InputError(e) from None
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     try:
         parallel.check_batch_size(FLAGS.batch_size, mesh)
         parallel.check_batch_size(FLAGS.ftsam_batch_size, mesh, "--ftsam_batch_size")

@@ -7,16 +7,29 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from absl import app, flags, logging
+from jax.sharding import Mesh
 
 from ftsam_jax.checkpoint import CheckpointError
 from ftsam_jax.data import DataError
 from ftsam_jax.runner import NonFiniteLossError
 
-__all__ = ["InputError", "fail", "run"]
+__all__ = ["InputError", "fail", "make_mesh", "run"]
 
 
 class InputError(ValueError):
     """Bad user input (flags, files): reported as `error: ...` on stderr, exit code 2."""
+
+
+def make_mesh() -> Mesh:
+    """Joins a multi-process launch if this is one (an incomplete launch is an InputError),
+    then the mesh over every device of every process."""
+    from ftsam_jax import parallel
+
+    try:
+        parallel.initialize_distributed()
+    except ValueError as e:
+        raise InputError(e) from None
+    return parallel.make_mesh()
 
 
 def fail(message: object) -> NoReturn:

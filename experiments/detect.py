@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from experiments.cli import InputError, run
+from experiments.cli import InputError, make_mesh, run
 from experiments.workdir import (
     MetricsLog,
     atomic_write,
@@ -283,11 +283,7 @@ def plot_detections(path: Path, data: DetectionData, rows: dict[str, list]) -> N
 
 def main(argv: list[str]) -> None:
     del argv
-    try:
-        parallel.initialize_distributed()
-    except ValueError as e:
-        raise InputError(e) from None
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     cfg = resolve(mesh.devices.size)
     workdir = Path(FLAGS.workdir or f"runs/detect_{FLAGS.preset}")
     check_workdir(workdir, cfg, RUN_KEYS)

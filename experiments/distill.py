@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from experiments.cli import InputError, run
+from experiments.cli import InputError, make_mesh, run
 from experiments.workdir import (
     MetricsLog,
     atomic_write,
@@ -169,11 +169,7 @@ def results_table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    try:
-        parallel.initialize_distributed()
-    except ValueError as e:
-        raise InputError(e) from None
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     cfg = resolve(mesh.devices.size)
     workdir = Path(FLAGS.workdir or f"runs/distill_{FLAGS.dataset.replace('/', '_')}"
                    f"_{FLAGS.preset}".replace(":", "_"))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments.cli import InputError, run
+from experiments.cli import InputError, make_mesh, run
 from experiments.overrides import apply_overrides
 from experiments.workdir import (
     MetricsLog,
@@ -237,11 +237,7 @@ def results_table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    try:
-        parallel.initialize_distributed()
-    except ValueError as e:
-        raise InputError(e) from None
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     n_dev = mesh.devices.size
     settings = resolve_settings(n_dev)
     run_cfg = settings.run

@@ -28,6 +28,26 @@ def cifar_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def toy_npz(tmp_path_factory):
+    """A small learnable 4-class npz data set of 16x16 colour images (320 train / 80 test)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 4, n)
+        x = rng.integers(0, 80, (n, 16, 16, 3))
+        for c in range(4):
+            x[y == c, (c // 2) * 8:(c // 2) * 8 + 8, (c % 2) * 8:(c % 2) * 8 + 8] += 150
+        return x.astype(np.uint8), y
+
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    (xtr, ytr), (xte, yte) = make(320), make(80)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+@pytest.fixture(scope="session")
 def cifar_subset(cifar_dir):
     from ftsam_jax.data import load_dataset
 

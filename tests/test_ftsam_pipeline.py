@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from tests.conftest import ENV, run_module
@@ -15,22 +14,9 @@ def run_ftsam(*args, env=None, check=True):
     return run_module("experiments.ftsam", *args, env=env, check=check)
 
 
-@pytest.fixture(scope="module")
-def npz_data(tmp_path_factory):
-    """A small learnable 4-class data set of 16x16 colour images."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        y = rng.integers(0, 4, n)
-        x = rng.integers(0, 80, (n, 16, 16, 3))
-        for c in range(4):
-            x[y == c, (c // 2) * 8:(c // 2) * 8 + 8, (c % 2) * 8:(c % 2) * 8 + 8] += 150
-        return x.astype(np.uint8), y
-
-    path = tmp_path_factory.mktemp("data") / "toy.npz"
-    (xtr, ytr), (xte, yte) = make(320), make(80)
-    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
-    return path
+@pytest.fixture
+def npz_data(toy_npz):
+    return toy_npz
 
 
 def strip_seconds(obj):

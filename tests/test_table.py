@@ -21,24 +21,6 @@ def run_module(module, *args, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def toy_npz(tmp_path_factory):
-    """A small learnable 4-class data set of 16x16 colour images."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        y = rng.integers(0, 4, n)
-        x = rng.integers(0, 80, (n, 16, 16, 3))
-        for c in range(4):
-            x[y == c, (c // 2) * 8:(c // 2) * 8 + 8, (c % 2) * 8:(c % 2) * 8 + 8] += 150
-        return x.astype(np.uint8), y
-
-    path = tmp_path_factory.mktemp("data") / "toy.npz"
-    (xtr, ytr), (xte, yte) = make(320), make(80)
-    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
-    return path
-
-
 def test_smoke_table_two_attacks_three_defenses(toy_npz, tmp_path):
     args = [f"--dataset=npz:{toy_npz}", "--preset=smoke", "--attacks=badnets,blended",
             "--defenses=ft,ftsam,clp", "--defense_seeds=0,1", "--seeded_defenses=ft",
