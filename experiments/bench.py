@@ -4,7 +4,9 @@ r"""Benchmark of the compiled steps: steady-state images/s and compile seconds.
     python -m experiments.bench --model=preactresnet18 --dtype=bfloat16 --json
 
 Rows: `train_step` (SGD), `sam_step` (FT-SAM's chain: ASAM rho=2 + weight decay + momentum),
-`eval_step`, and `ftsam_epoch`: one whole compiled epoch of FT-SAM fine-tuning on
+`eval_step`, `detect_train_step` / `detect_distill_step` (the FCOS teacher's step; the IKD
+student's step with FGD + AFA + SSA; not in the default rows), and `ftsam_epoch`: one whole
+compiled epoch of FT-SAM fine-tuning on
 `--ftsam_examples` on-device images with augmentation (the real loop of the defense), from which
 the time of `--ftsam_epochs` epochs is extrapolated. Each row: warm-up calls, then `--steps` timed
 calls ended by `block_until_ready`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +28,17 @@ from absl import flags
 import ftsam_jax
 from experiments.cli import InputError, make_mesh, run
 from ftsam_jax import parallel, xla
+from ftsam_jax.detection.distill import (
+    DetectDistillConfig,
+    create_detect_distill_state,
+    make_detect_distill_step,
+)
+from ftsam_jax.detection.step import detect_train_step, detection_loss_fn
+from ftsam_jax.distill.augment import SSAConfig
+from ftsam_jax.distill.step import StudentTeacherState, bind_teacher
 from ftsam_jax.loop import make_epoch_fn, standard_preprocess, steps_per_epoch
 from ftsam_jax.models import MODELS, create_model
+from ftsam_jax.models.fcos import FCOS
 from ftsam_jax.train import classification_loss, create_train_state
 
 FLAGS = flags.FLAGS
@@ -42,9 +54,12 @@ flags.DEFINE_list("rows", ["train_step", "sam_step", "eval_step", "ftsam_epoch"]
 flags.DEFINE_integer("ftsam_examples", 2500, "Benign images for the ftsam_epoch row.")
 flags.DEFINE_integer("ftsam_batch_size", 256, "Batch size of the ftsam_epoch row.")
 flags.DEFINE_integer("ftsam_epochs", 100, "Epochs to extrapolate the ftsam_epoch row to.")
+flags.DEFINE_integer("detect_batch_size", 32, "Batch of the detection rows.")
+flags.DEFINE_integer("detect_image_size", 128, "Image side of the detection rows.")
 flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
-ROWS = ("train_step", "sam_step", "eval_step", "ftsam_epoch")
+ROWS = ("train_step", "sam_step", "eval_step", "ftsam_epoch", "detect_train_step",
+        "detect_distill_step")
 
 
 def _time(fn, args_fn, steps: int, warmup: int) -> tuple[float, float]:
@@ -60,6 +75,45 @@ def _time(fn, args_fn, steps: int, warmup: int) -> tuple[float, float]:
         out = fn(*args_fn())
     jax.block_until_ready(out)
     return first, (time.perf_counter() - t0) / steps
+
+
+def _time_detection(name: str, mesh: Any, dtype: Any) -> tuple[float, float, int]:
+    """The detector's train step (the `cpu` preset's teacher FCOS) or the IKD distillation step
+    (its student, FGD on P3-P5 + AFA + in-step SSA), AdamW, random images and boxes."""
+    db, size = FLAGS.detect_batch_size, FLAGS.detect_image_size
+    parallel.check_batch_size(db, mesh, "--detect_batch_size")
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, size * 0.6, (db, 4, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(8, size * 0.4, (db, 4, 2))], -1)
+    host = {"image": rng.random((db, size, size, 3)).astype(np.float32),
+            "adv": rng.random((db, size, size, 3)).astype(np.float32),
+            "boxes": boxes.astype(np.float32), "labels": rng.integers(0, 10, (db, 4)),
+            "mask": rng.random((db, 4)) < 0.8}
+    batch = jax.device_put(host, parallel.data_sharding(mesh))
+    teacher = FCOS(10, width=16, blocks=(2, 2, 2, 2), fpn_channels=32, dtype=dtype)
+    tx = optax.adamw(1e-3, weight_decay=1e-4)
+    t_state = create_train_state(teacher, tx, jax.random.key(0), (size, size, 3))
+    if name == "detect_train_step":
+        fn = xla.jit(partial(detect_train_step, tx=tx,
+                             loss_fn=detection_loss_fn(teacher.apply, 10, size)),
+                     donate_argnums=0)
+        holder = {"state": parallel.replicate(t_state, mesh)}
+    else:
+        student = FCOS(10, width=8, fpn_channels=32, dtype=dtype)
+        cfg = DetectDistillConfig(alpha_adv=1e-5)
+        state = StudentTeacherState(create_detect_distill_state(student, tx, jax.random.key(1),
+                                                                size, cfg), t_state.params)
+        fn = xla.jit(bind_teacher(make_detect_distill_step(
+            student, teacher, tx, cfg, 10, size, ssa=SSAConfig(small_area=16.0**2))),
+            donate_argnums=0)
+        holder = {"state": parallel.replicate(state, mesh)}
+
+    def call():
+        holder["state"], m = fn(holder["state"], batch, jax.random.key(0))
+        return m
+
+    first, per = _time(call, tuple, FLAGS.steps, FLAGS.warmup)
+    return first, per, db
 
 
 def main(argv: list[str]) -> None:
@@ -116,6 +170,9 @@ def main(argv: list[str]) -> None:
             fn = xla.jit(partial(ftsam_jax.eval_step, apply_fn=model.apply))
             first, per = _time(fn, lambda v=variables: (v, batch), FLAGS.steps, FLAGS.warmup)
             record(name, first, per, b)
+        elif name.startswith("detect_"):
+            first, per, db = _time_detection(name, mesh, dtype)
+            record(name, first, per, db, image_size=FLAGS.detect_image_size, batch_size=db)
         else:
             n, fb = FLAGS.ftsam_examples, FLAGS.ftsam_batch_size
             repl = parallel.replicated(mesh)
@@ -148,13 +205,13 @@ def main(argv: list[str]) -> None:
         return
     print(f"{info['device']} x{info['devices']} ({info['platform']}, jax {info['jax']}) "
           f"{FLAGS.model} width {model.width} {FLAGS.dtype} batch {b}")
-    print(f"{'row':<12} {'compile s':>10} {'ms/call':>10} {'img/s':>10}  notes")
+    print(f"{'row':<20} {'compile s':>10} {'ms/call':>10} {'img/s':>10}  notes")
     for r in results:
         note = ""
         if r["row"] == "ftsam_epoch":
             note = (f"{r['steps_per_epoch']} SAM steps/epoch, batch {r['batch_size']}; "
                     f"{r['epochs']} epochs ~ {r['est_seconds_for_epochs']} s")
-        print(f"{r['row']:<12} {r['compile_s']:>10.2f} {r['ms_per_call']:>10.1f} "
+        print(f"{r['row']:<20} {r['compile_s']:>10.2f} {r['ms_per_call']:>10.1f} "
               f"{r['img_per_s']:>10.1f}  {note}")
 
 
