@@ -173,7 +173,8 @@ def make_evaluator(
         correct, preds = jax.lax.scan(body, jnp.zeros([], jnp.int32), jnp.arange(steps))
         return {"preds": preds.reshape(-1)[:n], "accuracy": correct / n}
 
-    return xla.jit(run)
+    # replicated outputs: every process of a multi-host run can read them
+    return xla.jit(run, out_shardings=parallel.replicated(mesh))
 
 
 def evaluate(apply_fn: Callable[..., Any], variables: dict[str, Any], images: Any, labels: Any,

@@ -1,5 +1,6 @@
 """2 processes x 2 CPU devices (gloo on 127.0.0.1) give the steps of 1 process x 4 devices."""
 
+import json
 import os
 import socket
 import subprocess
@@ -44,3 +45,29 @@ def test_two_processes_equal_one(tmp_path):
     assert sorted(a.files) == sorted(b.files) and any(k.startswith("sam_") for k in a.files)
     for k in a.files:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_pipeline_as_two_processes_writes_one_result(tmp_path, toy_npz):
+    args = ["-m", "experiments.ftsam", f"--dataset=npz:{toy_npz}", "--attack=badnets",
+            "--preset=smoke", "--defenses=ft", "--defense_epochs=2", "--progress=false"]
+    four = dict(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, *args, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
+                   env=_env(**four), check=True, timeout=600, capture_output=True)
+    addr = f"127.0.0.1:{_free_port()}"
+    two = dict(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=addr,
+               JAX_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, *args, f"--workdir={tmp_path / 'two'}"],
+                              cwd=ROOT, env=_env(**two, JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two_res = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two_res["config"]["devices"] == 4 and list(two_res["defenses"]) == ["ft"]
+    for a, b in ((one["backdoored"], two_res["backdoored"]),
+                 (one["defenses"]["ft"], two_res["defenses"]["ft"])):
+        for key in ("clean_acc", "asr"):
+            assert abs(a[key] - b[key]) <= 0.02, (key, a[key], b[key])
