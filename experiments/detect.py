@@ -23,8 +23,9 @@ from scratch on small data).
 Writes results.json ({"dataset", "config", "teacher": {"ap", "ap50", "ap75", "ap_s", "ap_m",
 "ap_l", "ar100", "ap_adv", "seconds"}, "students": {method: {same keys as means, "std",
 "per_seed", "seconds"}}}, fractions in [0, 1]), results.md, metrics.jsonl, tensorboard/,
-detections.png. COCO metrics via pycocotools with the scenes' size buckets (small < 16^2 <=
-medium < 48^2 px at 128 px). Not built yet: `coco:DIR` data.
+detections.png. COCO metrics via pycocotools: for scenes with their size buckets (small < 16^2
+<= medium < 48^2 px at 128 px), for `coco:DIR` (`ftsam_jax.data.coco`: letterboxed to the
+input, evaluated in original pixels) with COCO's.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from experiments.workdir import (
     start_timer,
 )
 from ftsam_jax import parallel, xla
+from ftsam_jax.data.coco import load_coco
 from ftsam_jax.data.scenes import DetectionData, SceneConfig, scenes_fashion_mnist
 from ftsam_jax.detection.decode import decode_topk, nms
 from ftsam_jax.detection.distill import (
@@ -58,7 +60,7 @@ from ftsam_jax.detection.distill import (
     detection_objective,
     make_detect_distill_step,
 )
-from ftsam_jax.detection.evaluate import KEYS, SCENE_AREAS, coco_metrics
+from ftsam_jax.detection.evaluate import COCO_AREAS, KEYS, SCENE_AREAS, coco_metrics
 from ftsam_jax.detection.fgd import FGDConfig
 from ftsam_jax.detection.step import detect_train_step, detection_loss_fn
 from ftsam_jax.distill.adversarial import AttackConfig, mi_di_fgsm, to_uint8
@@ -71,7 +73,8 @@ from ftsam_jax.schedules import make_schedule
 from ftsam_jax.train import create_train_state
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "scenes:fashion_mnist", "scenes:fashion_mnist.")
+flags.DEFINE_string("dataset", "scenes:fashion_mnist", "scenes:fashion_mnist, or coco:DIR (a "
+                    "folder with COCO-format train.json and val.json, images relative to it).")
 flags.DEFINE_string("data_dir", "../shared/data", "Folder holding fashion-mnist/ and "
                     "cifar10-subset/ (the scenes' objects and backgrounds).")
 flags.DEFINE_list("methods", ["student", "fgd", "fgd_ssa", "fgd_afa", "fgd_ikd", "fgd_noise"],
@@ -107,8 +110,9 @@ RUN_KEYS = ("dataset", "data_dir", "image_size", "num_train", "num_val", "teache
 
 
 def resolve(num_devices: int) -> dict[str, Any]:
-    if FLAGS.dataset != "scenes:fashion_mnist":
-        raise InputError(f"--dataset {FLAGS.dataset!r} is not supported (scenes:fashion_mnist)")
+    if FLAGS.dataset != "scenes:fashion_mnist" and not FLAGS.dataset.startswith("coco:"):
+        raise InputError(f"--dataset {FLAGS.dataset!r} is not supported "
+                         "(scenes:fashion_mnist or coco:DIR)")
     cfg = dict(PRESETS[FLAGS.preset])
     for k in ("num_train", "num_val", "epochs", "teacher_epochs", "batch_size", "lr"):
         if getattr(FLAGS, k) is not None:
@@ -130,7 +134,7 @@ def resolve(num_devices: int) -> dict[str, Any]:
     if cfg["batch_size"] < 1 or cfg["batch_size"] % num_devices:
         raise InputError(f"--batch_size {cfg['batch_size']} is not divisible by the number of "
                          f"devices ({num_devices})")
-    if cfg["batch_size"] > cfg["num_train"]:
+    if FLAGS.dataset.startswith("scenes:") and cfg["batch_size"] > cfg["num_train"]:
         raise InputError(f"--batch_size {cfg['batch_size']} is larger than the training set "
                          f"({cfg['num_train']} scenes)")
     cfg = {**cfg, "dataset": FLAGS.dataset, "data_dir": str(FLAGS.data_dir),
@@ -172,11 +176,16 @@ class Evaluator:
         return dets[:n]
 
     def __call__(self, params: Any, images: np.ndarray | None = None) -> dict[str, float]:
+        """COCO metrics in the data's own pixels (coco: original images, COCO's size buckets;
+        scenes: the canvas, the scenes' buckets)."""
         d = self.data
         dets = self.detections(params, d.images if images is None else images)
-        return coco_metrics([d.boxes[i][d.mask[i]] for i in range(len(d))],
+        s = np.ones(len(d), np.float32) if d.scale is None else d.scale
+        dets = [(b / s[i], sc, c) for i, (b, sc, c) in enumerate(dets)]
+        return coco_metrics([d.boxes[i][d.mask[i]] / s[i] for i in range(len(d))],
                             [d.labels[i][d.mask[i]] for i in range(len(d))], dets,
-                            len(d.class_names), area_ranges=SCENE_AREAS)
+                            len(d.class_names),
+                            area_ranges=SCENE_AREAS if d.scale is None else COCO_AREAS)
 
 
 def adversarial_set(teacher: FCOS, params: Any, data: DetectionData, rng: jax.Array,
@@ -229,10 +238,12 @@ def mean_std(per_seed: list[dict[str, float]]) -> dict[str, Any]:
 def results_table(results: dict[str, Any]) -> str:
     c = results["config"]
     pct = lambda v: "-" if v < 0 else f"{100 * v:.1f}"
+    buckets = ("COCO's size buckets (original pixels)" if results["dataset"].startswith("coco:")
+               else "size buckets small < 16² <= medium < 48² px")
     lines = [f"# IKD for detection on {results['dataset']} (preset {c['preset']})", "",
-             f"{c['num_train']} training / {c['num_val']} evaluation scenes at "
-             f"{c['image_size']} px; COCO metrics (%), size buckets small < 16² <= medium < "
-             f"48² px; students: mean ± std over seeds {c['seeds']}.", "",
+             f"{c['train_images']} training / {c['val_images']} evaluation images at "
+             f"{c['image_size']} px; COCO metrics (%), {buckets}; students: mean ± std over "
+             f"seeds {c['seeds']}.", "",
              "| model | AP | AP50 | AP75 | AP_S | AP_M | AP_L | AR100 | seconds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     t = results["teacher"]
@@ -291,9 +302,16 @@ def main(argv: list[str]) -> None:
     scene_cfg = SceneConfig(num_train=cfg["num_train"], num_val=cfg["num_val"],
                             image_size=cfg["image_size"], seed=cfg["seed0"],
                             max_side=min(96.0, cfg["image_size"] * 0.75))
-    lock_workdir(workdir)  # a second run on this workdir is refused
-    train, val = scenes_fashion_mnist(root / "fashion-mnist", root / "cifar10-subset", scene_cfg,
-                                      cache_dir=workdir / "data")
+    if cfg["dataset"].startswith("coco:"):
+        train, val = load_coco(cfg["dataset"].removeprefix("coco:"), cfg["image_size"])
+        if cfg["batch_size"] > len(train):
+            raise InputError(f"--batch_size {cfg['batch_size']} is larger than the training "
+                             f"set ({len(train)} images)")
+        lock_workdir(workdir)  # a second run on this workdir is refused
+    else:
+        lock_workdir(workdir)
+        train, val = scenes_fashion_mnist(root / "fashion-mnist", root / "cifar10-subset",
+                                          scene_cfg, cache_dir=workdir / "data")
     atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
     log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
     ctx = StageContext(mesh=mesh, seed=cfg["seed0"], workdir=workdir, progress=FLAGS.progress,
@@ -333,7 +351,8 @@ def main(argv: list[str]) -> None:
     if "teacher" not in results:
         val_adv = adversarial_set(teacher, t_params, val, jax.random.fold_in(adv_rng, 1), mesh,
                                   bs)
-        results = {"dataset": cfg["dataset"], "config": cfg,
+        results = {"dataset": cfg["dataset"],
+                   "config": {**cfg, "train_images": len(train), "val_images": len(val)},
                    "teacher": {**t_eval(t_params), "ap_adv": t_eval(t_params, val_adv)["ap"],
                                "seconds": elapsed(t0, ctx)}, "students": {}}
         atomic_write(results_path, json.dumps(results, indent=2) + "\n")

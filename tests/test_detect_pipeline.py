@@ -44,7 +44,8 @@ def test_smoke_run_results_and_rerun(data_dir, tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("--methods=student,magic", "--methods must list"),
     ("--seeds=0,0", "distinct"),
-    ("--dataset=coco:/nowhere", "not supported"),
+    ("--dataset=voc:/nowhere", "not supported"),
+    ("--dataset=coco:/nowhere", "COCO folder not found"),
     ("--batch_size=12", "not divisible"),
     ("--batch_size=1024", "larger than the training set"),
 ])
@@ -63,3 +64,34 @@ def test_missing_data_folder_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
     assert "not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w" / "results.json").exists()
+
+
+def test_coco_folder_end_to_end(tmp_path):
+    from PIL import Image
+
+    from tests.test_detector import toy_scenes
+
+    folder = tmp_path / "coco"
+    (folder / "images").mkdir(parents=True)
+    cats = [{"id": 10 + k, "name": f"kind{k}"} for k in range(4)]
+    for split, n, seed in (("train", 16, 0), ("val", 8, 1)):
+        d = toy_scenes(n, seed=seed, size=64)
+        images, anns = [], []
+        for i in range(n):
+            name = f"images/{split}{i}.png"
+            Image.fromarray(d.images[i][:, :48]).save(folder / name)  # 48x64, non-square
+            images.append({"id": i, "file_name": name, "width": 48, "height": 64})
+            for b, c in zip(d.boxes[i][d.mask[i]], d.labels[i][d.mask[i]], strict=True):
+                x1, y1, x2, y2 = (float(v) for v in b)
+                x2 = min(x2, 48.0)
+                if x2 - x1 >= 2:
+                    anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 10 + int(c),
+                                 "bbox": [x1, y1, x2 - x1, y2 - y1]})
+        (folder / f"{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": anns, "categories": cats}))
+    run_module("experiments.detect", f"--dataset=coco:{folder}", "--preset=smoke",
+               "--methods=student", "--seeds=0", "--batch_size=8", f"--workdir={tmp_path / 'w'}")
+    res = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert res["config"]["train_images"] == 16 and res["config"]["val_images"] == 8
+    assert "COCO's size buckets" in (tmp_path / "w" / "results.md").read_text()
+    assert set(res["students"]) == {"student"}

@@ -76,6 +76,7 @@ class DetectionData:
     labels: np.ndarray  # int32 (N, M), 0 where not valid
     mask: np.ndarray  # bool (N, M)
     class_names: tuple[str, ...]
+    scale: np.ndarray | None = None  # float32 (N,): input pixels per original pixel (coco:)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
