@@ -42,3 +42,18 @@ def test_backdoor_metrics_bundle():
     out = metrics.backdoor_metrics(np.array([1, 2]), np.array([1, 0]), np.array([0, 0, 3]),
                                    np.array([0, 0, 0]), np.array([1, 2, 3]))
     assert out == pytest.approx({"clean_acc": 0.5, "asr": 2 / 3, "robust_acc": 1 / 3})
+
+
+def test_table_average_der_is_computed_from_averaged_acc_and_asr():
+    """The paper's Avg DER (FT-SAM Table 1) is DER(mean ACC/ASR), not the mean of the DERs."""
+    from experiments.table import table_markdown
+
+    cell = lambda acc, asr, der: {"per_seed": [{}], "clean_acc": {"mean": acc, "std": 0.0},
+                                  "asr": {"mean": asr, "std": 0.0}, "der": {"mean": der,
+                                                                           "std": 0.0}}
+    table = {"dataset": "d", "preset": "cpu", "defense_seeds": [0], "seeded_defenses": ["ft"],
+             "defenses": ["ft"], "failures": [], "cells": {
+                 "a": {"No defense": {"clean_acc": 0.9, "asr": 0.9}, "ft": cell(0.8, 0.1, 0.85)},
+                 "b": {"No defense": {"clean_acc": 0.7, "asr": 0.2}, "ft": cell(0.75, 0.5, 0.5)}}}
+    row = next(line for line in table_markdown(table).splitlines() if "| Average |" in line)
+    assert row.split(" | ")[1:] == ["80.0", "55.0", "77.5", "30.0", "61.2 |"]  # not 67.5
