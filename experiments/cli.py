@@ -9,11 +9,12 @@ from typing import NoReturn
 from absl import app, flags, logging
 from jax.sharding import Mesh
 
+from ftsam_jax import parallel
 from ftsam_jax.checkpoint import CheckpointError
 from ftsam_jax.data import DataError
 from ftsam_jax.runner import NonFiniteLossError
 
-__all__ = ["InputError", "fail", "make_mesh", "run"]
+__all__ = ["InputError", "check_batch_fits", "fail", "make_mesh", "run"]
 
 
 class InputError(ValueError):
@@ -23,13 +24,19 @@ class InputError(ValueError):
 def make_mesh() -> Mesh:
     """Joins a multi-process launch if this is one (an incomplete launch is an InputError),
     then the mesh over every device of every process."""
-    from ftsam_jax import parallel
-
     try:
         parallel.initialize_distributed()
     except ValueError as e:
         raise InputError(e) from None
     return parallel.make_mesh()
+
+
+def check_batch_fits(batch_size: int, num_examples: int, unit: str = "images") -> None:
+    """InputError unless one batch fits in the training set (a larger one would only repeat
+    the set inside every batch and grow memory without bound)."""
+    if batch_size > num_examples:
+        raise InputError(f"--batch_size {batch_size} is larger than the training set "
+                         f"({num_examples} {unit})")
 
 
 def fail(message: object) -> NoReturn:

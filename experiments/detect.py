@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from experiments.cli import InputError, make_mesh, run
+from experiments.cli import InputError, check_batch_fits, make_mesh, run
 from experiments.workdir import (
     MetricsLog,
     atomic_write,
@@ -50,7 +50,7 @@ from experiments.workdir import (
     lock_workdir,
     start_timer,
 )
-from ftsam_jax import parallel, xla
+from ftsam_jax import metrics, parallel, xla
 from ftsam_jax.data.coco import load_coco
 from ftsam_jax.data.scenes import DetectionData, SceneConfig, scenes_fashion_mnist
 from ftsam_jax.detection.decode import decode_topk, nms
@@ -134,9 +134,8 @@ def resolve(num_devices: int) -> dict[str, Any]:
     if cfg["batch_size"] < 1 or cfg["batch_size"] % num_devices:
         raise InputError(f"--batch_size {cfg['batch_size']} is not divisible by the number of "
                          f"devices ({num_devices})")
-    if FLAGS.dataset.startswith("scenes:") and cfg["batch_size"] > cfg["num_train"]:
-        raise InputError(f"--batch_size {cfg['batch_size']} is larger than the training set "
-                         f"({cfg['num_train']} scenes)")
+    if FLAGS.dataset.startswith("scenes:"):
+        check_batch_fits(cfg["batch_size"], cfg["num_train"], "scenes")
     cfg = {**cfg, "dataset": FLAGS.dataset, "data_dir": str(FLAGS.data_dir),
            "methods": list(FLAGS.methods), "seeds": seeds, "seed0": seeds[0],
            "alpha_adv": FLAGS.alpha_adv, "preset": FLAGS.preset}
@@ -228,11 +227,10 @@ def _cached(path: Path, make: Any) -> np.ndarray:
     return arr
 
 
-def mean_std(per_seed: list[dict[str, float]]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: float(np.mean([p[k] for p in per_seed])) for k in KEYS}
-    out["std"] = {k: (float(np.std([p[k] for p in per_seed], ddof=1)) if len(per_seed) > 1
-                      else 0.0) for k in KEYS}
-    return out
+def seed_summary(per_seed: list[dict[str, float]]) -> dict[str, Any]:
+    """Every metric's mean over seeds, and {"std": {metric: sample std}}."""
+    stats = {k: metrics.mean_std([p[k] for p in per_seed]) for k in KEYS}
+    return {**{k: m for k, (m, _) in stats.items()}, "std": {k: s for k, (_, s) in stats.items()}}
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -298,18 +296,16 @@ def main(argv: list[str]) -> None:
     cfg = resolve(mesh.devices.size)
     workdir = Path(FLAGS.workdir or f"runs/detect_{FLAGS.preset}")
     check_workdir(workdir, cfg, RUN_KEYS)
-    root = Path(cfg["data_dir"])
-    scene_cfg = SceneConfig(num_train=cfg["num_train"], num_val=cfg["num_val"],
-                            image_size=cfg["image_size"], seed=cfg["seed0"],
-                            max_side=min(96.0, cfg["image_size"] * 0.75))
     if cfg["dataset"].startswith("coco:"):
         train, val = load_coco(cfg["dataset"].removeprefix("coco:"), cfg["image_size"])
-        if cfg["batch_size"] > len(train):
-            raise InputError(f"--batch_size {cfg['batch_size']} is larger than the training "
-                             f"set ({len(train)} images)")
+        check_batch_fits(cfg["batch_size"], len(train))
         lock_workdir(workdir)  # a second run on this workdir is refused
     else:
         lock_workdir(workdir)
+        root = Path(cfg["data_dir"])
+        scene_cfg = SceneConfig(num_train=cfg["num_train"], num_val=cfg["num_val"],
+                                image_size=cfg["image_size"], seed=cfg["seed0"],
+                                max_side=min(96.0, cfg["image_size"] * 0.75))
         train, val = scenes_fashion_mnist(root / "fashion-mnist", root / "cifar10-subset",
                                           scene_cfg, cache_dir=workdir / "data")
     atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
@@ -408,7 +404,7 @@ def main(argv: list[str]) -> None:
             if seed == cfg["seeds"][0]:
                 first_seed_dets[method] = s_eval.detections(params, val.images[:8])
             results["students"][method] = {
-                **mean_std(per_seed), "per_seed": per_seed,
+                **seed_summary(per_seed), "per_seed": per_seed,
                 "seconds": round(float(np.mean(seconds)), 1), "seconds_per_seed": seconds,
                 "config": json.loads(json.dumps(dataclasses.asdict(dcfg)))}
             atomic_write(results_path, json.dumps(results, indent=2) + "\n")

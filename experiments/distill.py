@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from experiments.cli import InputError, make_mesh, run
+from experiments.cli import InputError, check_batch_fits, make_mesh, run
 from experiments.workdir import (
     MetricsLog,
     atomic_write,
@@ -39,7 +39,7 @@ from experiments.workdir import (
     lock_workdir,
     start_timer,
 )
-from ftsam_jax import distill, parallel
+from ftsam_jax import distill, metrics, parallel
 from ftsam_jax.data import load_dataset, normalization_for
 from ftsam_jax.fit import FitConfig, fit
 from ftsam_jax.loop import make_epoch_fn, make_evaluator, steps_per_epoch
@@ -145,11 +145,6 @@ def method_config(method: str, cfg: dict[str, Any], ikd_steps: int, ssa_threshol
         ssa_config=distill.SSAConfig(threshold=ssa_threshold))
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
 def results_table(results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = [f"# Distillation on {cfg['dataset']}: {cfg['teacher']} (w{cfg['teacher_width']}) -> "
@@ -175,9 +170,7 @@ def main(argv: list[str]) -> None:
                    f"_{FLAGS.preset}".replace(":", "_"))
     check_workdir(workdir, cfg, RUN_KEYS)
     ds = load_dataset(FLAGS.dataset, FLAGS.data_dir)
-    if cfg["batch_size"] > len(ds.y_train):
-        raise InputError(f"--batch_size {cfg['batch_size']} is larger than the training set "
-                         f"({len(ds.y_train)} images)")
+    check_batch_fits(cfg["batch_size"], len(ds.y_train))
     mean, std = normalization_for(ds)
     dtype = jnp.bfloat16 if cfg["dtype"] == "bfloat16" else jnp.float32
     teacher = create_model(cfg["teacher"], ds.num_classes, width=cfg["teacher_width"], mean=mean,
@@ -271,7 +264,7 @@ def main(argv: list[str]) -> None:
                 cfg["epochs"], ctx, eval_fn=eval_fn, rng=run_rng)
             per_seed[str(seed)] = eval_fn(state)["clean_acc"]
             seconds[str(seed)] = elapsed(t0, ctx)
-            m, s = mean_std(list(per_seed.values()))
+            m, s = metrics.mean_std(list(per_seed.values()))
             results["students"][method] = {
                 "clean_acc": m, "clean_acc_std": s, "per_seed": per_seed,
                 "seconds": round(float(np.mean(list(seconds.values()))), 1),

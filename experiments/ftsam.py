@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments.cli import InputError, make_mesh, run
+from experiments.cli import InputError, check_batch_fits, make_mesh, run
 from experiments.overrides import apply_overrides
 from experiments.workdir import (
     MetricsLog,
@@ -246,9 +246,7 @@ def main(argv: list[str]) -> None:
     check_workdir(workdir, run_cfg, RUN_KEYS)
 
     ds = load_dataset(FLAGS.dataset, FLAGS.data_dir)
-    if run_cfg["batch_size"] > len(ds.y_train):
-        raise InputError(f"--batch_size {run_cfg['batch_size']} is larger than the training set "
-                         f"({len(ds.y_train)} images)")
+    check_batch_fits(run_cfg["batch_size"], len(ds.y_train))
     if not 0 <= FLAGS.target < ds.num_classes:
         raise InputError(f"--target {FLAGS.target} is outside [0, {ds.num_classes})")
     attack_kwargs: dict[str, Any] = {}

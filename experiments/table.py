@@ -137,8 +137,8 @@ def run_cell(root: Path, cell: tuple[str, str | None, int], first_seed: int,
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values, np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
+    mean, std = metrics.mean_std(values)
+    return {"mean": mean, "std": std}
 
 
 def collect(root: Path, attacks: list[str], defenses: list[str], seeds: list[int],

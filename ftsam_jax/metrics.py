@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["asr", "backdoor_metrics", "clean_acc", "der", "robust_acc"]
+__all__ = ["asr", "backdoor_metrics", "clean_acc", "der", "mean_std", "robust_acc"]
 
 
 def _accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
@@ -53,3 +53,9 @@ def backdoor_metrics(preds_clean: np.ndarray, y_clean: np.ndarray, preds_bd: np.
     """{"clean_acc", "asr", "robust_acc"} from predictions on the clean and poisoned sets."""
     return {"clean_acc": clean_acc(preds_clean, y_clean), "asr": asr(preds_bd, y_bd),
             "robust_acc": robust_acc(preds_bd, y_bd_true)}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) over seeds."""
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
