@@ -32,7 +32,7 @@ import optax
 
 from ftsam_jax.detection.fgd import FGDConfig, FGDRelation, fgd_loss
 from ftsam_jax.detection.losses import detection_loss
-from ftsam_jax.detection.targets import DEFAULT_RANGES, DEFAULT_STRIDES, fcos_targets
+from ftsam_jax.detection.step import batch_targets
 from ftsam_jax.distill.augment import SSAConfig, ssa_boxes
 from ftsam_jax.loop import to_float
 
@@ -61,17 +61,11 @@ class DetectDistillState:
     opt_state: optax.OptState
 
 
-def _targets(batch: Batch, image_size: int) -> dict[str, jax.Array]:
-    return jax.vmap(lambda b, lab, m: fcos_targets(b, lab, m, image_size, strides=DEFAULT_STRIDES,
-                                                   ranges=DEFAULT_RANGES))(
-        batch["boxes"], batch["labels"], batch["mask"])
-
-
 def detection_objective(num_classes: int, image_size: int) -> Callable[[Any, Batch], jax.Array]:
     """`(detector outputs, {"boxes", "labels", "mask"}) -> summed focal classification loss`."""
 
     def objective(outputs: dict[str, jax.Array], gt: Batch) -> jax.Array:
-        t = _targets(gt, image_size)
+        t = batch_targets(gt, image_size)
         onehot = jax.nn.one_hot(t["labels"], num_classes)
         return optax.sigmoid_focal_loss(outputs["cls"], onehot, alpha=0.25, gamma=2.0).sum()
 
@@ -126,8 +120,8 @@ def make_detect_distill_step(student: nn.Module, teacher: nn.Module | None,
     def loss_fn(params: Any, teacher_params: Any, batch: Batch):
         x = to_float(batch["image"])
         out, fs = _features(student, params["student"], x, levels)
-        parts = detection_loss(out["cls"], out["ltrb"], out["ctr"], _targets(batch, image_size),
-                               num_classes)
+        parts = detection_loss(out["cls"], out["ltrb"], out["ctr"],
+                               batch_targets(batch, image_size), num_classes)
         total = parts["loss"]
         metrics = {"det": parts["loss"]}
         if needs_teacher:

@@ -12,9 +12,19 @@ from ftsam_jax.detection.losses import detection_loss
 from ftsam_jax.detection.targets import DEFAULT_RANGES, DEFAULT_STRIDES, fcos_targets
 from ftsam_jax.train import TrainState
 
-__all__ = ["detect_train_step", "detection_loss_fn"]
+__all__ = ["batch_targets", "detect_train_step", "detection_loss_fn"]
 
 Batch = dict[str, jax.Array]
+
+
+def batch_targets(batch: Batch, image_size: int, *,
+                  strides: Sequence[int] = DEFAULT_STRIDES,
+                  ranges: Sequence[tuple[float, float]] = DEFAULT_RANGES
+                  ) -> dict[str, jax.Array]:
+    """`fcos_targets` of every image of a batch with "boxes", "labels" and "mask"."""
+    return jax.vmap(lambda b, lab, m: fcos_targets(b, lab, m, image_size, strides=strides,
+                                                   ranges=ranges))(
+        batch["boxes"], batch["labels"], batch["mask"])
 
 
 def detection_loss_fn(apply_fn: Callable[..., Any], num_classes: int, image_size: int, *,
@@ -24,12 +34,9 @@ def detection_loss_fn(apply_fn: Callable[..., Any], num_classes: int, image_size
     """`loss(params, batch) -> {"loss", "cls", "box", "ctr"}` for batches of "image" (B, S, S, 3),
     "boxes" (B, M, 4) pixels, "labels" (B, M), "mask" (B, M)."""
 
-    def targets(boxes, labels, mask):
-        return fcos_targets(boxes, labels, mask, image_size, strides=strides, ranges=ranges)
-
     def loss(params: Any, batch: Batch) -> dict[str, jax.Array]:
         out = apply_fn({"params": params}, batch["image"], train=True)
-        t = jax.vmap(targets)(batch["boxes"], batch["labels"], batch["mask"])
+        t = batch_targets(batch, image_size, strides=strides, ranges=ranges)
         return detection_loss(out["cls"], out["ltrb"], out["ctr"], t, num_classes)
 
     return loss
