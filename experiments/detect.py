@@ -63,7 +63,7 @@ from ftsam_jax.detection.distill import (
 from ftsam_jax.detection.evaluate import COCO_AREAS, KEYS, SCENE_AREAS, coco_metrics
 from ftsam_jax.detection.fgd import FGDConfig
 from ftsam_jax.detection.step import detect_train_step, detection_loss_fn
-from ftsam_jax.distill.adversarial import AttackConfig, mi_di_fgsm, to_uint8
+from ftsam_jax.distill.adversarial import precompute_adversarial
 from ftsam_jax.distill.augment import SSAConfig
 from ftsam_jax.distill.step import StudentTeacherState, bind_teacher
 from ftsam_jax.loop import make_epoch_fn, steps_per_epoch
@@ -191,29 +191,11 @@ def adversarial_set(teacher: FCOS, params: Any, data: DetectionData, rng: jax.Ar
                     mesh: Any, batch_size: int) -> np.ndarray:
     """uint8 MI-DI-FGSM images against the teacher's classification loss (example i uses key
     fold_in(rng, i): independent of the batch size and the device count)."""
-    size = data.images.shape[1]
-    objective = detection_objective(len(data.class_names), size)
-    apply = lambda v, x: teacher.apply(v, x)
-
-    def attack(p, x, boxes, labels, mask, idx):
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(idx)
-        gt = {"boxes": boxes, "labels": labels, "mask": mask}
-        return to_uint8(mi_di_fgsm(apply, {"params": p}, x, gt, keys, AttackConfig(),
-                                   objective=objective))
-
-    fn = xla.jit(attack)
-    params = jax.device_put(params, parallel.replicated(mesh))
-    out = np.empty_like(data.images)
-    n = len(data)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        pad = batch_size - (stop - start)
-        args = [np.concatenate([a[start:stop], np.zeros((pad, *a.shape[1:]), a.dtype)])
-                for a in (data.images, data.boxes, data.labels, data.mask)]
-        idx = np.arange(start, start + batch_size, dtype=np.int32)
-        args = jax.device_put([*args, idx], parallel.data_sharding(mesh))
-        out[start:stop] = np.asarray(fn(params, *args))[:stop - start]
-    return out
+    gt = {"boxes": data.boxes, "labels": data.labels, "mask": data.mask}
+    return precompute_adversarial(
+        teacher.apply, {"params": params}, data.images, gt, rng, mesh=mesh,
+        batch_size=batch_size, objective=detection_objective(len(data.class_names),
+                                                             data.images.shape[1]))
 
 
 def _cached(path: Path, make: Any) -> np.ndarray:

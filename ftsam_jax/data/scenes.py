@@ -134,7 +134,7 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     img = image.astype(np.float32)
     if img.ndim == 2:
         return wy @ img @ wx.T
-    return np.einsum("ah,hwc,bw->abc", wy, img, wx)
+    return np.einsum("ah,hwc,bw->abc", wy, img, wx, optimize=True)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -165,7 +165,7 @@ def make_scenes(objects: np.ndarray, object_labels: np.ndarray, backgrounds: np.
     bg_w = (_interp_matrix(size, backgrounds.shape[1]), _interp_matrix(size, backgrounds.shape[2]))
     for i in range(count):
         bg = backgrounds[rng.integers(len(backgrounds))].astype(np.float32)
-        canvas = np.einsum("ah,hwc,bw->abc", bg_w[0], bg, bg_w[1])
+        canvas = np.einsum("ah,hwc,bw->abc", bg_w[0], bg, bg_w[1], optimize=True)
         small = rng.random() < config.small_only
         hi_side = config.small_side if small else config.max_side
         placed: list[np.ndarray] = []

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from ftsam_jax.detection.fgd import FGDConfig, FGDRelation, fgd_loss
-from ftsam_jax.detection.losses import detection_loss
+from ftsam_jax.detection.losses import detection_loss, focal_sum
 from ftsam_jax.detection.step import batch_targets
 from ftsam_jax.distill.augment import SSAConfig, ssa_boxes
 from ftsam_jax.loop import to_float
@@ -65,9 +65,7 @@ def detection_objective(num_classes: int, image_size: int) -> Callable[[Any, Bat
     """`(detector outputs, {"boxes", "labels", "mask"}) -> summed focal classification loss`."""
 
     def objective(outputs: dict[str, jax.Array], gt: Batch) -> jax.Array:
-        t = batch_targets(gt, image_size)
-        onehot = jax.nn.one_hot(t["labels"], num_classes)
-        return optax.sigmoid_focal_loss(outputs["cls"], onehot, alpha=0.25, gamma=2.0).sum()
+        return focal_sum(outputs["cls"], batch_targets(gt, image_size)["labels"], num_classes)
 
     return objective
 

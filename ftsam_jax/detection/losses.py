@@ -32,6 +32,14 @@ def giou_ltrb(pred: jax.Array, target: jax.Array, eps: float = 1e-7) -> jax.Arra
     return inter / (union + eps) - (enclose - union) / (enclose + eps)
 
 
+def focal_sum(cls_logits: jax.Array, labels: jax.Array, num_classes: int, *,
+              alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
+    """sum over points and classes of the sigmoid focal loss (RetinaNet Eq. 5); label -1
+    (background) is the all-zero target."""
+    onehot = jax.nn.one_hot(labels, num_classes)  # -1 -> all zeros
+    return optax.sigmoid_focal_loss(cls_logits, onehot, alpha=alpha, gamma=gamma).sum()
+
+
 def detection_loss(cls_logits: jax.Array, ltrb: jax.Array, ctr_logits: jax.Array,
                    targets: dict[str, jax.Array], num_classes: int, *,
                    alpha: float = 0.25, gamma: float = 2.0) -> dict[str, jax.Array]:
@@ -39,8 +47,7 @@ def detection_loss(cls_logits: jax.Array, ltrb: jax.Array, ctr_logits: jax.Array
     (B, P); `targets` from `fcos_targets` (vmapped). Returns {"loss", "cls", "box", "ctr"}."""
     pos = targets["positive"]
     n_pos = jnp.maximum(pos.sum(), 1).astype(jnp.float32)
-    onehot = jax.nn.one_hot(targets["labels"], num_classes)  # -1 (background) -> all zeros
-    cls = optax.sigmoid_focal_loss(cls_logits, onehot, alpha=alpha, gamma=gamma).sum() / n_pos
+    cls = focal_sum(cls_logits, targets["labels"], num_classes, alpha=alpha, gamma=gamma) / n_pos
     c_star = targets["centerness"]
     weight = jnp.where(pos, c_star, 0.0)
     giou = giou_ltrb(ltrb, targets["ltrb"])

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -206,38 +207,45 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 
 def precompute_adversarial(apply_fn: ApplyFn, variables: Any, images: np.ndarray,
-                           labels: np.ndarray, rng: jax.Array, *, mesh: Mesh,
+                           labels: Any, rng: jax.Array, *, mesh: Mesh,
                            batch_size: int = 256, config: AttackConfig = AttackConfig(),
+                           objective: Callable[[Any, Any], jax.Array] | None = None,
                            ) -> np.ndarray:
     """Adversarial images for a whole training set, once, stored as uint8 (N, H, W, C).
 
+    `labels` is an (N,) class array, or with `objective` any pytree of (N, ...) arrays (a
+    detector's padded boxes, labels and mask); both are passed on to `mi_di_fgsm`.
     Example i uses the key fold_in(rng, i), so the result depends neither on `batch_size` nor
     on the number of devices. Batches are sharded over the mesh's 'data' axis (the last one is
-    padded); `batch_size` is rounded up to a multiple of the device count. With uint8 inputs the
-    rounded result stays inside the eps-ball (|x_adv - x| <= round(255 eps) grey levels).
+    padded with zeros); `batch_size` is rounded up to a multiple of the device count. With uint8
+    inputs the rounded result stays inside the eps-ball (|x_adv - x| <= round(255 eps) grey
+    levels).
     """
-    n = len(labels)
+    n = len(images)
     n_dev = mesh.devices.size
     batch_size = max(n_dev, -(-min(batch_size, max(n, 1)) // n_dev) * n_dev)
     data = parallel.data_sharding(mesh)
     repl = parallel.replicated(mesh)
 
-    def attack(v: Any, x: jax.Array, y: jax.Array, idx: jax.Array, key: jax.Array) -> jax.Array:
+    def attack(v: Any, x: jax.Array, y: Any, idx: jax.Array, key: jax.Array) -> jax.Array:
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-        return to_uint8(mi_di_fgsm(apply_fn, v, x, y, keys, config))
+        return to_uint8(mi_di_fgsm(apply_fn, v, x, y, keys, config, objective=objective))
 
     fn = xla.jit(attack, in_shardings=(repl, data, data, data, repl), out_shardings=data)
     variables = jax.device_put(variables, repl)
     out = np.empty(images.shape, np.uint8)
-    labels = np.asarray(labels, np.int32)
+    if objective is None:
+        labels = np.asarray(labels, np.int32)
+
+    def padded(a: np.ndarray, rows: slice) -> np.ndarray:
+        a = np.asarray(a[rows])
+        pad = batch_size - len(a)
+        return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        pad = batch_size - (stop - start)
-        x = np.asarray(images[start:stop])
-        y = labels[start:stop]
+        x = padded(images, slice(start, stop))
+        y = jax.tree.map(partial(padded, rows=slice(start, stop)), labels)
         idx = np.arange(start, start + batch_size, dtype=np.int32)
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros((pad,), np.int32)])
         out[start:stop] = np.asarray(fn(variables, x, y, idx, rng))[:stop - start]
     return out
