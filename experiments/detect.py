@@ -66,9 +66,9 @@ from ftsam_jax.detection.step import detect_train_step, detection_loss_fn
 from ftsam_jax.distill.adversarial import precompute_adversarial
 from ftsam_jax.distill.augment import SSAConfig
 from ftsam_jax.distill.step import StudentTeacherState, bind_teacher
-from ftsam_jax.loop import make_epoch_fn, steps_per_epoch
+from ftsam_jax.loop import steps_per_epoch
 from ftsam_jax.models.fcos import FCOS
-from ftsam_jax.runner import StageContext, run_stage, stage_rng
+from ftsam_jax.runner import Stage, StageContext, stage_rng, train_stage
 from ftsam_jax.schedules import make_schedule
 from ftsam_jax.train import create_train_state
 
@@ -305,26 +305,23 @@ def main(argv: list[str]) -> None:
     repl = parallel.replicated(mesh)
     bs = cfg["batch_size"]
     spe = steps_per_epoch(len(train), bs, drop_last=True)
-    host = {"boxes": train.boxes, "labels": train.labels, "mask": train.mask}
-    extra = {key: jax.device_put(v, repl) for key, v in host.items()}
-    x_train = jax.device_put(train.images, repl)
-    ids = jax.device_put(np.arange(len(train), dtype=np.int32), repl)
-    identity = lambda batch, rng: batch
+    # On the devices once, shared by every stage ("label" is the example's index: the boxes
+    # ride along as per-example arrays).
+    data = jax.device_put({"image": train.images, "label": np.arange(len(train), dtype=np.int32),
+                           "boxes": train.boxes, "labels": train.labels, "mask": train.mask},
+                          repl)
     results_path = workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
     # The teacher.
     t0 = start_timer(ctx)
     t_tx = optimizer(cfg["lr"], spe, cfg["teacher_epochs"])
-    t_state = parallel.replicate(create_train_state(teacher, t_tx, stage_rng(cfg["seed0"],
-                                                                             "teacher/init"),
-                                                    (size, size, 3)), mesh)
+    t_state = create_train_state(teacher, t_tx, stage_rng(cfg["seed0"], "teacher/init"),
+                                 (size, size, 3))
     t_step = partial(detect_train_step, tx=t_tx,
                      loss_fn=detection_loss_fn(teacher.apply, k, size))
-    t_epoch = make_epoch_fn(t_step, mesh=mesh, num_examples=len(train), batch_size=bs,
-                            preprocess=identity, drop_last=True)
-    t_state, _ = run_stage("teacher", t_state, lambda st, r: t_epoch(st, x_train, ids, r, extra),
-                           cfg["teacher_epochs"], ctx)
+    t_state, _ = train_stage(Stage("teacher", t_state, cfg["teacher_epochs"], step=t_step,
+                                   data=data, batch_size=bs), ctx)
     t_params = t_state.params
     t_eval = Evaluator(teacher, val, mesh, bs)
     s_eval = Evaluator(student, val, mesh, bs)
@@ -361,28 +358,24 @@ def main(argv: list[str]) -> None:
         step = bind_teacher(make_detect_distill_step(
             student, None if method == "student" else teacher, tx, dcfg, k, size,
             ikd_steps=ikd_steps, ssa=ssa if method in ("fgd_ssa", "fgd_ikd") else None))
-        epoch = make_epoch_fn(step, mesh=mesh, num_examples=len(train), batch_size=bs,
-                              preprocess=identity, drop_last=True)
         source = "noise" if method == "fgd_noise" else "adv"
-        m_extra = dict(extra)
+        m_data = dict(data)
         if dcfg.alpha_adv > 0:
-            m_extra["adv"] = jax.device_put(pert[source], repl)
+            m_data["adv"] = jax.device_put(pert[source], repl)
         for seed in cfg["seeds"]:
             init_rng, run_rng = jax.random.split(stage_rng(seed, f"student/{method}"))
             state = StudentTeacherState(
                 create_detect_distill_state(student, tx, init_rng, size, dcfg), t_params)
-            state = parallel.replicate(state, mesh)
+            stage = Stage(f"student_{method}_s{seed}", state, cfg["epochs"], step=step,
+                          data=m_data, batch_size=bs, rng=run_rng)
             if any(p["seed"] == seed for p in per_seed):
-                if seed == cfg["seeds"][0]:
-                    state, _ = run_stage(f"student_{method}_s{seed}", state, None, cfg["epochs"],
-                                         ctx, rng=run_rng)
+                if seed == cfg["seeds"][0]:  # finished: restored from its checkpoint
+                    state, _ = train_stage(stage, ctx)
                     first_seed_dets[method] = s_eval.detections(
                         state.student.params["student"], val.images[:8])
                 continue
             t0 = start_timer(ctx)
-            state, _ = run_stage(f"student_{method}_s{seed}", state,
-                                 lambda st, r, e=epoch, x=m_extra: e(st, x_train, ids, r, x),
-                                 cfg["epochs"], ctx, rng=run_rng)
+            state, _ = train_stage(stage, ctx)
             params = state.student.params["student"]
             per_seed.append({"seed": seed, **s_eval(params)})
             seconds.append(elapsed(t0, ctx))

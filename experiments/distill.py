@@ -42,9 +42,9 @@ from experiments.workdir import (
 from ftsam_jax import distill, metrics, parallel
 from ftsam_jax.data import load_dataset, normalization_for
 from ftsam_jax.fit import FitConfig, fit
-from ftsam_jax.loop import make_epoch_fn, make_evaluator, steps_per_epoch
+from ftsam_jax.loop import make_evaluator, steps_per_epoch
 from ftsam_jax.models import MODELS, create_model
-from ftsam_jax.runner import StageContext, run_stage, stage_rng
+from ftsam_jax.runner import Stage, StageContext, stage_rng, train_stage
 from ftsam_jax.schedules import make_schedule
 
 FLAGS = flags.FLAGS
@@ -227,7 +227,8 @@ def main(argv: list[str]) -> None:
     spe = steps_per_epoch(len(ds.y_train), cfg["batch_size"], drop_last=True)
     ikd_steps = int(round(2 / 3 * cfg["epochs"])) * spe
     x_train, y_train = jax.device_put(ds.x_train, repl), jax.device_put(ds.y_train, repl)
-    extra = None if adv is None else {"adv": jax.device_put(adv, repl)}
+    if adv is not None:
+        adv = jax.device_put(adv, repl)
     ctx.evaluate = None
     for method in cfg["methods"]:
         done = results["students"].get(method, {})
@@ -246,22 +247,18 @@ def main(argv: list[str]) -> None:
                 distill.create_distill_state(student, tx, init_rng, ds.image_shape,
                                              model_t=teacher, teacher_vars=t_vars,
                                              config=d_cfg), t_vars)
-            state = parallel.replicate(state, mesh)
             step = distill.bind_teacher(distill.make_distill_step(student, teacher, tx, d_cfg))
-            epoch = make_epoch_fn(step, mesh=mesh, num_examples=len(ds.y_train),
-                                  batch_size=cfg["batch_size"],
-                                  preprocess=distill.joint_preprocess(), drop_last=True)
-            use_extra = extra if d_cfg.uses_afa and d_cfg.adv_source == "batch" else None
+            use_adv = adv is not None and d_cfg.uses_afa and d_cfg.adv_source == "batch"
 
             def eval_fn(st: Any) -> dict[str, float]:
                 out = s_evaluator(st.variables, x_test, y_test)
                 return {"clean_acc": float(out["accuracy"])}
 
-            state, _ = run_stage(
-                f"student_{method}_s{seed}", state,
-                lambda st, r, epoch=epoch, use_extra=use_extra: epoch(st, x_train, y_train, r,
-                                                                      use_extra),
-                cfg["epochs"], ctx, eval_fn=eval_fn, rng=run_rng)
+            state, _ = train_stage(Stage(
+                f"student_{method}_s{seed}", state, cfg["epochs"], step=step,
+                data={"image": x_train, "label": y_train, **({"adv": adv} if use_adv else {})},
+                batch_size=cfg["batch_size"], preprocess=distill.joint_preprocess(),
+                evaluate=eval_fn, rng=run_rng), ctx)
             per_seed[str(seed)] = eval_fn(state)["clean_acc"]
             seconds[str(seed)] = elapsed(t0, ctx)
             m, s = metrics.mean_std(list(per_seed.values()))

@@ -4,7 +4,7 @@ and the fine-tuning parts of the other defenses.
 SGD (momentum, weight decay added to the gradient as in PyTorch) with an optional
 `sam_gradient` stage in front, a reference learning-rate schedule, (label-smoothed)
 cross-entropy, crop+flip augmentation, an optional per-batch poisoning transform, resumable
-epochs (`ftsam_jax.runner.run_stage`).
+epochs (one `ftsam_jax.runner.Stage`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import jax
 import numpy as np
 import optax
 
-from ftsam_jax import parallel
-from ftsam_jax.loop import make_epoch_fn, standard_preprocess, steps_per_epoch, to_float
+from ftsam_jax.loop import standard_preprocess, steps_per_epoch, to_float
 from ftsam_jax.optim import sam_gradient
-from ftsam_jax.runner import StageContext, run_stage
+from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
 from ftsam_jax.schedules import SCHEDULES, make_schedule
 from ftsam_jax.train import (
     LossFn,
@@ -115,12 +114,9 @@ def fit(
     Returns:
       The trained variables and the stage's per-epoch history (with `ctx.evaluate` metrics).
     """
-    mesh = ctx.mesh
-    n = len(y)
-    tx = make_optimizer(config, n)
+    tx = make_optimizer(config, len(y))
     init_rng, run_rng = jax.random.split(rng)
     state = create_train_state(model, tx, init_rng, tuple(x.shape[1:]), variables=variables)
-    state = parallel.replicate(state, mesh)
     loss_fn = loss_fn or classification_loss(model.apply, config.label_smoothing)
     if config.sam:
         step = partial(sam_step, tx=tx, loss_fn=loss_fn, group_size=config.group_size)
@@ -135,16 +131,10 @@ def fit(
             batch = train_transform({**batch, "image": to_float(batch["image"])}, t_rng)
             return base(batch, a_rng)
 
-    epoch = make_epoch_fn(step, mesh=mesh, num_examples=n, batch_size=config.batch_size,
-                          preprocess=preprocess, drop_last=config.drop_last)
-    repl = parallel.replicated(mesh)
-    xd, yd = jax.device_put(x, repl), jax.device_put(np.asarray(y, np.int32), repl)
-    extra_d = None if extra is None else {k: jax.device_put(v, repl) for k, v in extra.items()}
-    eval_fn = None
-    if ctx.evaluate is not None:
-        eval_fn = lambda st: ctx.evaluate(st.variables)  # noqa: E731
-    state, history = run_stage(
-        name, state, lambda st, r: epoch(st, xd, yd, r, extra_d), config.epochs, ctx,
-        eval_fn=eval_fn, rng=run_rng)
+    data = {"image": x, "label": np.asarray(y, np.int32), **(extra or {})}
+    state, history = train_stage(Stage(
+        name, state, config.epochs, step=step, data=data, batch_size=config.batch_size,
+        drop_last=config.drop_last, preprocess=preprocess, evaluate=evaluate_variables(ctx),
+        rng=run_rng), ctx)
     assert isinstance(state, TrainState)
     return jax.device_get(state.variables), history

@@ -22,11 +22,12 @@ from ftsam_jax import parallel, xla
 from ftsam_jax.data.augment import crop_flip
 from ftsam_jax.train import Batch, Metrics, TrainState, eval_step
 
-__all__ = ["epoch_indices", "evaluate", "make_epoch_fn", "make_evaluator", "standard_preprocess",
-           "steps_per_epoch", "to_float"]
+__all__ = ["Preprocess", "Sampler", "Step", "epoch_indices", "evaluate", "make_epoch_fn",
+           "make_evaluator", "standard_preprocess", "steps_per_epoch", "to_float"]
 
 Step = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]
 Preprocess = Callable[[Batch, jax.Array], Batch]
+Sampler = Callable[[jax.Array], jax.Array]  # rng -> (steps, batch_size) int32 example indices
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -80,6 +81,7 @@ def make_epoch_fn(
     preprocess: Preprocess,
     drop_last: bool = True,
     scan: bool | None = None,
+    sampler: Sampler | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """Compiles one shuffled epoch of `step` (see module docstring).
 
@@ -91,6 +93,9 @@ def make_epoch_fn(
     GPU/TPU); `scan=False` dispatches one compiled step per batch from Python (XLA:CPU runs
     convolutions inside while loops about 10x slower). Both give the same numbers. Default:
     scan on accelerators, Python loop on CPU.
+
+    `sampler(rng) -> (steps, batch_size)` indices replaces the shuffled epoch (e.g. ANP's
+    iterations of uniformly drawn batches); `num_examples` and `drop_last` are then unused.
     """
     parallel.check_batch_size(batch_size, mesh)
     if scan is None:
@@ -109,6 +114,8 @@ def make_epoch_fn(
 
     def indices(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
         perm_rng, step_rng = jax.random.split(rng)
+        if sampler is not None:
+            return sampler(perm_rng), step_rng
         return epoch_indices(perm_rng, num_examples, batch_size, drop_last), step_rng
 
     def scanned_epoch(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array,

@@ -1,9 +1,16 @@
 """Resumable training stages: epochs with orbax checkpoints, progress bar and per-epoch logs.
 
-A stage is `epoch_fn(state, rng) -> (state, metrics)` run for a number of epochs. Its random
-stream is derived from (seed, stage name, epoch) only, and its state is checkpointed after each
-epoch, so killing a run and re-running the same command continues from the last checkpoint and
-ends with the same numbers as an uninterrupted run. A finished stage is not re-run.
+Every training stage of the project (the backdoored model, FT, FT-SAM, FP's fine-tuning, NAD,
+IKD, ANP's masks, I-BAU's rounds, Input-aware's networks, the distillation students, the
+detectors) is a `Stage` given to `train_stage`: a step function + state + data (+ sampler,
+preprocessing, evaluation) and a name. The driver puts the state and the data on the devices,
+compiles the epoch (`ftsam_jax.loop.make_epoch_fn`) and runs it through `run_stage`, the one
+place with resume, checkpoints, progress, logs and timing; stages keep only what is theirs.
+
+A stage's random stream is derived from (seed, stage name, epoch) only, and its state is
+checkpointed after each epoch, so killing a run and re-running the same command continues from
+the last checkpoint and ends with the same numbers as an uninterrupted run. A finished stage is
+not re-run.
 """
 
 from __future__ import annotations
@@ -20,11 +27,15 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from ftsam_jax import parallel
 from ftsam_jax.checkpoint import Checkpointer
+from ftsam_jax.loop import Preprocess, Sampler, Step, make_epoch_fn
 
-__all__ = ["NonFiniteLossError", "StageContext", "run_stage", "stage_rng"]
+__all__ = ["NonFiniteLossError", "Stage", "StageContext", "evaluate_variables", "run_stage",
+           "stage_rng", "train_stage"]
 
 EpochFn = Callable[[Any, jax.Array], tuple[Any, dict[str, Any]]]
+Evaluate = Callable[[Any], dict[str, float]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -166,3 +177,98 @@ def run_stage(
     finally:
         if ckpt is not None:
             ckpt.close()
+
+
+def _identity(batch: dict[str, Any], rng: jax.Array) -> dict[str, Any]:
+    del rng
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage: what `train_stage` runs.
+
+    Either minibatch epochs of a `step` over `data`, or `epoch_fn` (a whole custom epoch: a
+    pruning pass, I-BAU's fixed-point rounds).
+
+    Attributes:
+      name: checkpoint folder, random stream and log tag.
+      state: the initial state (host or device arrays); replicated over the mesh.
+      epochs: total epochs.
+      step: `(state, batch, rng) -> (state, metrics)`, jit-compatible.
+      data: per-example arrays, `"image"` and `"label"` plus any others gathered into each
+        batch under their own keys (adversarial images, boxes); put on the devices once.
+      batch_size, drop_last, preprocess, sampler: the epoch (`make_epoch_fn`); `preprocess`
+        default: none.
+      epoch_data: optional `(data on device, rng) -> {key: array}`: per-example arrays made
+        anew every epoch (Input-aware's shuffled second images); its key is split off the
+        epoch's key.
+      epoch_fn: `(state, rng) -> (state, metrics)` instead of step + data.
+      evaluate: optional `state -> {metric: float}` after every `ctx.eval_every` epochs and the
+        last one (`evaluate_variables(ctx, ...)` for the pipeline's C-Acc / ASR).
+      rng: the stage's key; default `stage_rng(ctx.seed, name)`.
+    """
+
+    name: str
+    state: Any
+    epochs: int
+    step: Step | None = None
+    data: dict[str, Any] | None = None
+    batch_size: int = 0
+    drop_last: bool = True
+    preprocess: Preprocess = _identity
+    sampler: Sampler | None = None
+    epoch_data: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None
+    epoch_fn: EpochFn | None = None
+    evaluate: Evaluate | None = None
+    rng: jax.Array | None = None
+
+    def __post_init__(self) -> None:
+        if (self.step is None) == (self.epoch_fn is None):
+            raise ValueError(f"stage {self.name}: give exactly one of step and epoch_fn")
+        if self.step is not None and (self.data is None or "image" not in self.data
+                                      or "label" not in self.data):
+            raise ValueError(f"stage {self.name}: a step needs data with 'image' and 'label'")
+
+
+def state_variables(state: Any) -> dict[str, Any]:
+    return state.variables
+
+
+def evaluate_variables(ctx: StageContext,
+                       variables: Callable[[Any], dict[str, Any]] = state_variables,
+                       ) -> Evaluate | None:
+    """`state -> ctx.evaluate(variables(state))`, or None when the run has no evaluator."""
+    if ctx.evaluate is None:
+        return None
+    evaluate = ctx.evaluate
+    return lambda state: evaluate(variables(state))
+
+
+def train_stage(stage: Stage, ctx: StageContext) -> tuple[Any, list[dict[str, Any]]]:
+    """Runs (or resumes, or skips if done) `stage` on `ctx.mesh`.
+
+    Returns the final state (replicated device arrays; `jax.device_get` for host copies) and
+    the per-epoch history.
+    """
+    epoch_fn = stage.epoch_fn
+    if epoch_fn is None:
+        repl = parallel.replicated(ctx.mesh)
+        data = {k: jax.device_put(v, repl) for k, v in stage.data.items()}
+        images, labels = data.pop("image"), data.pop("label")
+        epoch = make_epoch_fn(stage.step, mesh=ctx.mesh, num_examples=len(labels),
+                              batch_size=stage.batch_size, preprocess=stage.preprocess,
+                              drop_last=stage.drop_last, sampler=stage.sampler)
+        make_extra = stage.epoch_data
+
+        def epoch_fn(state: Any, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
+            extra = data
+            if make_extra is not None:
+                k_extra, rng = jax.random.split(rng)
+                extra = {**data, **make_extra({"image": images, "label": labels, **data},
+                                              k_extra)}
+            return epoch(state, images, labels, rng, extra or None)
+
+    state = parallel.replicate(stage.state, ctx.mesh)
+    return run_stage(stage.name, state, epoch_fn, stage.epochs, ctx, eval_fn=stage.evaluate,
+                     rng=stage.rng)

@@ -446,15 +446,6 @@ def test_anp_sweep_end_to_end_and_needs_an_evaluator(mesh, tmp_path, tiny_vars, 
     assert_same(out, most)      # every threshold is within tolerance: 0.9 prunes the most
 
 
-def test_anp_scanned_epoch_equals_python_loop(mesh, tmp_path, tiny_vars, benign):
-    """The accelerator path (one lax.scan per epoch) gives the CPU path's masks."""
-    cfg = smoke("anp", batch_size=16, iterations=2, iterations_per_epoch=2, threshold=0.9)
-    outs = [anp_mod.anp(MODEL, tiny_vars, benign, cfg, jax.random.key(3),
-                        make_ctx(mesh, tmp_path / str(scan)), scan=scan) for scan in (False, True)]
-    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------------------------
 # I-BAU
 

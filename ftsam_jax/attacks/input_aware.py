@@ -78,9 +78,9 @@ import optax
 from ftsam_jax import parallel, xla
 from ftsam_jax.attacks.base import Attack, to_uint8
 from ftsam_jax.data.augment import crop_flip
-from ftsam_jax.loop import make_epoch_fn, steps_per_epoch, to_float
+from ftsam_jax.loop import steps_per_epoch, to_float
 from ftsam_jax.models.common import Conv
-from ftsam_jax.runner import StageContext, run_stage
+from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
 from ftsam_jax.train import cross_entropy
 
 __all__ = ["InputAware", "TriggerNet", "diversity_loss", "threshold"]
@@ -306,16 +306,12 @@ class InputAware(Attack):
             return {**batch, "image": x1, "image2": x2}
 
         def stage(name: str, state: Any, step: Any, epochs: int, key: jax.Array,
-                  eval_fn: Any = None) -> Any:
-            epoch = make_epoch_fn(step, mesh=mesh, num_examples=n_ex, batch_size=bs,
-                                  preprocess=preprocess, drop_last=cfg.drop_last)
-
-            def epoch_fn(st: Any, k: jax.Array) -> Any:
-                k_perm, k_ep = jax.random.split(k)
-                return epoch(st, xd, yd, k_ep, {"image2": shuffled(xd, k_perm)})
-
-            state, _ = run_stage(name, parallel.replicate(state, mesh), epoch_fn, epochs, ctx,
-                                 eval_fn=eval_fn, rng=key)
+                  evaluate: Any = None) -> Any:
+            state, _ = train_stage(Stage(
+                name, state, epochs, step=step, data={"image": xd, "label": yd}, batch_size=bs,
+                drop_last=cfg.drop_last, preprocess=preprocess,
+                epoch_data=lambda d, k: {"image2": shuffled(d["image"], k)},
+                evaluate=evaluate, rng=key), ctx)
             return jax.device_get(state)
 
         # Stage 1: the mask network.
@@ -339,14 +335,12 @@ class InputAware(Attack):
             c_stats=c_vars.get("batch_stats", {}), c_opt=c_tx.init(c_vars["params"]),
             g_params=g_vars["params"], g_stats=g_vars["batch_stats"],
             g_opt=g_tx.init(g_vars["params"]), m_vars=m_vars)
-        eval_fn = None
-        if ctx.evaluate is not None:
-            eval_fn = lambda st: ctx.evaluate(  # noqa: E731
-                {"params": st.c_params, "batch_stats": st.c_stats})
+        evaluate = evaluate_variables(
+            ctx, lambda st: {"params": st.c_params, "batch_stats": st.c_stats})
         step = partial(self._joint_step, model=model, c_tx=c_tx, g_tx=g_tx, num_bd=num_bd,
                        gate_prob=ratio * bs if random else None,
                        label_smoothing=cfg.label_smoothing)
-        j_state = stage("input_aware_joint", j_state, step, cfg.epochs, k_s2, eval_fn)
+        j_state = stage("input_aware_joint", j_state, step, cfg.epochs, k_s2, evaluate)
         self.trained_variables = {"params": j_state.c_params, "batch_stats": j_state.c_stats}
         self.generator_variables = {"params": j_state.g_params, "batch_stats": j_state.g_stats}
         self.mask_variables = j_state.m_vars

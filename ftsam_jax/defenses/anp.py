@@ -59,10 +59,10 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from ftsam_jax import parallel, xla
+from ftsam_jax import parallel
 from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.loop import standard_preprocess
-from ftsam_jax.runner import StageContext, run_stage
+from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
 from ftsam_jax.train import cross_entropy
 
 __all__ = ["ANPConfig", "ANPState", "anp", "anp_config", "batchnorm_paths", "init_masks",
@@ -110,9 +110,12 @@ def anp_config(preset: str = "paper") -> ANPConfig:
 
 @flax.struct.dataclass
 class ANPState:
+    """The masks being learnt and the frozen model they mask (params + BN statistics)."""
+
     step: jax.Array
     masks: Any
     opt_state: optax.OptState
+    model: Variables
 
 
 def batchnorm_paths(variables: Variables) -> list[Path]:
@@ -186,38 +189,8 @@ def sweep_thresholds(variables: Variables, masks: Any, evaluate: Callable[[Varia
     return best, best_t
 
 
-def _make_epoch(step: Callable, mesh: jax.sharding.Mesh, num_steps: int, scan: bool | None):
-    """`epoch(state, variables, x, y, rng) -> (state, mean metrics)`: `num_steps` steps, as
-    one `lax.scan` on accelerators or a Python loop of jitted steps on CPU."""
-    if scan is None:
-        scan = jax.default_backend() != "cpu"
-    repl = parallel.replicated(mesh)
-
-    def one(state, variables, x, y, rng, i):
-        return step(state, variables, x, y, jax.random.fold_in(rng, i))
-
-    if scan:
-        def scanned(state, variables, x, y, rng):
-            state, metrics = jax.lax.scan(lambda st, i: one(st, variables, x, y, rng, i),
-                                          state, jnp.arange(num_steps))
-            return state, jax.tree.map(jnp.mean, metrics)
-
-        return xla.jit(scanned, donate_argnums=(0,), out_shardings=(repl, repl))
-
-    jit_one = xla.jit(one, donate_argnums=(0,), out_shardings=(repl, repl))
-
-    def looped(state, variables, x, y, rng):
-        history = []
-        for i in range(num_steps):
-            state, metrics = jit_one(state, variables, x, y, rng, jnp.int32(i))
-            history.append(metrics)
-        return state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
-
-    return looped
-
-
 def anp(model: nn.Module, variables: Variables, benign: BenignData, config: ANPConfig,
-        rng: jax.Array, ctx: StageContext, *, scan: bool | None = None) -> Variables:
+        rng: jax.Array, ctx: StageContext) -> Variables:
     """Learns neuron masks under adversarial neuron perturbation, then prunes by threshold."""
     mesh = ctx.mesh
     parallel.check_batch_size(config.batch_size, mesh)
@@ -233,13 +206,12 @@ def anp(model: nn.Module, variables: Variables, benign: BenignData, config: ANPC
     step_size = config.eps / config.steps if config.step_size is None else config.step_size
     tx = optax.sgd(config.lr, momentum=config.momentum or None)
     preprocess = standard_preprocess(augment=config.augment)
-    sharding = parallel.data_sharding(mesh)
 
-    def step(state: ANPState, vs: Variables, x: jax.Array, y: jax.Array, rng_: jax.Array):
-        idx_rng, aug_rng, noise_rng = jax.random.split(rng_, 3)
-        idx = jax.random.randint(idx_rng, (config.batch_size,), 0, n)
-        batch = jax.lax.with_sharding_constraint({"image": x[idx], "label": y[idx]}, sharding)
-        batch = preprocess(batch, aug_rng)
+    def sampler(rng_: jax.Array) -> jax.Array:  # iterations of uniformly drawn batches
+        return jax.random.randint(rng_, (config.iterations_per_epoch, config.batch_size), 0, n)
+
+    def step(state: ANPState, batch: dict[str, jax.Array], rng_: jax.Array):
+        vs = state.model
 
         def ce(params: Any) -> tuple[jax.Array, jax.Array]:
             logits, _ = model.apply({"params": params, "batch_stats": vs["batch_stats"]},
@@ -248,7 +220,7 @@ def anp(model: nn.Module, variables: Variables, benign: BenignData, config: ANPC
 
         noise = None
         if config.eps > 0:
-            noise = random_noise(noise_rng, state.masks, config.eps)
+            noise = random_noise(rng_, state.masks, config.eps)
             for _ in range(config.steps):
                 grads = jax.grad(lambda nz: ce(perturb_params(vs["params"], state.masks,
                                                               nz))[0])(noise)
@@ -264,31 +236,28 @@ def anp(model: nn.Module, variables: Variables, benign: BenignData, config: ANPC
         masks = jax.tree.map(lambda m: jnp.clip(m, 0.0, 1.0),
                              optax.apply_updates(state.masks, updates))
         acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        return ANPState(state.step + 1, masks, opt_state), {"loss": loss, "accuracy": acc}
-
-    masks = init_masks(variables)
-    state = parallel.replicate(ANPState(jnp.zeros([], jnp.int32), masks, tx.init(masks)), mesh)
-    repl = parallel.replicated(mesh)
-    vs = parallel.replicate({"params": variables["params"],
-                             "batch_stats": variables["batch_stats"]}, mesh)
-    xd = jax.device_put(benign.x, repl)
-    yd = jax.device_put(np.asarray(benign.y, np.int32), repl)
-    epoch = _make_epoch(step, mesh, config.iterations_per_epoch, scan)
+        return state.replace(step=state.step + 1, masks=masks, opt_state=opt_state), {
+            "loss": loss, "accuracy": acc}
 
     def pruned(st: ANPState) -> Variables:
         return {**variables, "params": prune_by_mask(variables["params"], st.masks,
                                                      config.threshold)}
 
-    def epoch_fn(st: ANPState, r: jax.Array):
-        st, metrics = epoch(st, vs, xd, yd, r)
-        below = sum(jnp.sum(m <= config.threshold) for m in jax.tree.leaves(st.masks))
-        return st, {**metrics, "pruned": below}
+    ctx_eval = evaluate_variables(ctx, pruned)
 
-    eval_fn = None
-    if ctx.evaluate is not None:
-        eval_fn = lambda st: ctx.evaluate(pruned(st))  # noqa: E731
-    epochs = math.ceil(config.iterations / config.iterations_per_epoch)
-    state, _ = run_stage("anp_mask", state, epoch_fn, epochs, ctx, eval_fn=eval_fn, rng=rng)
+    def evaluate(st: ANPState) -> dict[str, float]:
+        below = sum(int(np.sum(np.asarray(m) <= config.threshold))
+                    for m in jax.tree.leaves(st.masks))
+        return {"pruned": float(below), **(ctx_eval(st) if ctx_eval else {})}
+
+    masks = init_masks(variables)
+    state = ANPState(jnp.zeros([], jnp.int32), masks, tx.init(masks),
+                     {"params": variables["params"], "batch_stats": variables["batch_stats"]})
+    state, _ = train_stage(Stage(
+        "anp_mask", state, math.ceil(config.iterations / config.iterations_per_epoch),
+        step=step, data={"image": benign.x, "label": np.asarray(benign.y, np.int32)},
+        batch_size=config.batch_size, preprocess=preprocess, sampler=sampler,
+        evaluate=evaluate, rng=rng), ctx)
     if config.selection == "threshold":
         return jax.device_get(pruned(state))
     out, _ = sweep_thresholds(variables, state.masks, ctx.evaluate, config.sweep_max,

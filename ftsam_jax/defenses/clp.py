@@ -52,7 +52,7 @@ import numpy as np
 
 from ftsam_jax import parallel
 from ftsam_jax.defenses.base import BenignData
-from ftsam_jax.runner import StageContext, run_stage
+from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
 
 __all__ = ["CLPConfig", "channel_lipschitz", "clp", "clp_config", "clp_prune_variables",
            "conv_bn_pairs"]
@@ -155,7 +155,6 @@ def clp(model: nn.Module, variables: Variables, benign: BenignData | None, confi
         metrics = {"pruned": float(sum(len(v) for v in pruned.values()))}
         return parallel.replicate(out, ctx.mesh), metrics
 
-    eval_fn = None if ctx.evaluate is None else ctx.evaluate
-    state = parallel.replicate(variables, ctx.mesh)
-    state, _ = run_stage("clp_prune", state, epoch_fn, 1, ctx, eval_fn=eval_fn)
+    state, _ = train_stage(Stage("clp_prune", variables, 1, epoch_fn=epoch_fn,
+                                 evaluate=evaluate_variables(ctx, lambda v: v)), ctx)
     return jax.device_get(state)

@@ -55,7 +55,7 @@ from ftsam_jax import parallel, xla
 from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.fit import FitConfig, fit
 from ftsam_jax.loop import to_float
-from ftsam_jax.runner import StageContext, run_stage
+from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
 from ftsam_jax.train import classification_loss
 
 __all__ = ["FinePruningConfig", "apply_channel_mask", "benign_features", "channel_mask", "fp",
@@ -188,12 +188,11 @@ def fp(model: nn.Module, variables: Variables, benign: BenignData, config: FineP
                    "acc_after": dict(history)[keep]}
         return {"mask": parallel.replicate(mask, ctx.mesh)}, metrics
 
-    state = {"mask": parallel.replicate(np.ones(num_channels, np.float32), ctx.mesh)}
-    eval_fn = None
-    if ctx.evaluate is not None:
-        eval_fn = lambda st: ctx.evaluate(  # noqa: E731
-            {**variables, "params": apply_channel_mask(variables["params"], st["mask"])})
-    state, _ = run_stage("fp_prune", state, prune_epoch, 1, ctx, eval_fn=eval_fn, rng=prune_rng)
+    masked = lambda st: {**variables, "params": apply_channel_mask(variables["params"],
+                                                                    st["mask"])}
+    state, _ = train_stage(Stage(
+        "fp_prune", {"mask": np.ones(num_channels, np.float32)}, 1, epoch_fn=prune_epoch,
+        evaluate=evaluate_variables(ctx, masked), rng=prune_rng), ctx)
     mask = jnp.asarray(jax.device_get(state["mask"]))
     pruned = {**variables, "params": apply_channel_mask(variables["params"], mask)}
 

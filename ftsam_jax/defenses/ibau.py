@@ -70,7 +70,7 @@ import optax
 from ftsam_jax import parallel, xla
 from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.loop import epoch_indices, standard_preprocess, steps_per_epoch
-from ftsam_jax.runner import StageContext, run_stage
+from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
 from ftsam_jax.train import cross_entropy
 
 __all__ = ["IBAUConfig", "IBAUState", "delta_scale", "fixed_point_hypergradient", "ibau",
@@ -241,11 +241,8 @@ def ibau(model: nn.Module, variables: Variables, benign: BenignData, config: IBA
                        "delta_norm": jnp.sqrt(jnp.sum(delta * delta))}
 
     params = variables["params"]
-    state = parallel.replicate(IBAUState(jnp.zeros([], jnp.int32), params, tx.init(params)),
-                               mesh)
-    eval_fn = None
-    if ctx.evaluate is not None:
-        eval_fn = lambda st: ctx.evaluate({**variables, "params": st.params})  # noqa: E731
-    state, _ = run_stage("ibau_rounds", state, round_fn, config.rounds, ctx, eval_fn=eval_fn,
-                         rng=run_rng)
+    state, _ = train_stage(Stage(
+        "ibau_rounds", IBAUState(jnp.zeros([], jnp.int32), params, tx.init(params)),
+        config.rounds, epoch_fn=round_fn, rng=run_rng,
+        evaluate=evaluate_variables(ctx, lambda st: {**variables, "params": st.params})), ctx)
     return jax.device_get({**variables, "params": state.params})

@@ -47,7 +47,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ftsam_jax import parallel
 from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.defenses.finetune import FineTuneConfig, ftsam_config
 from ftsam_jax.defenses.nad import nad_layers
@@ -61,8 +60,8 @@ from ftsam_jax.distill.step import (
     make_distill_step,
 )
 from ftsam_jax.fit import FitConfig, fit, make_optimizer
-from ftsam_jax.loop import make_epoch_fn, steps_per_epoch
-from ftsam_jax.runner import StageContext, run_stage
+from ftsam_jax.loop import steps_per_epoch
+from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
 
 __all__ = ["IKDConfig", "ikd", "ikd_config"]
 
@@ -165,17 +164,10 @@ def ikd(model: nn.Module, variables: Variables, benign: BenignData, config: IKDC
     step = bind_teacher(make_distill_step(model, model, tx, dcfg))
     student = create_distill_state(model, tx, init_rng, image_shape, variables=variables,
                                    model_t=model, teacher_vars=teacher, config=dcfg)
-    state = parallel.replicate(StudentTeacherState(student=student, teacher=teacher), ctx.mesh)
-    epoch = make_epoch_fn(step, mesh=ctx.mesh, num_examples=n, batch_size=fit_cfg.batch_size,
-                          preprocess=joint_preprocess(augment=True),
-                          drop_last=fit_cfg.drop_last)
-    repl = parallel.replicated(ctx.mesh)
-    xd = jax.device_put(benign.x, repl)
-    yd = jax.device_put(np.asarray(benign.y, np.int32), repl)
-    extra_d = None if extra is None else {k: jax.device_put(v, repl) for k, v in extra.items()}
-    eval_fn = None
-    if ctx.evaluate is not None:
-        eval_fn = lambda st: ctx.evaluate(st.variables)  # noqa: E731
-    state, _ = run_stage("ikd_student", state, lambda st, r: epoch(st, xd, yd, r, extra_d),
-                         fit_cfg.epochs, ctx, eval_fn=eval_fn, rng=student_rng)
+    data = {"image": benign.x, "label": np.asarray(benign.y, np.int32), **(extra or {})}
+    state, _ = train_stage(Stage(
+        "ikd_student", StudentTeacherState(student=student, teacher=teacher), fit_cfg.epochs,
+        step=step, data=data, batch_size=fit_cfg.batch_size, drop_last=fit_cfg.drop_last,
+        preprocess=joint_preprocess(augment=True), evaluate=evaluate_variables(ctx),
+        rng=student_rng), ctx)
     return jax.device_get(state.variables)

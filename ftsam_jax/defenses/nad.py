@@ -54,12 +54,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftsam_jax import parallel
 from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.distill.losses import attention_loss, attention_map
 from ftsam_jax.fit import FitConfig, fit, make_optimizer
-from ftsam_jax.loop import make_epoch_fn, standard_preprocess
-from ftsam_jax.runner import StageContext, run_stage
+from ftsam_jax.loop import standard_preprocess
+from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
 from ftsam_jax.train import cross_entropy, train_step
 
 __all__ = ["NADConfig", "NADState", "attention_loss", "attention_map", "nad", "nad_config",
@@ -185,16 +184,10 @@ def nad(model: nn.Module, variables: Variables, benign: BenignData, config: NADC
     state = NADState(step=jnp.zeros([], jnp.int32), params=params,
                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                      teacher=teacher)
-    state = parallel.replicate(state, ctx.mesh)
-    epoch = make_epoch_fn(step, mesh=ctx.mesh, num_examples=n,
-                          batch_size=fit_cfg.batch_size, preprocess=standard_preprocess(True),
-                          drop_last=fit_cfg.drop_last)
-    repl = parallel.replicated(ctx.mesh)
-    xd = jax.device_put(benign.x, repl)
-    yd = jax.device_put(np.asarray(benign.y, np.int32), repl)
-    eval_fn = None
-    if ctx.evaluate is not None:
-        eval_fn = lambda st: ctx.evaluate(st.variables)  # noqa: E731
-    state, _ = run_stage("nad_student", state, lambda st, r: epoch(st, xd, yd, r),
-                         fit_cfg.epochs, ctx, eval_fn=eval_fn, rng=student_rng)
+    state, _ = train_stage(Stage(
+        "nad_student", state, fit_cfg.epochs, step=step,
+        data={"image": benign.x, "label": np.asarray(benign.y, np.int32)},
+        batch_size=fit_cfg.batch_size, drop_last=fit_cfg.drop_last,
+        preprocess=standard_preprocess(True), evaluate=evaluate_variables(ctx),
+        rng=student_rng), ctx)
     return jax.device_get(state.variables)
