@@ -1,4 +1,5 @@
-"""Resumable stages: non-finite loss stops and keeps the last good checkpoint; seeds."""
+"""Resumable stages: non-finite loss stops and keeps the last good checkpoint; seeds; the one
+stage driver (`Stage` + `train_stage`)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,16 @@ import pytest
 
 from ftsam_jax import parallel
 from ftsam_jax.checkpoint import Checkpointer
-from ftsam_jax.runner import NonFiniteLossError, StageContext, run_stage, stage_rng
+from ftsam_jax.loop import epoch_indices
+from ftsam_jax.runner import (
+    NonFiniteLossError,
+    Stage,
+    StageContext,
+    evaluate_variables,
+    run_stage,
+    stage_rng,
+    train_stage,
+)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -54,3 +64,75 @@ def test_stage_streams_depend_only_on_seed_and_name():
     assert np.array_equal(a, jax.random.key_data(stage_rng(0, "defense/ftsam")))
     assert not np.array_equal(a, jax.random.key_data(stage_rng(0, "defense/ft")))
     assert not np.array_equal(a, jax.random.key_data(stage_rng(1, "defense/ftsam")))
+
+
+def _sum_step(state, batch, rng):
+    """Adds up the batch's labels (and its extra arrays): which examples a stage saw."""
+    del rng
+    seen = state["seen"] + jnp.sum(batch["label"]) + sum(
+        jnp.sum(v) for k, v in batch.items() if k not in ("image", "label"))
+    return {"seen": seen, "n": state["n"] + 1}, {"loss": jnp.float32(1.0)}
+
+
+def test_stage_needs_exactly_one_of_step_and_epoch_fn():
+    with pytest.raises(ValueError, match="exactly one of step and epoch_fn"):
+        Stage("s", {}, 1)
+    with pytest.raises(ValueError, match="exactly one of step and epoch_fn"):
+        Stage("s", {}, 1, step=_sum_step, epoch_fn=lambda st, r: (st, {}),
+              data={"image": np.zeros(4), "label": np.zeros(4)})
+    with pytest.raises(ValueError, match="'image' and 'label'"):
+        Stage("s", {}, 1, step=_sum_step, data={"x": np.zeros(4)})
+
+
+def test_train_stage_runs_the_epochs_it_is_given(tmp_path):
+    """Every example once per epoch (shuffled epoch), the sampler's draws instead when given,
+    per-epoch data from the epoch key, evaluation every epoch, and resume."""
+    mesh = parallel.make_mesh()
+    n, bs = 32, 8
+    labels = np.arange(n, dtype=np.int32)
+    data = {"image": np.zeros((n, 2, 2, 1), np.uint8), "label": labels}
+    state0 = {"seen": jnp.zeros((), jnp.int32), "n": jnp.zeros((), jnp.int32)}
+    ctx = StageContext(mesh=mesh, seed=0, workdir=tmp_path / "a", progress=False)
+    evaluated = []
+    state, history = train_stage(Stage(
+        "epochs", state0, 3, step=_sum_step, data=data, batch_size=bs,
+        evaluate=lambda st: evaluated.append(int(st["n"])) or {"n": float(st["n"])}), ctx)
+    assert int(state["seen"]) == 3 * labels.sum() and int(state["n"]) == 3 * n // bs
+    assert evaluated == [4, 8, 12] and history[-1]["n"] == 12  # ctx.eval_every = 1
+
+    # A sampler: its indices, from the first half of the epoch key.
+    ones = lambda rng: jnp.ones((5, bs), jnp.int32)  # noqa: E731
+    state, _ = train_stage(Stage("sampled", state0, 2, step=_sum_step, data=data,
+                                 batch_size=bs, sampler=ones), ctx)
+    assert int(state["seen"]) == 2 * 5 * bs and int(state["n"]) == 10
+
+    # Per-epoch data: made from the data on device and the epoch's key.
+    made = lambda d, rng: {"twice": 2 * d["label"]}  # noqa: E731
+    state, _ = train_stage(Stage("extra", state0, 1, step=_sum_step, data=data, batch_size=bs,
+                                 epoch_data=made), ctx)
+    assert int(state["seen"]) == 3 * labels.sum()
+
+    # drop_last=False fills the last batch from a second permutation (as loop.epoch_indices).
+    rng = stage_rng(0, "partial")
+    state, _ = train_stage(Stage("partial", state0, 1, step=_sum_step,
+                                 data={**data, "label": labels[:30]}, batch_size=bs,
+                                 drop_last=False), ctx)
+    perm_rng, _ = jax.random.split(jax.random.fold_in(rng, 0))
+    expected = int(jnp.sum(epoch_indices(perm_rng, 30, bs, drop_last=False)))
+    assert int(state["seen"]) == expected
+
+    # Finished stages are restored, not rerun; an interrupted one continues.
+    again, _ = train_stage(Stage("epochs", state0, 3, step=lambda *a: 1 / 0, data=data,
+                                 batch_size=bs), ctx)
+    assert int(again["seen"]) == 3 * labels.sum()
+    more, _ = train_stage(Stage("epochs", state0, 4, step=_sum_step, data=data,
+                                batch_size=bs), ctx)
+    assert int(more["seen"]) == 4 * labels.sum()
+
+
+def test_evaluate_variables_reads_the_runs_evaluator():
+    ctx = StageContext(mesh=parallel.make_mesh(), progress=False)
+    assert evaluate_variables(ctx) is None
+    ctx.evaluate = lambda v: {"acc": float(v["w"])}
+    ev = evaluate_variables(ctx, lambda st: {"w": st[0]})
+    assert ev((0.25,)) == {"acc": 0.25}
