@@ -67,7 +67,8 @@ flags.DEFINE_enum("preset", "paper", ["paper", "cpu", "smoke"],
                   "paper: the reference recipe (PreActResNet18, SGD 0.01/0.9/5e-4, cosine, 100 "
                   "epochs, batch 128); cpu: width 16, 60 epochs at lr 0.05 (about 20 minutes on "
                   "2 CPU cores on the 5k CIFAR slice); smoke: a tiny net, seconds.")
-flags.DEFINE_list("defenses", [], "Defenses to run after the backdoored stage, e.g. ft,ftsam.")
+flags.DEFINE_list("defenses", [], "Defenses to run after the backdoored stage, e.g. ft,ftsam: "
+                  + "; ".join(f"{n}: {s.summary}" for n, s in sorted(DEFENSES.items())) + ".")
 flags.DEFINE_float("benign_ratio", 0.05, "Share of the training set the defender holds.")
 flags.DEFINE_float("rho", None, "FT-SAM neighbourhood radius (default 2).")
 flags.DEFINE_enum("ftsam_recipe", "reference", ["reference", "paper"],
@@ -337,6 +338,8 @@ def main(argv: list[str]) -> None:
         rng = stage_rng(defense_seed, f"defense/{name}")
         benign_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
         idx = select_benign(ds.y_train, settings.benign_ratio, benign_rng, spec.balanced)
+        if not spec.uses_data:  # data-free (CLP): no image, only the input shape
+            idx = idx[:0]
         benign = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)
         t0 = start_timer(ctx)
         variables = spec.run(model, bd_vars, benign, cfg, rng, ctx)

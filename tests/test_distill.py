@@ -97,7 +97,7 @@ def test_momentum_and_l1_normalisation_match_numpy_on_a_linear_model():
     y = rng.integers(0, k, n).astype(np.int32)
     wmat = rng.normal(0, 1, (h * w * c, k)).astype(np.float32)
     b = rng.normal(0, 1, k).astype(np.float32)
-    apply = lambda v, im: im.reshape(im.shape[0], -1) @ v["w"] + v["b"]  # noqa: E731
+    apply = lambda v, im: im.reshape(im.shape[0], -1) @ v["w"] + v["b"]
     for clip in ("unit", "image"):
         cfg = adversarial.AttackConfig(eps=0.05, step_size=0.02, steps=4, decay=1.0,
                                        diversity_prob=0.0, clip=clip)
@@ -163,7 +163,7 @@ def test_kd_feature_and_afa_losses_match_numpy():
     align = {"a": losses.init_align(jax.random.key(0), 3, 6)}
     ka, ba = np.asarray(align["a"]["kernel"]), np.asarray(align["a"]["bias"])
     aligned = {"a": fs["a"] @ ka + ba, "b": fs["b"]}
-    cast = lambda d: {k: jnp.asarray(v, jnp.float32) for k, v in d.items()}  # noqa: E731
+    cast = lambda d: {k: jnp.asarray(v, jnp.float32) for k, v in d.items()}
     # AFA: alpha * sum_l sum((A(F_s) - F_t)^2) / N.
     ref = 0.01 * sum(np.sum((aligned[k] - ft[k]) ** 2) / 2 for k in ("a", "b"))
     np.testing.assert_allclose(losses.afa_loss(cast(fs), cast(ft), 0.01, ("a", "b"), align),

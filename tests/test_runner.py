@@ -101,13 +101,13 @@ def test_train_stage_runs_the_epochs_it_is_given(tmp_path):
     assert evaluated == [4, 8, 12] and history[-1]["n"] == 12  # ctx.eval_every = 1
 
     # A sampler: its indices, from the first half of the epoch key.
-    ones = lambda rng: jnp.ones((5, bs), jnp.int32)  # noqa: E731
+    ones = lambda rng: jnp.ones((5, bs), jnp.int32)
     state, _ = train_stage(Stage("sampled", state0, 2, step=_sum_step, data=data,
                                  batch_size=bs, sampler=ones), ctx)
     assert int(state["seen"]) == 2 * 5 * bs and int(state["n"]) == 10
 
     # Per-epoch data: made from the data on device and the epoch's key.
-    made = lambda d, rng: {"twice": 2 * d["label"]}  # noqa: E731
+    made = lambda d, rng: {"twice": 2 * d["label"]}
     state, _ = train_stage(Stage("extra", state0, 1, step=_sum_step, data=data, batch_size=bs,
                                  epoch_data=made), ctx)
     assert int(state["seen"]) == 3 * labels.sum()

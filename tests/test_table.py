@@ -41,6 +41,7 @@ def test_smoke_table_two_attacks_three_defenses(toy_npz, tmp_path):
         r0 = json.loads((tmp_path / "t" / attack / "ds0" / "results.json").read_text())
         r1 = json.loads((tmp_path / "t" / attack / "ds1" / "results.json").read_text())
         assert r0["backdoored"]["asr"] == r1["backdoored"]["asr"]
+        assert r0["defenses"]["clp"]["benign_examples"] == 0  # data-free: no image drawn
     md = (tmp_path / "t" / "table.md").read_text()
     assert "| badnets |" in md and "| blended |" in md and "| Average |" in md
     assert (tmp_path / "t" / "table.png").stat().st_size > 0

@@ -97,7 +97,7 @@ def threshold(z: jax.Array) -> jax.Array:
 def diversity_loss(a: jax.Array, b: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
     """mean_i RMS(a_i - b_i) / (RMS(p_i - q_i) + 1e-7): images that differ must get triggers
     (or masks) that differ."""
-    rms = lambda u: jnp.sqrt(jnp.mean(jnp.square(u), axis=(1, 2, 3)) + 1e-12)  # noqa: E731
+    rms = lambda u: jnp.sqrt(jnp.mean(jnp.square(u), axis=(1, 2, 3)) + 1e-12)
     return jnp.mean(rms(a - b) / (rms(p - q) + EPS))
 
 

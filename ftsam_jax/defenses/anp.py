@@ -138,7 +138,7 @@ def random_noise(rng: jax.Array, masks: Any, eps: float) -> tuple[Any, Any]:
     """(weight noise, bias noise), each U(-eps, eps) per neuron."""
     leaves, treedef = jax.tree.flatten(masks)
     keys = jax.random.split(rng, 2 * len(leaves))
-    draw = lambda k, m: jax.random.uniform(k, m.shape, m.dtype, -eps, eps)  # noqa: E731
+    draw = lambda k, m: jax.random.uniform(k, m.shape, m.dtype, -eps, eps)
     w = [draw(k, m) for k, m in zip(keys[::2], leaves, strict=True)]
     b = [draw(k, m) for k, m in zip(keys[1::2], leaves, strict=True)]
     return jax.tree.unflatten(treedef, w), jax.tree.unflatten(treedef, b)
