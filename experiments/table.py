@@ -7,10 +7,13 @@ r"""The paper's Table 1 in one command: every attack x every defense, mean +- st
 
 Every cell runs through `experiments.ftsam` (a subprocess each, so one failing cell does not
 stop the others): per attack, `WORKDIR/ATTACK/ds{s}` holds the run for defense seed s; the
-backdoored model is trained once, in the first seed's folder, and its checkpoints are copied
-to the others (nothing is trained twice; those folders are ordinary `experiments.ftsam`
-workdirs). Defenses in `--seeded_defenses` run with every seed of `--defense_seeds`, the others
-with the first. Rerunning the command skips finished cells and resumes interrupted ones from
+backdoored model is trained once, in the first seed's folder, and its final variables
+(`models/backdoored`) and checkpoints are copied to the others (nothing is trained twice; those
+folders are ordinary `experiments.ftsam` workdirs). A folder whose results.json has the
+backdoored row and `models/backdoored` needs no checkpoint: committing those two (a few MB at
+`cpu` width) lets a table go on later, on another machine.
+Defenses in `--seeded_defenses` run with every seed of `--defense_seeds`, the others with the
+first. Rerunning the command skips finished cells and resumes interrupted ones from
 their checkpoints. Writes `table.md` (rows: attacks and their average; column groups: No
 defense and each defense with C-Acc / ASR / DER in %, mean +- std over seeds), `table.json`
 (every number, per seed, and the failed cells), `table.png` (ASR and C-Acc heat maps) and
@@ -102,9 +105,15 @@ def _done(root: Path, cell: tuple[str, str | None, int]) -> bool:
 
 
 def _share_backdoored(root: Path, attack: str, first: int, seed: int) -> None:
-    """Copies the backdoored stage's checkpoints (not the defenses') into seed's folder."""
+    """Copies the backdoored model's final variables and its stage's checkpoints (not the
+    defenses') into seed's folder."""
     src, dst = cell_dir(root, attack, first) / "checkpoints", cell_dir(root, attack, seed)
     (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+    model = cell_dir(root, attack, first) / "models" / "backdoored"
+    if model.is_dir() and not (dst / "models" / "backdoored").exists():
+        shutil.copytree(model, dst / "models" / "backdoored")
+    if not src.is_dir():
+        return
     for entry in src.iterdir():
         stem = entry.name.removesuffix(".settings.json")
         target = dst / "checkpoints" / entry.name

@@ -91,8 +91,9 @@ def save_variables(path: str | Path, variables: Any) -> None:
 
 
 def load_variables(path: str | Path, template: Any) -> Any:
-    """Reads variables written by `save_variables` into the structure of `template`."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                            template)
+    """Reads variables written by `save_variables` into the structure of `template` (arrays or
+    `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape(model.init, ...)`)."""
+    abstract = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+                            else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(Path(path).absolute(), abstract)

@@ -93,6 +93,17 @@ def test_smoke_run_writes_results_and_resumes_exactly(npz_data, tmp_path):
               for d in (alone, other_dir)]
     assert len(losses[1]) == 2 and losses[0] != losses[1]
 
+    # A workdir with the backdoored row and the model's final variables but no checkpoint (what
+    # a table commits) goes on without training the backdoored model again.
+    committed = tmp_path / "committed"
+    shutil.copytree(alone / "models" / "backdoored", committed / "models" / "backdoored")
+    shutil.copy(alone / "config.json", committed / "config.json")
+    (committed / "results.json").write_text(json.dumps({**only, "defenses": {}}))
+    run_ftsam(*args[:-2], "--defenses=ftsam", "--defense_epochs=2", f"--workdir={committed}")
+    went_on = json.loads((committed / "results.json").read_text())
+    assert strip_seconds(went_on["defenses"]) == strip_seconds(only["defenses"])
+    assert {r["stage"] for r in read_jsonl(committed / "metrics.jsonl")} == {"ftsam"}
+
 
 def test_cifar_slice_backdoored_stage(cifar_dir, tmp_path):
     run_ftsam(f"--data_dir={cifar_dir}", "--dataset=cifar10", "--attack=sig", "--preset=smoke",
