@@ -99,10 +99,17 @@ CONSTANT_LR_ATTACKS = ("wanet", "input_aware")
 # Config fields added to a defense after workdirs existed, with the value that reproduces what
 # ran before: a stored record without such a field is compared as if it had that value (so old
 # runs resume when the new field's default is the old behaviour, and are refused when it is not).
+# FT's, FT-SAM's and FP's configs became FitConfigs (their fields were copies of it), which
+# added the fields they had fixed: augment, drop_last (and for FP SAM's and label smoothing's).
+_FIT_FIELDS = {"augment": True, "drop_last": False}
 ADDED_DEFENSE_FIELDS: dict[str, dict[str, Any]] = {
     "anp": {"selection": "threshold", "sweep_max": 0.9, "sweep_step": 0.05, "acc_ratio": 0.1},
-    "fp": {"keep": "last_within"},
+    "fp": {"keep": "last_within", **_FIT_FIELDS, "label_smoothing": 0.0, "sam": False,
+           "rho": 2.0, "adaptive": True, "eta": 0.0, "group_size": None},
     "ibau": {"delta_space": "pixel"},
+    "ft": _FIT_FIELDS,
+    "ftsam": _FIT_FIELDS,
+    "ikd": {"teacher": _FIT_FIELDS},
 }
 # Settings a defense fixes or derives itself: `--set` may not change them (it would be dropped).
 FIXED_DEFENSE_FIELDS: dict[str, dict[str, str]] = {
@@ -203,6 +210,15 @@ def resolve_settings(num_devices: int) -> Settings:
 def defense_record(cfg: Any, benign_ratio: float, defense_seed: int) -> dict[str, Any]:
     """A defense's settings as stored in results.json (and compared on rerun)."""
     return {"benign_ratio": benign_ratio, "defense_seed": defense_seed, **dataclasses.asdict(cfg)}
+
+
+def with_defaults(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`record` with every key of `defaults` it lacks, nested records included."""
+    out = {**defaults, **record}
+    for key, value in defaults.items():
+        if isinstance(value, dict) and isinstance(record.get(key), dict):
+            out[key] = with_defaults(record[key], value)
+    return out
 
 
 def write_results(workdir: Path, results: dict[str, Any]) -> None:
@@ -332,8 +348,8 @@ def main(argv: list[str]) -> None:
         if previous is None and marker.is_file():
             previous = json.loads(marker.read_text())
         if previous is not None:  # records written before --defense_seed (or a field) existed
-            previous = {"defense_seed": FLAGS.seed, **ADDED_DEFENSE_FIELDS.get(name, {}),
-                        **previous}
+            previous = with_defaults(previous, {"defense_seed": FLAGS.seed,
+                                                **ADDED_DEFENSE_FIELDS.get(name, {})})
         if previous is not None and previous != record:
             changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in record.items()
                                 if previous.get(k) != v)

@@ -33,7 +33,7 @@ def built_learning_rates(cfg, num_examples, steps):
     """The learning rate of each of `steps` updates of the optimizer the recipe builds,
     read off its updates: params 0 (no weight decay), SAM's gradient a constant 1, so
     update_t = -lr_t * m_t with the momentum buffer m_t = 1 + momentum * m_{t-1}."""
-    tx = make_optimizer(cfg.fit_config(), num_examples=num_examples)
+    tx = make_optimizer(cfg, num_examples=num_examples)
     params = {"w": jnp.zeros(())}
     state = tx.init(params)
     assert isinstance(state[0], SAMState)

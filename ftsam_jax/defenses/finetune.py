@@ -47,32 +47,15 @@ RECIPES = ("reference", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
-class FineTuneConfig:
-    """FT / FT-SAM hyperparameters (see the module docstring for the two FT-SAM recipes)."""
+class FineTuneConfig(FitConfig):
+    """FT / FT-SAM hyperparameters: `FitConfig`'s fields with BackdoorBench's FT defaults
+    (batch 256, cosine T_max 100, the last partial batch kept), and which FT-SAM recipe made
+    them (see the module docstring)."""
 
-    epochs: int = 100
     batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine_epoch"
     t_max: int | None = 100
-    label_smoothing: float = 0.0
-    sam: bool = False
-    rho: float = 2.0
-    adaptive: bool = True
-    eta: float = 0.0
-    group_size: int | None = None
+    drop_last: bool = False
     recipe: str = "reference"
-
-    def fit_config(self) -> FitConfig:
-        return FitConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-            weight_decay=self.weight_decay, schedule=self.schedule, t_max=self.t_max,
-            label_smoothing=self.label_smoothing, sam=self.sam, rho=self.rho,
-            adaptive=self.adaptive, eta=self.eta, group_size=self.group_size, augment=True,
-            drop_last=False,
-        )
 
 
 def _epochs(preset: str) -> int:
@@ -97,7 +80,7 @@ def ftsam_config(preset: str = "paper", recipe: str = "reference") -> FineTuneCo
 
 def _finetune(name: str, model: nn.Module, variables: dict[str, Any], benign: BenignData,
               config: FineTuneConfig, rng: jax.Array, ctx: StageContext) -> dict[str, Any]:
-    out, _ = fit(name, model, variables, benign.x, benign.y, config.fit_config(), rng, ctx)
+    out, _ = fit(name, model, variables, benign.x, benign.y, config, rng, ctx)
     return out
 
 

@@ -68,26 +68,18 @@ KEEP_RULES = ("first_beyond", "last_within")
 
 
 @dataclasses.dataclass(frozen=True)
-class FinePruningConfig:
-    """Fine-Pruning hyperparameters (see the module docstring)."""
+class FinePruningConfig(FitConfig):
+    """Fine-Pruning hyperparameters (see the module docstring): the pruning rule, and
+    `FitConfig`'s fields for the fine-tuning with BackdoorBench's defaults (batch 256, cosine
+    T_max 100, the last partial batch kept)."""
 
     acc_ratio: float = 0.1
     prune_step_ratio: float = 0.01
     keep: str = "first_beyond"
-    epochs: int = 100
     batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine_epoch"
     t_max: int | None = 100
+    drop_last: bool = False
     eval_batch_size: int = 256
-
-    def fit_config(self) -> FitConfig:
-        return FitConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                         momentum=self.momentum, weight_decay=self.weight_decay,
-                         schedule=self.schedule, t_max=self.t_max, augment=True,
-                         drop_last=False)
 
 
 def fp_config(preset: str = "paper") -> FinePruningConfig:
@@ -201,7 +193,7 @@ def fp(model: nn.Module, variables: Variables, benign: BenignData, config: FineP
     def masked_loss(params, batch_stats, batch, rng_):
         return base_loss(apply_channel_mask(params, mask), batch_stats, batch, rng_)
 
-    out, _ = fit("fp_finetune", model, pruned, benign.x, benign.y, config.fit_config(), ft_rng,
+    out, _ = fit("fp_finetune", model, pruned, benign.x, benign.y, config, ft_rng,
                  ctx, loss_fn=masked_loss)
     out = {**out, "params": apply_channel_mask(out["params"], mask)}
     return jax.device_get(out)

@@ -102,8 +102,7 @@ class IKDConfig:
             raise ValueError("ikd_fraction must lie in [0, 1]")
 
     def teacher_fit_config(self) -> FitConfig:
-        t = dataclasses.replace(self.teacher, sam=self.teacher_sam, batch_size=self.batch_size)
-        return t.fit_config()
+        return dataclasses.replace(self.teacher, sam=self.teacher_sam, batch_size=self.batch_size)
 
     def student_fit_config(self) -> FitConfig:
         return FitConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
