@@ -49,7 +49,15 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     try:
         return flags.FLAGS(list(argv))
     except flags.Error as e:
-        fail(e)
+        text = str(e)
+        if "Traceback (most recent call last)" in text:  # a config file that failed to load
+            head = text.split("Traceback (most recent call last)")[0].rstrip(": \n")
+            text = f"{head}: {text.strip().splitlines()[-1]}"
+        fail(text)
+    except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD that does not exist
+        fail(f"no config field {e.args[0] if e.args else e}: see the config file's fields")
+    except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
+        fail(f"config override: {e}")
 
 
 def run(main: Callable[[list[str]], None]) -> None:

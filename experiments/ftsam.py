@@ -3,6 +3,11 @@ r"""FT-SAM end to end: data -> backdoored model -> defenses -> the paper's table
     python -m experiments.ftsam --dataset=cifar10 --data_dir=../shared/data/cifar10-subset \
         --attack=blended --preset=cpu --defenses=ft,ftsam --workdir=runs/blended
 
+Every setting is one field of one config tree (`experiments/configs/ftsam.py`, `ml_collections`);
+the flags above are shorthands for its fields, and any field can be set as with the flax
+examples, e.g. `--config=experiments/configs/ftsam.py:cpu --config.defense.ftsam.rho=4`.
+`main` only resolves the tree; `train_and_evaluate(config, workdir)` runs it (tests call it).
+
 Stages (each checkpointed with orbax; rerunning the same command resumes, finished stages are
 skipped): (1) poison the training set, (2) train the backdoored model, (3) each defense in
 `--defenses` from the backdoored weights on a benign subset, (4) metrics, `--analysis`.
@@ -21,11 +26,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import flags
+from jax.sharding import Mesh
+from ml_collections import config_flags
 
 from experiments.cli import InputError, check_batch_fits, make_mesh, run
-from experiments.overrides import apply_overrides
+from experiments.configs.ftsam import PRESETS, defense_defaults, get_config
+from experiments.overrides import apply_overrides, settings_from_dict
 from experiments.workdir import (
     MetricsLog,
     atomic_write,
@@ -85,14 +94,14 @@ flags.DEFINE_integer("eval_every", None, "Evaluate C-Acc/ASR curves every k epoc
 flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every k epochs.")
 flags.DEFINE_bool("analysis", False, "Neuron norms / TAC before and after each defense, plots.")
 flags.DEFINE_bool("progress", True, "Progress bars.")
+config_flags.DEFINE_config_file(
+    "config", None, "A config file of the whole run, e.g. experiments/configs/ftsam.py:cpu "
+    "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(model="preactresnet18", width=64, epochs=100, batch_size=128, lr=0.01,
-                  eval_every=5),
-    "cpu": dict(model="preactresnet18", width=16, epochs=60, batch_size=128, lr=0.05,
-                eval_every=5),
-    "smoke": dict(model="tiny_cnn", width=8, epochs=2, batch_size=64, lr=0.05, eval_every=1),
-}
+# Flags that are shorthands for top-level fields of the config tree (applied when given).
+SHORTHANDS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
+              "width", "epochs", "batch_size", "lr", "seed", "defense_seed", "benign_ratio",
+              "dtype", "eval_every", "checkpoint_every", "analysis", "progress")
 # BackdoorBench trains WaNet and Input-aware with a MultiStepLR whose milestones (100..400)
 # never fire in 100 epochs: a constant learning rate. The paper preset keeps that.
 CONSTANT_LR_ATTACKS = ("wanet", "input_aware")
@@ -136,71 +145,126 @@ class Settings:
     eval_every: int
 
 
-def resolve_settings(num_devices: int) -> Settings:
-    """Flags + preset -> settings; raises InputError for anything invalid."""
-    p = PRESETS[FLAGS.preset]
-    pick = lambda name: p[name] if getattr(FLAGS, name) is None else getattr(FLAGS, name)
-    settings = {k: pick(k) for k in ("model", "width", "epochs", "batch_size", "lr")}
-    if FLAGS.attack not in ATTACKS:
-        raise InputError(f"unknown attack {FLAGS.attack!r}; choose one of {sorted(ATTACKS)}")
-    if settings["model"] not in MODELS:
-        raise InputError(f"unknown model {settings['model']!r}; choose one of {sorted(MODELS)}")
-    if not 0.0 < FLAGS.poison_ratio <= 1.0:
-        raise InputError(f"--poison_ratio must lie in (0, 1], got {FLAGS.poison_ratio}")
-    if not 0.0 < FLAGS.benign_ratio <= 1.0:
-        raise InputError(f"--benign_ratio must lie in (0, 1], got {FLAGS.benign_ratio}")
-    if settings["width"] < 1 or settings["epochs"] < 1 or settings["lr"] <= 0:
-        raise InputError("--width and --epochs must be >= 1 and --lr > 0")
-    for name, value in (("--batch_size", settings["batch_size"]),
-                        ("--defense_batch_size", FLAGS.defense_batch_size)):
-        if value is not None and (value < 1 or value % num_devices):
-            raise InputError(f"{name} {value} is not divisible by the number of devices "
-                             f"({num_devices})")
+def config_from_flags() -> ml_collections.ConfigDict:
+    """The run's config tree: `--config` (with its `--config.*` overrides) or `--preset`'s,
+    then every shorthand flag that was given. Raises InputError for contradictions."""
+    bs = FLAGS.defense_batch_size
+    if bs is not None and bs < 1:
+        raise InputError(f"--defense_batch_size must be >= 1, got {bs}")
     if FLAGS.defense_epochs is not None and FLAGS.defense_epochs < 1:
         raise InputError("--defense_epochs must be >= 1")
     if FLAGS.rho is not None and FLAGS.rho < 0:
         raise InputError("--rho must be >= 0")
-    if FLAGS.checkpoint_every < 1:
+    try:
+        loaded = None if FLAGS.config is None else FLAGS.config.to_dict()
+    except OSError as e:  # config_flags reports a file it could not load on first use
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise InputError(f"cannot load {FLAGS['config'].serialize()}: {lines[-1]}") from None
+    if loaded is not None:
+        if FLAGS["preset"].present:
+            raise InputError("give --preset or --config (whose argument is the preset), not both")
+        cfg = ml_collections.ConfigDict(loaded)
+    else:
+        cfg = get_config(FLAGS.preset)
+    for name in SHORTHANDS:
+        if FLAGS[name].present:
+            cfg[name] = FLAGS[name].value
+    if FLAGS["defenses"].present:
+        cfg.defenses = ",".join(FLAGS.defenses)
+    selected = [d for d in cfg.defenses.split(",") if d]
+    preset_defaults = defense_defaults(cfg.preset)
+    if FLAGS["ftsam_recipe"].present:
+        if cfg.defense.ftsam.to_dict() != preset_defaults["ftsam"]:
+            raise InputError("--ftsam_recipe replaces defense.ftsam: do not also change its fields")
+        cfg.defense.ftsam = defense_defaults(cfg.preset, FLAGS.ftsam_recipe)["ftsam"]
+    for name in selected:
+        if name not in cfg.defense:
+            continue  # an unknown defense: reported by resolve_settings
+        fields = cfg.defense[name]
+        for flag, field in (("defense_epochs", "epochs"), ("defense_batch_size", "batch_size")):
+            if FLAGS[flag].value is not None and field in fields:
+                fields[field] = FLAGS[flag].value
+        if name == "ftsam" and FLAGS.rho is not None:
+            fields.rho = FLAGS.rho
+    return cfg
+
+
+def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int, set_items: list[str]
+                     ) -> Settings:
+    """The config tree (+ `--set` items) -> settings; raises InputError for anything invalid,
+    including a changed setting that nothing would use."""
+    if cfg.preset not in PRESETS:
+        raise InputError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    if cfg.attack not in ATTACKS:
+        raise InputError(f"unknown attack {cfg.attack!r}; choose one of {sorted(ATTACKS)}")
+    if cfg.model not in MODELS:
+        raise InputError(f"unknown model {cfg.model!r}; choose one of {sorted(MODELS)}")
+    if not 0.0 < cfg.poison_ratio <= 1.0:
+        raise InputError(f"--poison_ratio must lie in (0, 1], got {cfg.poison_ratio}")
+    if not 0.0 < cfg.benign_ratio <= 1.0:
+        raise InputError(f"--benign_ratio must lie in (0, 1], got {cfg.benign_ratio}")
+    if cfg.width < 1 or cfg.epochs < 1 or cfg.lr <= 0:
+        raise InputError("--width and --epochs must be >= 1 and --lr > 0")
+    if cfg.batch_size < 1 or cfg.batch_size % num_devices:
+        raise InputError(f"--batch_size {cfg.batch_size} is not divisible by the number of "
+                         f"devices ({num_devices})")
+    if cfg.checkpoint_every < 1:
         raise InputError("--checkpoint_every must be >= 1")
-    unknown = [d for d in FLAGS.defenses if d not in DEFENSES]
+    if cfg.eval_every < 1:
+        raise InputError("--eval_every must be >= 1")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise InputError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    names = [d.strip() for d in cfg.defenses.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DEFENSES]
     if unknown:
         raise InputError(f"unknown defenses {unknown}; choose from {sorted(DEFENSES)}")
-    if len(set(FLAGS.defenses)) != len(FLAGS.defenses):
+    if len(set(names)) != len(names):
         raise InputError("--defenses lists a defense twice")
     schedule = "cosine_epoch"
-    if FLAGS.preset == "paper" and FLAGS.attack in CONSTANT_LR_ATTACKS:
+    if cfg.preset == "paper" and cfg.attack in CONSTANT_LR_ATTACKS:
         schedule = "constant"
-    run_cfg = {"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir, "attack": FLAGS.attack,
-               "poison_ratio": FLAGS.poison_ratio, "target": FLAGS.target,
-               "trigger_path": FLAGS.trigger_path, **settings, "seed": FLAGS.seed,
-               "preset": FLAGS.preset, "dtype": FLAGS.dtype, "schedule": schedule}
+    run_cfg = {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "attack": cfg.attack,
+               "poison_ratio": cfg.poison_ratio, "target": cfg.target,
+               "trigger_path": cfg.trigger_path, "model": cfg.model, "width": cfg.width,
+               "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+               "seed": cfg.seed, "preset": cfg.preset, "dtype": cfg.dtype, "schedule": schedule}
+
+    # Each defense's settings: the tree's, then --set; a change to a defense that does not run,
+    # or to a setting the defense fixes itself, is refused (it would be dropped).
+    recipe = cfg.defense.ftsam.get("recipe", "reference")
+    defaults = defense_defaults(cfg.preset, recipe if recipe in ("reference", "paper")
+                                else "reference")
+    if set(cfg.defense) != set(defaults):
+        extra = sorted(set(cfg.defense) - set(defaults))
+        raise InputError(f"config defense.{extra[0]}: no such defense; defenses: "
+                         f"{sorted(defaults)}")
+    for name, values in cfg.defense.items():
+        if name not in names and values.to_dict() != defaults[name]:
+            raise InputError(f"config defense.{name} is changed but {name} is not in "
+                             f"--defenses ({', '.join(names) or 'none'})")
     defense_configs = {}
-    for name in FLAGS.defenses:
+    for name in names:
         spec = DEFENSES[name]
-        cfg = (spec.default_config(FLAGS.preset, FLAGS.ftsam_recipe) if name == "ftsam"
-               else spec.default_config(FLAGS.preset))
-        overrides = {"epochs": FLAGS.defense_epochs, "batch_size": FLAGS.defense_batch_size,
-                     "rho": FLAGS.rho if name == "ftsam" else None}
-        fields = {f.name for f in dataclasses.fields(cfg)}
-        defense_configs[name] = dataclasses.replace(
-            cfg, **{k: v for k, v in overrides.items() if v is not None and k in fields})
-    defaults = dict(defense_configs)
-    defense_configs = apply_overrides(defense_configs, FLAGS.set)
+        template = (spec.default_config(cfg.preset, recipe) if name == "ftsam"
+                    else spec.default_config(cfg.preset))
+        try:
+            defense_configs[name] = settings_from_dict(template, cfg.defense[name].to_dict())
+        except (TypeError, ValueError) as e:
+            raise InputError(f"config defense.{name}: {e}") from None
+    defense_configs = apply_overrides(defense_configs, set_items)
     for name, fixed in FIXED_DEFENSE_FIELDS.items():
         for path, reason in fixed.items() if name in defense_configs else ():
-            get = lambda cfg, path=path: functools.reduce(getattr, path.split("."), cfg)
-            if get(defense_configs[name]) != get(defaults[name]):
-                raise InputError(f"--set {name}.{path}: cannot be changed ({reason})")
-    for name, cfg in defense_configs.items():
-        bs = getattr(cfg, "batch_size", None)
+            get = lambda tree, path=path: functools.reduce(
+                lambda t, k: t[k], path.split("."), tree)
+            if get(dataclasses.asdict(defense_configs[name])) != get(defaults[name]):
+                raise InputError(f"{name}.{path} cannot be changed ({reason})")
+    for name, dcfg in defense_configs.items():
+        bs = getattr(dcfg, "batch_size", None)
         if bs is not None and bs % num_devices:
             raise InputError(f"defense {name}: batch size {bs} is not divisible by the number "
                              f"of devices ({num_devices}); set --defense_batch_size")
-    eval_every = FLAGS.eval_every or p["eval_every"]
-    if eval_every < 1:
-        raise InputError("--eval_every must be >= 1")
-    return Settings(run_cfg, FLAGS.benign_ratio, tuple(FLAGS.defenses), defense_configs,
-                    eval_every)
+        cfg.defense[name] = dataclasses.asdict(dcfg)  # the resolved tree says what runs
+    return Settings(run_cfg, cfg.benign_ratio, tuple(names), defense_configs, cfg.eval_every)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,30 +319,43 @@ def results_table(results: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     del argv
     mesh = make_mesh()
+    cfg = config_from_flags()
+    workdir = Path(FLAGS.workdir or f"runs/{cfg.dataset.replace('/', '_').replace(':', '_')}"
+                   f"_{cfg.attack}_{cfg.preset}_s{cfg.seed}")
+    train_and_evaluate(cfg, workdir, mesh=mesh, set_items=FLAGS.set)
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
+                       mesh: Mesh | None = None, set_items: list[str] | None = None
+                       ) -> dict[str, Any]:
+    """Runs (or resumes) the config tree's run in `workdir`: poisoning, the backdoored model,
+    each defense, the metrics; returns results.json's content. Bad settings raise InputError
+    before anything is written."""
+    workdir = Path(workdir)
+    mesh = mesh or parallel.make_mesh()
     n_dev = mesh.devices.size
-    settings = resolve_settings(n_dev)
+    cfg = ml_collections.ConfigDict(cfg.to_dict())  # the caller's tree is not modified
+    settings = resolve_settings(cfg, n_dev, list(set_items or []))
     run_cfg = settings.run
-    workdir = Path(FLAGS.workdir or f"runs/{FLAGS.dataset.replace('/', '_').replace(':', '_')}"
-                   f"_{FLAGS.attack}_{FLAGS.preset}_s{FLAGS.seed}")
     check_workdir(workdir, run_cfg, RUN_KEYS)
 
-    ds = load_dataset(FLAGS.dataset, FLAGS.data_dir)
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
     check_batch_fits(run_cfg["batch_size"], len(ds.y_train))
-    if not 0 <= FLAGS.target < ds.num_classes:
-        raise InputError(f"--target {FLAGS.target} is outside [0, {ds.num_classes})")
+    if not 0 <= cfg.target < ds.num_classes:
+        raise InputError(f"--target {cfg.target} is outside [0, {ds.num_classes})")
     attack_kwargs: dict[str, Any] = {}
-    if FLAGS.trigger_path:
-        key = {"blended": "pattern", "lf": "pattern_path"}.get(FLAGS.attack)
+    if cfg.trigger_path:
+        key = {"blended": "pattern", "lf": "pattern_path"}.get(cfg.attack)
         if key is None:
-            raise InputError(f"--trigger_path is not used by the {FLAGS.attack} attack")
-        attack_kwargs[key] = FLAGS.trigger_path
+            raise InputError(f"--trigger_path is not used by the {cfg.attack} attack")
+        attack_kwargs[key] = cfg.trigger_path
     try:
-        attack = create_attack(FLAGS.attack, num_classes=ds.num_classes,
-                               image_shape=ds.image_shape, target=FLAGS.target, **attack_kwargs)
+        attack = create_attack(cfg.attack, num_classes=ds.num_classes,
+                               image_shape=ds.image_shape, target=cfg.target, **attack_kwargs)
     except ValueError as e:
         raise InputError(e) from None
     mean, std = normalization_for(ds)
-    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     model = create_model(run_cfg["model"], ds.num_classes, width=run_cfg["width"], mean=mean,
                          std=std, dtype=dtype)
 
@@ -288,10 +365,12 @@ def main(argv: list[str]) -> None:
               "num_train": int(len(ds.y_train)), "num_test": int(len(ds.y_test)),
               "attack_config": attack.config(), "devices": n_dev,
               "device_kind": jax.devices()[0].device_kind}
-    atomic_write(workdir / "config.json", json.dumps({"run": run_cfg}, indent=2) + "\n")
+    # "run" guards resume (RUN_KEYS); "config" is the whole resolved tree.
+    atomic_write(workdir / "config.json", json.dumps(
+        {"run": run_cfg, "config": json.loads(cfg.to_json())}, indent=2) + "\n")
     log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
-    ctx = StageContext(mesh=mesh, seed=FLAGS.seed, workdir=workdir, progress=FLAGS.progress,
-                       checkpoint_every=FLAGS.checkpoint_every, log=log,
+    ctx = StageContext(mesh=mesh, seed=cfg.seed, workdir=workdir, progress=cfg.progress,
+                       checkpoint_every=cfg.checkpoint_every, log=log,
                        eval_every=settings.eval_every)
     fit_cfg = FitConfig(epochs=run_cfg["epochs"], batch_size=run_cfg["batch_size"],
                         lr=run_cfg["lr"], schedule=run_cfg["schedule"], drop_last=True)
@@ -299,9 +378,9 @@ def main(argv: list[str]) -> None:
     # (1) Poisoning (and attacks that prepare triggers from data).
     t0 = start_timer(ctx)
     if attack.needs_fit:
-        attack.fit(ds=ds, model=model, fit_config=fit_cfg, ratio=FLAGS.poison_ratio, ctx=ctx,
-                   rng=stage_rng(FLAGS.seed, "attack"))
-    bd = build_backdoor_data(ds, attack, FLAGS.poison_ratio, FLAGS.seed)
+        attack.fit(ds=ds, model=model, fit_config=fit_cfg, ratio=cfg.poison_ratio, ctx=ctx,
+                   rng=stage_rng(cfg.seed, "attack"))
+    bd = build_backdoor_data(ds, attack, cfg.poison_ratio, cfg.seed)
     config["num_poisoned"] = bd.num_poisoned if bd.train_transform is None else None
     evaluate = make_backdoor_evaluator(model, bd, mesh)
     ctx.evaluate = evaluate
@@ -325,11 +404,11 @@ def main(argv: list[str]) -> None:
         bd_vars = load_variables(bd_path, shapes)
     else:
         bd_vars, _ = fit("backdoored", model, None, bd.x_train, bd.y_train, fit_cfg,
-                         stage_rng(FLAGS.seed, "backdoored"), ctx,
+                         stage_rng(cfg.seed, "backdoored"), ctx,
                          train_transform=bd.train_transform)
         save_variables(bd_path, bd_vars)
     if "backdoored" not in results:
-        results = {"dataset": ds.name, "attack": FLAGS.attack, "model": run_cfg["model"],
+        results = {"dataset": ds.name, "attack": cfg.attack, "model": run_cfg["model"],
                    "config": config,
                    "backdoored": {**evaluate(bd_vars),
                                   "seconds": elapsed(t0, ctx)},
@@ -337,10 +416,10 @@ def main(argv: list[str]) -> None:
         write_results(workdir, results)
 
     # (3) Defenses, each from the backdoored weights, with its own random stream.
-    defense_seed = FLAGS.seed if FLAGS.defense_seed is None else FLAGS.defense_seed
+    defense_seed = cfg.seed if cfg.defense_seed is None else cfg.defense_seed
     for name in settings.defenses:
-        spec, cfg = DEFENSES[name], settings.defense_configs[name]
-        record = json.loads(json.dumps(defense_record(cfg, settings.benign_ratio,
+        spec, dcfg = DEFENSES[name], settings.defense_configs[name]
+        record = json.loads(json.dumps(defense_record(dcfg, settings.benign_ratio,
                                                       defense_seed)))
         # A defense's checkpoints and result belong to its settings: refuse to mix.
         marker = workdir / "checkpoints" / f"{name}.settings.json"
@@ -348,7 +427,7 @@ def main(argv: list[str]) -> None:
         if previous is None and marker.is_file():
             previous = json.loads(marker.read_text())
         if previous is not None:  # records written before --defense_seed (or a field) existed
-            previous = with_defaults(previous, {"defense_seed": FLAGS.seed,
+            previous = with_defaults(previous, {"defense_seed": cfg.seed,
                                                 **ADDED_DEFENSE_FIELDS.get(name, {})})
         if previous is not None and previous != record:
             changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in record.items()
@@ -366,7 +445,7 @@ def main(argv: list[str]) -> None:
             idx = idx[:0]
         benign = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)
         t0 = start_timer(ctx)
-        variables = spec.run(model, bd_vars, benign, cfg, rng, ctx)
+        variables = spec.run(model, bd_vars, benign, dcfg, rng, ctx)
         save_variables(workdir / "models" / name, variables)
         r = evaluate(variables)
         r["der"] = metrics.der(results["backdoored"], r)
@@ -376,7 +455,7 @@ def main(argv: list[str]) -> None:
         write_results(workdir, results)
 
     # (4) Analysis: neuron norms and TAC of the last conv layer, before and after each defense.
-    if FLAGS.analysis and jax.process_index() == 0:
+    if cfg.analysis and jax.process_index() == 0:
         from ftsam_jax.analysis import run_analysis
 
         models = {"backdoored": bd_vars}
@@ -386,6 +465,7 @@ def main(argv: list[str]) -> None:
         run_analysis(model, models, bd.x_test[mask], bd.x_bd, workdir)
 
     print_summary(results, workdir)
+    return results
 
 
 def make_backdoor_evaluator(model: Any, bd: BackdoorData, mesh: Any):

@@ -15,7 +15,7 @@ from typing import Any
 
 from experiments.cli import InputError
 
-__all__ = ["apply_overrides", "parse_value"]
+__all__ = ["apply_overrides", "parse_value", "settings_from_dict"]
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -77,3 +77,35 @@ def apply_overrides(configs: dict[str, Any], assignments: list[str]) -> dict[str
                              f"({', '.join(configs) or 'none'})")
         configs[parts[0]] = _replace(configs[parts[0]], parts[1:], text.strip(), item)
     return configs
+
+
+def settings_from_dict(template: Any, values: dict[str, Any]) -> Any:
+    """The frozen dataclass `template` with the fields of `values` (a config tree's plain dict:
+    nested dicts for nested settings, lists or tuples for tuples). Unknown keys are errors."""
+    fields = {f.name for f in dataclasses.fields(template)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"no setting {unknown[0]!r}; settings: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        current = getattr(template, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name!r} is a group of settings, got {value!r}")
+            value = settings_from_dict(current, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        if isinstance(current, tuple) and current and isinstance(value, tuple):
+            element = type(current[0])
+            if element is float:
+                value = tuple(float(v) if type(v) is int else v for v in value)
+            if not all(isinstance(v, element) for v in value):
+                raise ValueError(f"{name!r} must be a tuple of {element.__name__}, got {value!r}")
+        if current is not None and value is not None and not dataclasses.is_dataclass(current):
+            kind = type(current)
+            if isinstance(current, float) and type(value) is int:
+                value = float(value)
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{name!r} must be {kind.__name__}, got {value!r}")
+        kwargs[name] = value
+    return dataclasses.replace(template, **kwargs)

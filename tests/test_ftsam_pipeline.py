@@ -124,13 +124,20 @@ def test_cifar_slice_backdoored_stage(cifar_dir, tmp_path):
     (["--batch_size=100000"], "larger than the training set (320 images)"),
     (["--defenses=ft,magic"], "unknown defenses ['magic']"),
     (["--defenses=ft", "--set=ft.epochz=3"], "no setting 'epochz'"),
-    (["--defenses=ft", "--set=ft.sam=true"], "--set ft.sam: cannot be changed"),
+    (["--defenses=ft", "--set=ft.sam=true"], "ft.sam cannot be changed"),
     (["--defenses=ikd", "--set=ikd.teacher.sam=false"], "ikd.teacher_sam"),
     (["--defenses=ikd", "--set=ikd.teacher.batch_size=64"], "ikd.batch_size"),
     (["--dataset=npz:/no/such/file.npz"], "npz file not found"),
+    (["--config=experiments/configs/ftsam.py:smoke", "--config.nope=1"], "no config field"),
+    (["--config=experiments/configs/ftsam.py:tiny"], "unknown preset 'tiny'"),
+    (["--config=/no/such/config.py"], "cannot load --config=/no/such/config.py"),
+    (["--config=experiments/configs/ftsam.py:smoke", "--config.lr=fast"], "--config.lr=fast"),
+    (["--config=experiments/configs/ftsam.py:smoke", "--preset=cpu"], "not both"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(npz_data, tmp_path, args, message):
-    base = [f"--dataset=npz:{npz_data}", "--preset=smoke", f"--workdir={tmp_path / 'w'}"]
+    base = [f"--dataset=npz:{npz_data}", f"--workdir={tmp_path / 'w'}"]
+    if not any(a.startswith("--config=") for a in args):
+        base.append("--preset=smoke")
     proc = run_ftsam(*base, *args, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
