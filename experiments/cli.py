@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+import ml_collections
 from absl import app, flags, logging
 from jax.sharding import Mesh
 
@@ -14,7 +15,7 @@ from ftsam_jax.checkpoint import CheckpointError
 from ftsam_jax.data import DataError
 from ftsam_jax.runner import NonFiniteLossError
 
-__all__ = ["InputError", "check_batch_fits", "fail", "make_mesh", "run"]
+__all__ = ["InputError", "check_batch_fits", "config_from_flags", "fail", "make_mesh", "run"]
 
 
 class InputError(ValueError):
@@ -37,6 +38,30 @@ def check_batch_fits(batch_size: int, num_examples: int, unit: str = "images") -
     if batch_size > num_examples:
         raise InputError(f"--batch_size {batch_size} is larger than the training set "
                          f"({num_examples} {unit})")
+
+
+def config_from_flags(get_config: Callable[[str], ml_collections.ConfigDict],
+                      shorthands: Sequence[str]) -> ml_collections.ConfigDict:
+    """The run's config tree: `--config` (a config file with its `--config.FIELD=VALUE`
+    overrides, `config_flags`) or `get_config(--preset)`, then every flag of `shorthands` that
+    was given on the command line (a flag and the tree's field of the same name)."""
+    FLAGS = flags.FLAGS
+    try:
+        loaded = None if FLAGS.config is None else FLAGS.config.to_dict()
+    except OSError as e:  # config_flags reports a file it could not load on first use
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise InputError(f"cannot load {FLAGS['config'].serialize()}: {lines[-1]}") from None
+    if loaded is not None:
+        if FLAGS["preset"].present:
+            raise InputError("give --preset or --config (whose argument is the preset), not both")
+        cfg = ml_collections.ConfigDict(loaded)
+    else:
+        cfg = get_config(FLAGS.preset)
+    for name in shorthands:
+        if FLAGS[name].present:
+            value = FLAGS[name].value
+            cfg[name] = ",".join(value) if isinstance(value, list) else value
+    return cfg
 
 
 def fail(message: object) -> NoReturn:

@@ -37,11 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 from absl import flags
+from ml_collections import config_flags
 
-from experiments.cli import InputError, check_batch_fits, make_mesh, run
+from experiments.cli import InputError, check_batch_fits, config_from_flags, make_mesh, run
+from experiments.configs.detect import PRESETS, get_config
 from experiments.workdir import (
     MetricsLog,
     atomic_write,
@@ -93,55 +96,46 @@ flags.DEFINE_float("lr", None, "AdamW learning rate (cosine per epoch).")
 flags.DEFINE_float("alpha_adv", 1e-5, "AFA weight (on a sum over C*H*W per image and level).")
 flags.DEFINE_string("workdir", None, "Output folder (default runs/detect_<preset>).")
 flags.DEFINE_bool("progress", True, "Progress bars.")
+config_flags.DEFINE_config_file(
+    "config", None, "A config file of the whole run, e.g. experiments/configs/detect.py:cpu "
+    "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
 
 METHODS = ("student", "fgd", "fgd_ssa", "fgd_afa", "fgd_ikd", "fgd_noise")
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(image_size=128, num_train=4000, num_val=1000, epochs=24, teacher_epochs=24,
-                  batch_size=32, lr=1e-3, teacher_width=32, teacher_blocks=(2, 2, 2, 2),
-                  student_width=16, student_blocks=(1, 1, 1, 1), fpn_channels=64),
-    # cpu: 2,000 scenes x 12 teacher epochs gave a teacher of AP 6.0 (student alone 3.4), too
-    # weak to distil from; 4,000 scenes and twice the teacher epochs (4x its steps).
-    "cpu": dict(image_size=128, num_train=4000, num_val=1000, epochs=12, teacher_epochs=24,
-                batch_size=32, lr=1e-3, teacher_width=16, teacher_blocks=(2, 2, 2, 2),
-                student_width=8, student_blocks=(1, 1, 1, 1), fpn_channels=32),
-    "smoke": dict(image_size=64, num_train=64, num_val=32, epochs=2, teacher_epochs=2,
-                  batch_size=16, lr=1e-3, teacher_width=8, teacher_blocks=(1, 1, 1, 1),
-                  student_width=4, student_blocks=(1, 1, 1, 1), fpn_channels=16),
-}
+SHORTHANDS = ("dataset", "data_dir", "methods", "seeds", "num_train", "num_val", "epochs",
+              "teacher_epochs", "batch_size", "lr", "alpha_adv", "progress")
 RUN_KEYS = ("dataset", "data_dir", "image_size", "num_train", "num_val", "teacher_epochs",
             "batch_size", "lr", "teacher_width", "teacher_blocks", "fpn_channels", "seed0")
 
 
-def resolve(num_devices: int) -> dict[str, Any]:
-    if FLAGS.dataset != "scenes:fashion_mnist" and not FLAGS.dataset.startswith("coco:"):
-        raise InputError(f"--dataset {FLAGS.dataset!r} is not supported "
+def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]:
+    """The config tree -> the run's settings (a plain dict); InputError for anything invalid."""
+    if tree.dataset != "scenes:fashion_mnist" and not tree.dataset.startswith("coco:"):
+        raise InputError(f"--dataset {tree.dataset!r} is not supported "
                          "(scenes:fashion_mnist or coco:DIR)")
-    cfg = dict(PRESETS[FLAGS.preset])
-    for k in ("num_train", "num_val", "epochs", "teacher_epochs", "batch_size", "lr"):
-        if getattr(FLAGS, k) is not None:
-            cfg[k] = getattr(FLAGS, k)
-    unknown = [m for m in FLAGS.methods if m not in METHODS]
-    if unknown or not FLAGS.methods or len(set(FLAGS.methods)) != len(FLAGS.methods):
+    cfg = {k: tree[k] for k in PRESETS["cpu"]}
+    methods = [m.strip() for m in tree.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
         raise InputError(f"--methods must list distinct methods of {list(METHODS)}, got "
-                         f"{FLAGS.methods}")
+                         f"{methods}")
     try:
-        seeds = [int(s) for s in FLAGS.seeds]
+        seeds = [int(s) for s in tree.seeds.split(",") if s.strip()]
     except ValueError:
-        raise InputError(f"--seeds must be integers, got {FLAGS.seeds}") from None
+        raise InputError(f"--seeds must be integers, got {tree.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise InputError(f"--seeds must list distinct integers, got {FLAGS.seeds}")
+        raise InputError(f"--seeds must list distinct integers, got {tree.seeds!r}")
     if min(cfg["num_train"], cfg["num_val"], cfg["epochs"], cfg["teacher_epochs"]) < 1:
         raise InputError("--num_train, --num_val, --epochs and --teacher_epochs must be >= 1")
-    if cfg["lr"] <= 0 or FLAGS.alpha_adv < 0:
+    if cfg["lr"] <= 0 or tree.alpha_adv < 0:
         raise InputError("--lr must be > 0 and --alpha_adv >= 0")
     if cfg["batch_size"] < 1 or cfg["batch_size"] % num_devices:
         raise InputError(f"--batch_size {cfg['batch_size']} is not divisible by the number of "
                          f"devices ({num_devices})")
-    if FLAGS.dataset.startswith("scenes:"):
+    if tree.dataset.startswith("scenes:"):
         check_batch_fits(cfg["batch_size"], cfg["num_train"], "scenes")
-    cfg = {**cfg, "dataset": FLAGS.dataset, "data_dir": str(FLAGS.data_dir),
-           "methods": list(FLAGS.methods), "seeds": seeds, "seed0": seeds[0],
-           "alpha_adv": FLAGS.alpha_adv, "preset": FLAGS.preset}
+    cfg = {**cfg, "dataset": tree.dataset, "data_dir": str(tree.data_dir), "methods": methods,
+           "seeds": seeds, "seed0": seeds[0], "alpha_adv": tree.alpha_adv,
+           "preset": tree.preset}
     return json.loads(json.dumps(cfg))  # tuples as lists, as config.json stores them
 
 
@@ -278,8 +272,9 @@ def plot_detections(path: Path, data: DetectionData, rows: dict[str, list]) -> N
 def main(argv: list[str]) -> None:
     del argv
     mesh = make_mesh()
-    cfg = resolve(mesh.devices.size)
-    workdir = Path(FLAGS.workdir or f"runs/detect_{FLAGS.preset}")
+    tree = config_from_flags(get_config, SHORTHANDS)
+    cfg = resolve(tree, mesh.devices.size)
+    workdir = Path(FLAGS.workdir or f"runs/detect_{cfg['preset']}")
     check_workdir(workdir, cfg, RUN_KEYS)
     if cfg["dataset"].startswith("coco:"):
         train, val = load_coco(cfg["dataset"].removeprefix("coco:"), cfg["image_size"])
@@ -295,7 +290,7 @@ def main(argv: list[str]) -> None:
                                           scene_cfg, cache_dir=workdir / "data")
     atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
     log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
-    ctx = StageContext(mesh=mesh, seed=cfg["seed0"], workdir=workdir, progress=FLAGS.progress,
+    ctx = StageContext(mesh=mesh, seed=cfg["seed0"], workdir=workdir, progress=tree.progress,
                        log=log, eval_every=max(1, cfg["epochs"]))
     size, k = cfg["image_size"], len(train.class_names)
     mk = lambda width, blocks: FCOS(num_classes=k, width=width, blocks=tuple(blocks),

@@ -26,11 +26,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import flags
+from ml_collections import config_flags
 
-from experiments.cli import InputError, check_batch_fits, make_mesh, run
+from experiments.cli import InputError, check_batch_fits, config_from_flags, make_mesh, run
+from experiments.configs.distill import get_config
 from experiments.workdir import (
     MetricsLog,
     atomic_write,
@@ -76,40 +79,41 @@ flags.DEFINE_enum("preset", "paper", ["paper", "cpu", "smoke"],
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_integer("eval_every", None, "Evaluate students every k epochs.")
 flags.DEFINE_bool("progress", True, "Progress bars.")
+config_flags.DEFINE_config_file(
+    "config", None, "A config file of the whole run, e.g. experiments/configs/distill.py:cpu "
+    "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
 
 METHODS = ("ce", "kd", "kd_afa", "kd_afa_ssa")
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(teacher="preactresnet18", teacher_width=64, student="preactresnet18",
-                  student_width=16, epochs=100, teacher_epochs=100, batch_size=128, lr=0.05,
-                  eval_every=5),
-    "cpu": dict(teacher="preactresnet18", teacher_width=16, student="preactresnet18",
-                student_width=4, epochs=30, teacher_epochs=30, batch_size=128, lr=0.05,
-                eval_every=5, afa_levels=["stage3", "stage4"]),
-    "smoke": dict(teacher="tiny_cnn", teacher_width=8, student="tiny_cnn", student_width=4,
-                  epochs=2, teacher_epochs=2, batch_size=64, lr=0.05, eval_every=1,
-                  afa_levels=["stage2"]),
-}
+SHORTHANDS = ("dataset", "data_dir", "teacher", "teacher_width", "student", "student_width",
+              "methods", "seeds", "epochs", "teacher_epochs", "batch_size", "lr", "kd_alpha",
+              "temperature", "afa_levels", "alpha_adv", "adv_source", "ssa_quantile", "dtype",
+              "eval_every", "progress")
 RUN_KEYS = ("dataset", "data_dir", "teacher", "teacher_width", "student", "student_width",
             "epochs", "teacher_epochs", "batch_size", "lr", "kd_alpha", "temperature",
             "afa_levels", "alpha_adv", "adv_source", "ssa_quantile", "preset", "dtype")
 
 
-def resolve(num_devices: int) -> dict[str, Any]:
-    p = PRESETS[FLAGS.preset]
-    cfg = {k: (p[k] if getattr(FLAGS, k) is None else getattr(FLAGS, k))
-           for k in ("teacher", "teacher_width", "student", "student_width", "epochs",
-                     "teacher_epochs", "batch_size", "lr", "eval_every", "afa_levels")}
+def _items(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]:
+    """The config tree -> the run's settings (a plain dict); InputError for anything invalid."""
+    cfg = {k: tree[k] for k in ("teacher", "teacher_width", "student", "student_width",
+                                "epochs", "teacher_epochs", "batch_size", "lr", "eval_every")}
+    cfg["afa_levels"] = _items(tree.afa_levels)
     for role in ("teacher", "student"):
         if cfg[role] not in MODELS:
             raise InputError(f"unknown {role} model {cfg[role]!r}; choose one of "
                              f"{sorted(MODELS)}")
-    bad = [m for m in FLAGS.methods if m not in METHODS]
-    if bad or not FLAGS.methods:
+    methods = _items(tree.methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
         raise InputError(f"unknown methods {bad}; choose from {list(METHODS)}")
     try:
-        seeds = [int(s) for s in FLAGS.seeds]
+        seeds = [int(s) for s in _items(tree.seeds)]
     except ValueError:
-        raise InputError(f"--seeds must be integers, got {FLAGS.seeds}") from None
+        raise InputError(f"--seeds must be integers, got {tree.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise InputError("--seeds must list distinct integers")
     if min(cfg["epochs"], cfg["teacher_epochs"], cfg["teacher_width"], cfg["student_width"],
@@ -118,16 +122,19 @@ def resolve(num_devices: int) -> dict[str, Any]:
     if cfg["batch_size"] < 1 or cfg["batch_size"] % num_devices:
         raise InputError(f"--batch_size {cfg['batch_size']} is not divisible by the number of "
                          f"devices ({num_devices})")
-    if not 0.0 <= FLAGS.kd_alpha <= 1.0 or FLAGS.temperature <= 0 or FLAGS.alpha_adv < 0:
+    if not 0.0 <= tree.kd_alpha <= 1.0 or tree.temperature <= 0 or tree.alpha_adv < 0:
         raise InputError("--kd_alpha must lie in [0, 1], --temperature > 0, --alpha_adv >= 0")
-    cfg["afa_levels"] = list(cfg["afa_levels"])
-    if not 0.0 < FLAGS.ssa_quantile < 1.0:
+    if not 0.0 < tree.ssa_quantile < 1.0:
         raise InputError("--ssa_quantile must lie in (0, 1)")
-    return {"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir, **cfg,
-            "methods": list(FLAGS.methods), "seeds": seeds, "kd_alpha": FLAGS.kd_alpha,
-            "temperature": FLAGS.temperature,
-            "alpha_adv": FLAGS.alpha_adv, "adv_source": FLAGS.adv_source,
-            "ssa_quantile": FLAGS.ssa_quantile, "preset": FLAGS.preset, "dtype": FLAGS.dtype}
+    if tree.adv_source not in ("batch", "online"):
+        raise InputError(f"--adv_source must be batch or online, got {tree.adv_source!r}")
+    if tree.dtype not in ("float32", "bfloat16"):
+        raise InputError(f"--dtype must be float32 or bfloat16, got {tree.dtype!r}")
+    return {"dataset": tree.dataset, "data_dir": tree.data_dir, **cfg,
+            "methods": methods, "seeds": seeds, "kd_alpha": tree.kd_alpha,
+            "temperature": tree.temperature, "alpha_adv": tree.alpha_adv,
+            "adv_source": tree.adv_source, "ssa_quantile": tree.ssa_quantile,
+            "preset": tree.preset, "dtype": tree.dtype, "progress": tree.progress}
 
 
 def method_config(method: str, cfg: dict[str, Any], ikd_steps: int, ssa_threshold: float
@@ -165,11 +172,11 @@ def results_table(results: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     del argv
     mesh = make_mesh()
-    cfg = resolve(mesh.devices.size)
-    workdir = Path(FLAGS.workdir or f"runs/distill_{FLAGS.dataset.replace('/', '_')}"
-                   f"_{FLAGS.preset}".replace(":", "_"))
+    cfg = resolve(config_from_flags(get_config, SHORTHANDS), mesh.devices.size)
+    workdir = Path(FLAGS.workdir or f"runs/distill_{cfg['dataset'].replace('/', '_')}"
+                   f"_{cfg['preset']}".replace(":", "_"))
     check_workdir(workdir, cfg, RUN_KEYS)
-    ds = load_dataset(FLAGS.dataset, FLAGS.data_dir)
+    ds = load_dataset(cfg["dataset"], cfg["data_dir"])
     check_batch_fits(cfg["batch_size"], len(ds.y_train))
     mean, std = normalization_for(ds)
     dtype = jnp.bfloat16 if cfg["dtype"] == "bfloat16" else jnp.float32
@@ -190,7 +197,7 @@ def main(argv: list[str]) -> None:
     atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
     log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
     ctx = StageContext(mesh=mesh, seed=cfg["seeds"][0], workdir=workdir,
-                       progress=FLAGS.progress, log=log, eval_every=cfg["eval_every"])
+                       progress=cfg["progress"], log=log, eval_every=cfg["eval_every"])
     repl = parallel.replicated(mesh)
     evaluator = make_evaluator(teacher.apply, mesh=mesh, batch_size=_eval_batch(mesh))
     s_evaluator = make_evaluator(student.apply, mesh=mesh, batch_size=_eval_batch(mesh))

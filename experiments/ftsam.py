@@ -32,7 +32,7 @@ from absl import flags
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from experiments.cli import InputError, check_batch_fits, make_mesh, run
+from experiments.cli import InputError, check_batch_fits, config_from_flags, make_mesh, run
 from experiments.configs.ftsam import PRESETS, defense_defaults, get_config
 from experiments.overrides import apply_overrides, settings_from_dict
 from experiments.workdir import (
@@ -101,7 +101,7 @@ config_flags.DEFINE_config_file(
 # Flags that are shorthands for top-level fields of the config tree (applied when given).
 SHORTHANDS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
               "width", "epochs", "batch_size", "lr", "seed", "defense_seed", "benign_ratio",
-              "dtype", "eval_every", "checkpoint_every", "analysis", "progress")
+              "dtype", "eval_every", "checkpoint_every", "analysis", "progress", "defenses")
 # BackdoorBench trains WaNet and Input-aware with a MultiStepLR whose milestones (100..400)
 # never fire in 100 epochs: a constant learning rate. The paper preset keeps that.
 CONSTANT_LR_ATTACKS = ("wanet", "input_aware")
@@ -145,9 +145,9 @@ class Settings:
     eval_every: int
 
 
-def config_from_flags() -> ml_collections.ConfigDict:
-    """The run's config tree: `--config` (with its `--config.*` overrides) or `--preset`'s,
-    then every shorthand flag that was given. Raises InputError for contradictions."""
+def run_config() -> ml_collections.ConfigDict:
+    """The run's config tree (`cli.config_from_flags`) with the defense shorthands
+    (`--ftsam_recipe`, `--defense_epochs`, `--defense_batch_size`, `--rho`) applied."""
     bs = FLAGS.defense_batch_size
     if bs is not None and bs < 1:
         raise InputError(f"--defense_batch_size must be >= 1, got {bs}")
@@ -155,22 +155,7 @@ def config_from_flags() -> ml_collections.ConfigDict:
         raise InputError("--defense_epochs must be >= 1")
     if FLAGS.rho is not None and FLAGS.rho < 0:
         raise InputError("--rho must be >= 0")
-    try:
-        loaded = None if FLAGS.config is None else FLAGS.config.to_dict()
-    except OSError as e:  # config_flags reports a file it could not load on first use
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise InputError(f"cannot load {FLAGS['config'].serialize()}: {lines[-1]}") from None
-    if loaded is not None:
-        if FLAGS["preset"].present:
-            raise InputError("give --preset or --config (whose argument is the preset), not both")
-        cfg = ml_collections.ConfigDict(loaded)
-    else:
-        cfg = get_config(FLAGS.preset)
-    for name in SHORTHANDS:
-        if FLAGS[name].present:
-            cfg[name] = FLAGS[name].value
-    if FLAGS["defenses"].present:
-        cfg.defenses = ",".join(FLAGS.defenses)
+    cfg = config_from_flags(get_config, SHORTHANDS)
     selected = [d for d in cfg.defenses.split(",") if d]
     preset_defaults = defense_defaults(cfg.preset)
     if FLAGS["ftsam_recipe"].present:
@@ -319,7 +304,7 @@ def results_table(results: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     del argv
     mesh = make_mesh()
-    cfg = config_from_flags()
+    cfg = run_config()
     workdir = Path(FLAGS.workdir or f"runs/{cfg.dataset.replace('/', '_').replace(':', '_')}"
                    f"_{cfg.attack}_{cfg.preset}_s{cfg.seed}")
     train_and_evaluate(cfg, workdir, mesh=mesh, set_items=FLAGS.set)

@@ -48,9 +48,12 @@ def test_smoke_run_results_and_rerun(data_dir, tmp_path):
     ("--dataset=coco:/nowhere", "COCO folder not found"),
     ("--batch_size=12", "not divisible"),
     ("--batch_size=1024", "larger than the training set"),
+    ("--config.num_val=0", "must be >= 1"),
 ])
 def test_bad_input_is_one_line(tmp_path, flag, message):
-    proc = run_module("experiments.detect", "--preset=smoke", flag,
+    chosen = (["--config=experiments/configs/detect.py:smoke"] if flag.startswith("--config.")
+              else ["--preset=smoke"])
+    proc = run_module("experiments.detect", *chosen, flag,
                       f"--workdir={tmp_path / 'w'}", check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().startswith("error:") and message in proc.stderr

@@ -11,7 +11,9 @@ pytestmark = pytest.mark.slow  # subprocess runs of the entry points
 
 
 def run_distill(*args, env=None, check=True):
-    return run_module("experiments.distill", "--preset=smoke", *args, env=env, check=check)
+    chosen = any(a.startswith(("--config=", "--preset=")) for a in args)
+    return run_module("experiments.distill", *([] if chosen else ["--preset=smoke"]), *args,
+                      env=env, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,11 @@ def test_distill_results_and_exact_resume(npz_data, tmp_path):
     (["--seeds=0,x"], "--seeds must be integers"),
     (["--afa_levels=stage9"], "--afa_levels ['stage9'] are not features"),
     (["--batch_size=20"], "not divisible by the number of devices"),
+    (["--preset=paper", "--epochs=0"], "epochs, widths and --eval_every must be >= 1"),
+    (["--config=experiments/configs/distill.py:smoke", "--config.adv_source=disk"],
+     "--adv_source must be batch or online"),
+    (["--config=experiments/configs/distill.py:smoke", "--config.kd_alpha=x"],
+     "--config.kd_alpha=x"),
 ])
 def test_distill_bad_input(npz_data, tmp_path, args, message):
     proc = run_distill(f"--dataset=npz:{npz_data}", f"--workdir={tmp_path / 'w'}", *args,
