@@ -104,7 +104,8 @@ METHODS = ("student", "fgd", "fgd_ssa", "fgd_afa", "fgd_ikd", "fgd_noise")
 SHORTHANDS = ("dataset", "data_dir", "methods", "seeds", "num_train", "num_val", "epochs",
               "teacher_epochs", "batch_size", "lr", "alpha_adv", "progress")
 RUN_KEYS = ("dataset", "data_dir", "image_size", "num_train", "num_val", "teacher_epochs",
-            "batch_size", "lr", "teacher_width", "teacher_blocks", "fpn_channels", "seed0")
+            "batch_size", "lr", "teacher_width", "teacher_blocks", "fpn_channels", "seed0",
+            "epochs", "student_width", "student_blocks", "alpha_adv", "fgd_scale", "eval_split")
 
 
 def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]:
@@ -133,14 +134,30 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
                          f"devices ({num_devices})")
     if tree.dataset.startswith("scenes:"):
         check_batch_fits(cfg["batch_size"], cfg["num_train"], "scenes")
+    if tree.fgd_scale <= 0:
+        raise InputError("--config.fgd_scale must be > 0")
+    if tree.eval_split not in ("val", "heldout"):
+        raise InputError(f"--config.eval_split must be val or heldout, got {tree.eval_split!r}")
+    if tree.eval_split == "heldout" and not tree.dataset.startswith("scenes:"):
+        raise InputError("--config.eval_split=heldout needs scenes: data")
     cfg = {**cfg, "dataset": tree.dataset, "data_dir": str(tree.data_dir), "methods": methods,
            "seeds": seeds, "seed0": seeds[0], "alpha_adv": tree.alpha_adv,
            "preset": tree.preset}
+    # Recorded only when not the default, so workdirs from before these fields still resume.
+    if tree.fgd_scale != 1.0:
+        cfg["fgd_scale"] = tree.fgd_scale
+    if tree.eval_split != "val":
+        cfg["eval_split"] = tree.eval_split
     return json.loads(json.dumps(cfg))  # tuples as lists, as config.json stores them
 
 
-def method_config(method: str, alpha_adv: float) -> DetectDistillConfig:
-    return DetectDistillConfig(fgd=None if method == "student" else FGDConfig(),
+def method_config(method: str, alpha_adv: float, fgd_scale: float = 1.0
+                  ) -> DetectDistillConfig:
+    """A method's distillation settings; `fgd_scale` multiplies FGD's four loss weights."""
+    base = FGDConfig()
+    fgd = dataclasses.replace(base, alpha=base.alpha * fgd_scale, beta=base.beta * fgd_scale,
+                              gamma=base.gamma * fgd_scale, lam=base.lam * fgd_scale)
+    return DetectDistillConfig(fgd=None if method == "student" else fgd,
                                alpha_adv=alpha_adv if method in ("fgd_afa", "fgd_ikd",
                                                                  "fgd_noise") else 0.0)
 
@@ -287,7 +304,8 @@ def main(argv: list[str]) -> None:
                                 image_size=cfg["image_size"], seed=cfg["seed0"],
                                 max_side=min(96.0, cfg["image_size"] * 0.75))
         train, val = scenes_fashion_mnist(root / "fashion-mnist", root / "cifar10-subset",
-                                          scene_cfg, cache_dir=workdir / "data")
+                                          scene_cfg, cache_dir=workdir / "data",
+                                          heldout=cfg.get("eval_split") == "heldout")
     atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
     log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
     ctx = StageContext(mesh=mesh, seed=cfg["seed0"], workdir=workdir, progress=tree.progress,
@@ -348,7 +366,7 @@ def main(argv: list[str]) -> None:
     for method in methods:
         done = results["students"].get(method, {})
         per_seed, seconds = list(done.get("per_seed", [])), list(done.get("seconds_per_seed", []))
-        dcfg = method_config(method, cfg["alpha_adv"])
+        dcfg = method_config(method, cfg["alpha_adv"], cfg.get("fgd_scale", 1.0))
         tx = optimizer(cfg["lr"], spe, cfg["epochs"])
         step = bind_teacher(make_detect_distill_step(
             student, None if method == "student" else teacher, tx, dcfg, k, size,

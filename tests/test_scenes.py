@@ -83,6 +83,20 @@ def test_same_seed_same_bytes_and_cache(cifar_dir, tmp_path, scenes):
     assert other.images.tobytes() != a_tr.images.tobytes()
 
 
+def test_heldout_split_is_new_scenes_of_the_training_distribution(cifar_dir, tmp_path):
+    if not FASHION.is_dir():
+        pytest.skip("../shared/data/fashion-mnist is not present")
+    cfg = SceneConfig(num_train=20, num_val=10, seed=5)
+    tr, val = scenes_fashion_mnist(FASHION, cifar_dir, cfg, cache_dir=tmp_path)
+    h_tr, held = scenes_fashion_mnist(FASHION, cifar_dir, cfg, cache_dir=tmp_path, heldout=True)
+    assert len(list(tmp_path.glob("scenes-*.npz"))) == 2  # its own cache file
+    assert h_tr.images.tobytes() == tr.images.tobytes()  # the same training scenes
+    assert len(held) == 10 and held.images.tobytes() != val.images.tobytes()
+    assert not any(np.array_equal(h, t) for h in held.images for t in tr.images)
+    again = scenes_fashion_mnist(FASHION, cifar_dir, cfg, heldout=True)[1]
+    assert again.images.tobytes() == held.images.tobytes()
+
+
 def test_scenes_draw_only_from_the_given_pools():
     rng = np.random.default_rng(0)
     objects = np.zeros((4, 28, 28), np.uint8)

@@ -38,5 +38,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.methods = "student,fgd,fgd_ssa,fgd_afa,fgd_ikd,fgd_noise"
     c.seeds = "0"                        # the teacher and the scenes use the first
     c.alpha_adv = 1e-5                   # AFA weight (sum over C*H*W per image and level)
+    c.fgd_scale = 1.0                    # multiplies FGD's loss weights (official RetinaNet's)
+    c.eval_split = "val"                 # or heldout: scenes of training objects, for tuning
     c.progress = True
     return c

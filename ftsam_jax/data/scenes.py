@@ -207,10 +207,14 @@ def _cache_key(config: SceneConfig, objects_dir: Path, backgrounds_dir: Path) ->
 
 def scenes_fashion_mnist(fashion_dir: str | Path, cifar_dir: str | Path,
                          config: SceneConfig = SceneConfig(),
-                         cache_dir: str | Path | None = None
+                         cache_dir: str | Path | None = None, heldout: bool = False
                          ) -> tuple[DetectionData, DetectionData]:
     """(train, val) scenes: train objects on CIFAR training images, t10k objects on test ones.
 
+    `heldout=True`: the second split is instead `num_val` more scenes of TRAIN objects on
+    training backgrounds (their own random stream): a held-out split of the training
+    distribution for choosing hyper-parameters without looking at the val set (its scenes are
+    new; a Fashion-MNIST training item may recur in another composition).
     With `cache_dir`, the arrays are stored there as `scenes-<key>.npz` (the key hashes every
     setting and the source files' names and sizes) and read back by the next call.
     """
@@ -223,7 +227,8 @@ def scenes_fashion_mnist(fashion_dir: str | Path, cifar_dir: str | Path,
     fashion_dir, cifar_dir = Path(fashion_dir), Path(cifar_dir)
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"scenes-{_cache_key(config, fashion_dir, cifar_dir)}.npz"
+        key = _cache_key(config, fashion_dir, cifar_dir)
+        path = Path(cache_dir) / f"scenes-{key}{'-heldout' if heldout else ''}.npz"
         if path.is_file():
             with np.load(path) as z:
                 return tuple(DetectionData(*(z[f"{s}_{k}"] for k in ("images", "boxes",
@@ -234,7 +239,11 @@ def scenes_fashion_mnist(fashion_dir: str | Path, cifar_dir: str | Path,
     cifar = load_dataset("cifar10", str(cifar_dir), download=False)
     rng = np.random.default_rng(config.seed)
     train = make_scenes(x_tr, y_tr, cifar.x_train, config.num_train, config, rng)
-    val = make_scenes(x_te, y_te, cifar.x_test, config.num_val, config, rng)
+    if heldout:
+        val = make_scenes(x_tr, y_tr, cifar.x_train, config.num_val, config,
+                          np.random.default_rng([config.seed, 1]))
+    else:
+        val = make_scenes(x_te, y_te, cifar.x_test, config.num_val, config, rng)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
