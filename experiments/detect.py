@@ -254,6 +254,21 @@ def results_table(results: dict[str, Any]) -> str:
                      + f" | {r['seconds']:.0f} |")
     lines += ["", f"Teacher AP on its adversarial evaluation images: {pct(t['ap_adv'])} "
               f"(clean {pct(t['ap'])})."]
+    base = results["students"].get("fgd")
+    if base is not None and len(results["students"]) > 1:
+        lines += ["", "Differences against fgd paired by seed (each method draws its own init "
+                  "and order from the seed), AP and AP_S points, mean ± std over the seeds:", ""]
+        ref = {p["seed"]: p for p in base["per_seed"]}
+        for name, r in results["students"].items():
+            pairs = [(p, ref[p["seed"]]) for p in r["per_seed"] if p["seed"] in ref]
+            if name == "fgd" or not pairs:
+                continue
+            parts = []
+            for key in ("ap", "ap_s"):
+                d = [100 * (a[key] - b[key]) for a, b in pairs]
+                m, sd = metrics.mean_std(d)
+                parts.append(f"{key.upper()} {m:+.2f}" + (f" ± {sd:.2f}" if len(d) > 1 else ""))
+            lines.append(f"- {name}: " + ", ".join(parts) + f" ({len(pairs)} seeds)")
     return "\n".join(lines) + "\n"
 
 
