@@ -121,9 +121,9 @@ def test_resize_bilinear_keeps_constants_and_box_iou():
 @pytest.mark.parametrize("content, message", [
     (None, "file not found"),
     (b"not gzip", "not a readable gzip"),
-    (gzip.compress(b"\x00\x00\x0d\x01" + b"\x00" * 8), "not an IDX file"),
-    (gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05abc"), "data bytes"),
-])
+    (gzip.compress(b"\x00\x00\x0d\x01" + b"\x00" * 8, mtime=0), "not an IDX file"),
+    (gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05abc", mtime=0), "data bytes"),
+], ids=["missing", "not-gzip", "not-idx", "short"])
 def test_malformed_idx_is_a_data_error(tmp_path, content, message):
     path = tmp_path / "x.gz"
     if content is not None:
