@@ -42,21 +42,27 @@ from ftsam_jax.models.fcos import FCOS
 from ftsam_jax.train import classification_loss, create_train_state
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "preactresnet18", sorted(MODELS), "Model to time.")
-flags.DEFINE_integer("width", None, "Model width (default: the model's standard width).")
-flags.DEFINE_integer("batch_size", 128, "Global batch size (divisible by the device count).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("steps", 10, "Timed calls per row.")
-flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
-flags.DEFINE_integer("image_size", 32, "Square image side.")
-flags.DEFINE_integer("num_classes", 10, "Classes.")
-flags.DEFINE_list("rows", ["train_step", "sam_step", "eval_step", "ftsam_epoch"], "Rows to run.")
-flags.DEFINE_integer("ftsam_examples", 2500, "Benign images for the ftsam_epoch row.")
-flags.DEFINE_integer("ftsam_batch_size", 256, "Batch size of the ftsam_epoch row.")
-flags.DEFINE_integer("ftsam_epochs", 100, "Epochs to extrapolate the ftsam_epoch row to.")
-flags.DEFINE_integer("detect_batch_size", 32, "Batch of the detection rows.")
-flags.DEFINE_integer("detect_image_size", 128, "Image side of the detection rows.")
-flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+
+def define_flags() -> None:
+    """The command line of `python -m experiments.bench` (defined only when it runs as
+    the program, so that modules can be imported side by side, e.g. by tests)."""
+    flags.DEFINE_enum("model", "preactresnet18", sorted(MODELS), "Model to time.")
+    flags.DEFINE_integer("width", None, "Model width (default: the model's standard width).")
+    flags.DEFINE_integer("batch_size", 128, "Global batch size (divisible by the device count).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+    flags.DEFINE_integer("steps", 10, "Timed calls per row.")
+    flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+    flags.DEFINE_integer("image_size", 32, "Square image side.")
+    flags.DEFINE_integer("num_classes", 10, "Classes.")
+    flags.DEFINE_list("rows", ["train_step", "sam_step", "eval_step", "ftsam_epoch"],
+                      "Rows to run.")
+    flags.DEFINE_integer("ftsam_examples", 2500, "Benign images for the ftsam_epoch row.")
+    flags.DEFINE_integer("ftsam_batch_size", 256, "Batch size of the ftsam_epoch row.")
+    flags.DEFINE_integer("ftsam_epochs", 100, "Epochs to extrapolate the ftsam_epoch row to.")
+    flags.DEFINE_integer("detect_batch_size", 32, "Batch of the detection rows.")
+    flags.DEFINE_integer("detect_image_size", 128, "Image side of the detection rows.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 ROWS = ("train_step", "sam_step", "eval_step", "ftsam_epoch", "detect_train_step",
         "detect_distill_step")
@@ -216,4 +222,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     run(main)

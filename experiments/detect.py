@@ -76,29 +76,34 @@ from ftsam_jax.schedules import make_schedule
 from ftsam_jax.train import create_train_state
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "scenes:fashion_mnist", "scenes:fashion_mnist, or coco:DIR (a "
-                    "folder with COCO-format train.json and val.json, images relative to it).")
-flags.DEFINE_string("data_dir", "../shared/data", "Folder holding fashion-mnist/ and "
-                    "cifar10-subset/ (the scenes' objects and backgrounds).")
-flags.DEFINE_list("methods", ["student", "fgd", "fgd_ssa", "fgd_afa", "fgd_ikd", "fgd_noise"],
-                  "Student methods.")
-flags.DEFINE_list("seeds", ["0"], "Student seeds (the teacher and the scenes use the first).")
-flags.DEFINE_enum("preset", "cpu", ["paper", "cpu", "smoke"],
-                  "paper: 4,000/1,000 scenes, 24 epochs, accelerator scale; cpu: 4,000/1,000 "
-                  "scenes, teacher 24 / students 12 epochs, small nets (about 1.5 h on 2 "
-                  "cores for 6 methods x 3 seeds); smoke: 64/32 scenes at 64 px, seconds.")
-flags.DEFINE_integer("num_train", None, "Training scenes.")
-flags.DEFINE_integer("num_val", None, "Evaluation scenes.")
-flags.DEFINE_integer("epochs", None, "Student epochs.")
-flags.DEFINE_integer("teacher_epochs", None, "Teacher epochs.")
-flags.DEFINE_integer("batch_size", None, "Batch size (teacher and students).")
-flags.DEFINE_float("lr", None, "AdamW learning rate (cosine per epoch).")
-flags.DEFINE_float("alpha_adv", 1e-5, "AFA weight (on a sum over C*H*W per image and level).")
-flags.DEFINE_string("workdir", None, "Output folder (default runs/detect_<preset>).")
-flags.DEFINE_bool("progress", True, "Progress bars.")
-config_flags.DEFINE_config_file(
-    "config", None, "A config file of the whole run, e.g. experiments/configs/detect.py:cpu "
-    "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
+
+
+def define_flags() -> None:
+    """The command line of `python -m experiments.detect` (defined only when it runs as
+    the program, so that modules can be imported side by side, e.g. by tests)."""
+    flags.DEFINE_string("dataset", "scenes:fashion_mnist", "scenes:fashion_mnist, or coco:DIR (a "
+                        "folder with COCO-format train.json and val.json, images relative to it).")
+    flags.DEFINE_string("data_dir", "../shared/data", "Folder holding fashion-mnist/ and "
+                        "cifar10-subset/ (the scenes' objects and backgrounds).")
+    flags.DEFINE_list("methods", ["student", "fgd", "fgd_ssa", "fgd_afa", "fgd_ikd", "fgd_noise"],
+                      "Student methods.")
+    flags.DEFINE_list("seeds", ["0"], "Student seeds (the teacher and the scenes use the first).")
+    flags.DEFINE_enum("preset", "cpu", ["paper", "cpu", "smoke"],
+                      "paper: 4,000/1,000 scenes, 24 epochs, accelerator scale; cpu: 4,000/1,000 "
+                      "scenes, teacher 24 / students 12 epochs, small nets (about 1.5 h on 2 "
+                      "cores for 6 methods x 3 seeds); smoke: 64/32 scenes at 64 px, seconds.")
+    flags.DEFINE_integer("num_train", None, "Training scenes.")
+    flags.DEFINE_integer("num_val", None, "Evaluation scenes.")
+    flags.DEFINE_integer("epochs", None, "Student epochs.")
+    flags.DEFINE_integer("teacher_epochs", None, "Teacher epochs.")
+    flags.DEFINE_integer("batch_size", None, "Batch size (teacher and students).")
+    flags.DEFINE_float("lr", None, "AdamW learning rate (cosine per epoch).")
+    flags.DEFINE_float("alpha_adv", 1e-5, "AFA weight (on a sum over C*H*W per image and level).")
+    flags.DEFINE_string("workdir", None, "Output folder (default runs/detect_<preset>).")
+    flags.DEFINE_bool("progress", True, "Progress bars.")
+    config_flags.DEFINE_config_file(
+        "config", None, "A config file of the whole run, e.g. experiments/configs/detect.py:cpu "
+        "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
 
 METHODS = ("student", "fgd", "fgd_ssa", "fgd_afa", "fgd_ikd", "fgd_noise")
 SHORTHANDS = ("dataset", "data_dir", "methods", "seeds", "num_train", "num_val", "epochs",
@@ -427,4 +432,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     run(main)

@@ -51,37 +51,42 @@ from ftsam_jax.runner import Stage, StageContext, stage_rng, train_stage
 from ftsam_jax.schedules import make_schedule
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "cifar10", "TFDS name, 'cifar10'/'cifar100' or 'npz:PATH'.")
-flags.DEFINE_string("data_dir", None, "Official CIFAR python folder or a TFDS data dir.")
-flags.DEFINE_string("teacher", None, f"Teacher model, one of {sorted(MODELS)}.")
-flags.DEFINE_integer("teacher_width", None, "Teacher width.")
-flags.DEFINE_string("student", None, f"Student model, one of {sorted(MODELS)}.")
-flags.DEFINE_integer("student_width", None, "Student width.")
-flags.DEFINE_list("methods", ["ce", "kd", "kd_afa", "kd_afa_ssa"], "Student methods.")
-flags.DEFINE_list("seeds", ["0"], "Student seeds (the teacher uses the first).")
-flags.DEFINE_integer("epochs", None, "Student epochs.")
-flags.DEFINE_integer("teacher_epochs", None, "Teacher epochs.")
-flags.DEFINE_integer("batch_size", None, "Batch size (teacher and students).")
-flags.DEFINE_float("lr", None, "SGD learning rate (teacher and students; cosine per epoch).")
-flags.DEFINE_float("kd_alpha", 0.9, "Weight of the KD term; CE gets 1 - kd_alpha.")
-flags.DEFINE_float("temperature", 4.0, "KD temperature.")
-flags.DEFINE_list("afa_levels", None, "Feature levels of the AFA loss (default: the preset's, "
-                  "stage3,stage4 for PreActResNet18).")
-flags.DEFINE_float("alpha_adv", 1e-4, "AFA weight (on a sum over C*H*W per image).")
-flags.DEFINE_enum("adv_source", "batch", ["batch", "online"],
-                  "batch: adversarial images precomputed once (official); online: every step.")
-flags.DEFINE_float("ssa_quantile", 0.5, "SSA: training-set quantile of the high-frequency "
-                   "share below which an image takes the noise branch.")
-flags.DEFINE_string("workdir", None, "Output folder (default runs/distill_<dataset>_<preset>).")
-flags.DEFINE_enum("preset", "paper", ["paper", "cpu", "smoke"],
-                  "paper: PreActResNet18 w64 -> w16, 100/100 epochs; cpu: w16 -> w4, 30/30 "
-                  "epochs; smoke: tiny nets, seconds.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("eval_every", None, "Evaluate students every k epochs.")
-flags.DEFINE_bool("progress", True, "Progress bars.")
-config_flags.DEFINE_config_file(
-    "config", None, "A config file of the whole run, e.g. experiments/configs/distill.py:cpu "
-    "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
+
+
+def define_flags() -> None:
+    """The command line of `python -m experiments.distill` (defined only when it runs as
+    the program, so that modules can be imported side by side, e.g. by tests)."""
+    flags.DEFINE_string("dataset", "cifar10", "TFDS name, 'cifar10'/'cifar100' or 'npz:PATH'.")
+    flags.DEFINE_string("data_dir", None, "Official CIFAR python folder or a TFDS data dir.")
+    flags.DEFINE_string("teacher", None, f"Teacher model, one of {sorted(MODELS)}.")
+    flags.DEFINE_integer("teacher_width", None, "Teacher width.")
+    flags.DEFINE_string("student", None, f"Student model, one of {sorted(MODELS)}.")
+    flags.DEFINE_integer("student_width", None, "Student width.")
+    flags.DEFINE_list("methods", ["ce", "kd", "kd_afa", "kd_afa_ssa"], "Student methods.")
+    flags.DEFINE_list("seeds", ["0"], "Student seeds (the teacher uses the first).")
+    flags.DEFINE_integer("epochs", None, "Student epochs.")
+    flags.DEFINE_integer("teacher_epochs", None, "Teacher epochs.")
+    flags.DEFINE_integer("batch_size", None, "Batch size (teacher and students).")
+    flags.DEFINE_float("lr", None, "SGD learning rate (teacher and students; cosine per epoch).")
+    flags.DEFINE_float("kd_alpha", 0.9, "Weight of the KD term; CE gets 1 - kd_alpha.")
+    flags.DEFINE_float("temperature", 4.0, "KD temperature.")
+    flags.DEFINE_list("afa_levels", None, "Feature levels of the AFA loss (default: the preset's, "
+                      "stage3,stage4 for PreActResNet18).")
+    flags.DEFINE_float("alpha_adv", 1e-4, "AFA weight (on a sum over C*H*W per image).")
+    flags.DEFINE_enum("adv_source", "batch", ["batch", "online"],
+                      "batch: adversarial images precomputed once (official); online: every step.")
+    flags.DEFINE_float("ssa_quantile", 0.5, "SSA: training-set quantile of the high-frequency "
+                       "share below which an image takes the noise branch.")
+    flags.DEFINE_string("workdir", None, "Output folder (default runs/distill_<dataset>_<preset>).")
+    flags.DEFINE_enum("preset", "paper", ["paper", "cpu", "smoke"],
+                      "paper: PreActResNet18 w64 -> w16, 100/100 epochs; cpu: w16 -> w4, 30/30 "
+                      "epochs; smoke: tiny nets, seconds.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+    flags.DEFINE_integer("eval_every", None, "Evaluate students every k epochs.")
+    flags.DEFINE_bool("progress", True, "Progress bars.")
+    config_flags.DEFINE_config_file(
+        "config", None, "A config file of the whole run, e.g. experiments/configs/distill.py:cpu "
+        "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
 
 METHODS = ("ce", "kd", "kd_afa", "kd_afa_ssa")
 SHORTHANDS = ("dataset", "data_dir", "teacher", "teacher_width", "student", "student_width",
@@ -288,4 +293,5 @@ def _eval_batch(mesh: Any) -> int:
 
 
 if __name__ == "__main__":
+    define_flags()
     run(main)

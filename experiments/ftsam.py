@@ -54,49 +54,56 @@ from ftsam_jax.models import MODELS, create_model
 from ftsam_jax.runner import StageContext, stage_rng
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "cifar10", "TFDS name, 'cifar10'/'cifar100' (official python "
-                    "folder in --data_dir, else TFDS, else download) or 'npz:PATH'.")
-flags.DEFINE_string("data_dir", None, "Official CIFAR python folder (or its parent), or a TFDS "
-                    "data dir.")
-flags.DEFINE_string("attack", "badnets", f"One of {sorted(ATTACKS)}.")
-flags.DEFINE_float("poison_ratio", 0.1, "Share of the training set poisoned, in (0, 1].")
-flags.DEFINE_integer("target", 0, "Target class of all-to-one attacks.")
-flags.DEFINE_string("trigger_path", None, "Blended: a picture to blend; lf: a .npy pattern.")
-flags.DEFINE_string("model", None, f"One of {sorted(MODELS)} (default: the preset's).")
-flags.DEFINE_integer("width", None, "Model width (default: the preset's).")
-flags.DEFINE_integer("epochs", None, "Epochs of the backdoored model (default: the preset's).")
-flags.DEFINE_integer("batch_size", None, "Batch size of the backdoored model.")
-flags.DEFINE_float("lr", None, "Learning rate of the backdoored model.")
-flags.DEFINE_integer("seed", 0, "Seed of everything (poisoning, init, order, defenses).")
-flags.DEFINE_integer("defense_seed", None, "Seed of the defenses only (benign subset, their "
-                     "random streams; default --seed): repeat defenses on one backdoored model.")
-flags.DEFINE_string("workdir", None, "Output and checkpoint folder (default: "
-                    "runs/<dataset>_<attack>_<preset>_s<seed>).")
-flags.DEFINE_enum("preset", "paper", ["paper", "cpu", "smoke"],
-                  "paper: the reference recipe (PreActResNet18, SGD 0.01/0.9/5e-4, cosine, 100 "
-                  "epochs, batch 128); cpu: width 16, 60 epochs at lr 0.05 (about 20 minutes on "
-                  "2 CPU cores on the 5k CIFAR slice); smoke: a tiny net, seconds.")
-flags.DEFINE_list("defenses", [], "Defenses to run after the backdoored stage, e.g. ft,ftsam: "
-                  + "; ".join(f"{n}: {s.summary}" for n, s in sorted(DEFENSES.items())) + ".")
-flags.DEFINE_float("benign_ratio", 0.05, "Share of the training set the defender holds.")
-flags.DEFINE_float("rho", None, "FT-SAM neighbourhood radius (default 2).")
-flags.DEFINE_enum("ftsam_recipe", "reference", ["reference", "paper"],
-                  "reference: BackdoorBench's (label smoothing 0.1, cyclic per-iteration "
-                  "cosine); paper: plain CE, cosine per epoch.")
-flags.DEFINE_integer("defense_epochs", None, "Override every defense's epochs.")
-flags.DEFINE_integer("defense_batch_size", None, "Override every defense's batch size.")
-flags.DEFINE_multi_string("set", [], "A defense setting NAME.FIELD=VALUE (repeatable), e.g. "
-                          "ikd.alpha_adv=0 or ikd.teacher.rho=4; see each defense's config.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("eval_every", None, "Evaluate C-Acc/ASR curves every k epochs and "
-                     "after the last (default 5; 1 for smoke). Evaluating 19k test images "
-                     "every epoch would dominate a GPU fine-tuning run.")
-flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every k epochs.")
-flags.DEFINE_bool("analysis", False, "Neuron norms / TAC before and after each defense, plots.")
-flags.DEFINE_bool("progress", True, "Progress bars.")
-config_flags.DEFINE_config_file(
-    "config", None, "A config file of the whole run, e.g. experiments/configs/ftsam.py:cpu "
-    "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
+
+
+def define_flags() -> None:
+    """The command line of `python -m experiments.ftsam` (defined only when it runs as
+    the program, so that modules can be imported side by side, e.g. by tests)."""
+    flags.DEFINE_string("dataset", "cifar10", "TFDS name, 'cifar10'/'cifar100' (official python "
+                        "folder in --data_dir, else TFDS, else download) or 'npz:PATH'.")
+    flags.DEFINE_string("data_dir", None, "Official CIFAR python folder (or its parent), or a TFDS "
+                        "data dir.")
+    flags.DEFINE_string("attack", "badnets", f"One of {sorted(ATTACKS)}.")
+    flags.DEFINE_float("poison_ratio", 0.1, "Share of the training set poisoned, in (0, 1].")
+    flags.DEFINE_integer("target", 0, "Target class of all-to-one attacks.")
+    flags.DEFINE_string("trigger_path", None, "Blended: a picture to blend; lf: a .npy pattern.")
+    flags.DEFINE_string("model", None, f"One of {sorted(MODELS)} (default: the preset's).")
+    flags.DEFINE_integer("width", None, "Model width (default: the preset's).")
+    flags.DEFINE_integer("epochs", None, "Epochs of the backdoored model (default: the preset's).")
+    flags.DEFINE_integer("batch_size", None, "Batch size of the backdoored model.")
+    flags.DEFINE_float("lr", None, "Learning rate of the backdoored model.")
+    flags.DEFINE_integer("seed", 0, "Seed of everything (poisoning, init, order, defenses).")
+    flags.DEFINE_integer("defense_seed", None, "Seed of the defenses only (benign subset, their "
+                         "random streams; default --seed): repeat defenses on one backdoored "
+                         "model.")
+    flags.DEFINE_string("workdir", None, "Output and checkpoint folder (default: "
+                        "runs/<dataset>_<attack>_<preset>_s<seed>).")
+    flags.DEFINE_enum("preset", "paper", ["paper", "cpu", "smoke"],
+                      "paper: the reference recipe (PreActResNet18, SGD 0.01/0.9/5e-4, cosine, "
+                      "100 epochs, batch 128); cpu: width 16, 60 epochs at lr 0.05 (about 20 "
+                      "minutes on 2 CPU cores on the 5k CIFAR slice); smoke: a tiny net, "
+                      "seconds.")
+    flags.DEFINE_list("defenses", [], "Defenses to run after the backdoored stage, e.g. ft,ftsam: "
+                      + "; ".join(f"{n}: {s.summary}" for n, s in sorted(DEFENSES.items())) + ".")
+    flags.DEFINE_float("benign_ratio", 0.05, "Share of the training set the defender holds.")
+    flags.DEFINE_float("rho", None, "FT-SAM neighbourhood radius (default 2).")
+    flags.DEFINE_enum("ftsam_recipe", "reference", ["reference", "paper"],
+                      "reference: BackdoorBench's (label smoothing 0.1, cyclic per-iteration "
+                      "cosine); paper: plain CE, cosine per epoch.")
+    flags.DEFINE_integer("defense_epochs", None, "Override every defense's epochs.")
+    flags.DEFINE_integer("defense_batch_size", None, "Override every defense's batch size.")
+    flags.DEFINE_multi_string("set", [], "A defense setting NAME.FIELD=VALUE (repeatable), e.g. "
+                              "ikd.alpha_adv=0 or ikd.teacher.rho=4; see each defense's config.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+    flags.DEFINE_integer("eval_every", None, "Evaluate C-Acc/ASR curves every k epochs and "
+                         "after the last (default 5; 1 for smoke). Evaluating 19k test images "
+                         "every epoch would dominate a GPU fine-tuning run.")
+    flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every k epochs.")
+    flags.DEFINE_bool("analysis", False, "Neuron norms / TAC before and after each defense, plots.")
+    flags.DEFINE_bool("progress", True, "Progress bars.")
+    config_flags.DEFINE_config_file(
+        "config", None, "A config file of the whole run, e.g. experiments/configs/ftsam.py:cpu "
+        "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
 
 # Flags that are shorthands for top-level fields of the config tree (applied when given).
 SHORTHANDS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
@@ -478,4 +485,5 @@ def print_summary(results: dict[str, Any], workdir: Path) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     run(main)

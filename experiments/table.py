@@ -40,21 +40,26 @@ from ftsam_jax.attacks import ATTACKS
 from ftsam_jax.defenses import DEFENSES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "cifar10", "As in experiments.ftsam.")
-flags.DEFINE_string("data_dir", None, "As in experiments.ftsam.")
-flags.DEFINE_enum("preset", "cpu", ["paper", "cpu", "smoke"], "As in experiments.ftsam.")
-flags.DEFINE_list("attacks", ["badnets", "badnets_a2a", "blended", "sig", "wanet", "lf",
-                              "input_aware"], "Rows of the table.")
-flags.DEFINE_list("defenses", ["ft", "ftsam", "fp", "nad", "anp", "ibau", "clp", "ikd"],
-                  "Column groups of the table.")
-flags.DEFINE_list("defense_seeds", ["0"], "Defense seeds (benign subset and random streams).")
-flags.DEFINE_list("seeded_defenses", None, "Defenses run with every --defense_seeds seed "
-                  "(default: all); the others run with the first seed only.")
-flags.DEFINE_integer("seed", 0, "Seed of the backdoored models (poisoning, init, order).")
-flags.DEFINE_multi_string("ftsam_flag", [], "A flag passed to every experiments.ftsam cell, "
-                          "e.g. --ftsam_flag=--epochs=30 (repeatable).")
-flags.DEFINE_string("workdir", "runs/table", "Output folder.")
-flags.DEFINE_bool("plot", True, "Write table.png.")
+
+
+def define_flags() -> None:
+    """The command line of `python -m experiments.table` (defined only when it runs as
+    the program, so that modules can be imported side by side, e.g. by tests)."""
+    flags.DEFINE_string("dataset", "cifar10", "As in experiments.ftsam.")
+    flags.DEFINE_string("data_dir", None, "As in experiments.ftsam.")
+    flags.DEFINE_enum("preset", "cpu", ["paper", "cpu", "smoke"], "As in experiments.ftsam.")
+    flags.DEFINE_list("attacks", ["badnets", "badnets_a2a", "blended", "sig", "wanet", "lf",
+                                  "input_aware"], "Rows of the table.")
+    flags.DEFINE_list("defenses", ["ft", "ftsam", "fp", "nad", "anp", "ibau", "clp", "ikd"],
+                      "Column groups of the table.")
+    flags.DEFINE_list("defense_seeds", ["0"], "Defense seeds (benign subset and random streams).")
+    flags.DEFINE_list("seeded_defenses", None, "Defenses run with every --defense_seeds seed "
+                      "(default: all); the others run with the first seed only.")
+    flags.DEFINE_integer("seed", 0, "Seed of the backdoored models (poisoning, init, order).")
+    flags.DEFINE_multi_string("ftsam_flag", [], "A flag passed to every experiments.ftsam cell, "
+                              "e.g. --ftsam_flag=--epochs=30 (repeatable).")
+    flags.DEFINE_string("workdir", "runs/table", "Output folder.")
+    flags.DEFINE_bool("plot", True, "Write table.png.")
 
 NO_DEFENSE = "No defense"
 
@@ -336,4 +341,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     run(main)

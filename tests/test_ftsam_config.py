@@ -24,6 +24,18 @@ def smoke(toy_npz, **fields):
     return cfg
 
 
+def test_entry_points_import_side_by_side():
+    """Their flags are defined only when they run as the program: importing several in one
+    process (as tests and notebooks do) must not clash."""
+    import experiments.bench
+    import experiments.detect
+    import experiments.distill
+    import experiments.table
+
+    assert experiments.table.table_markdown and experiments.distill.resolve
+    assert experiments.detect.resolve and experiments.bench.main and ftsam.train_and_evaluate
+
+
 def test_presets_hold_every_defense_with_its_defaults():
     for preset in ("paper", "cpu", "smoke"):
         cfg = get_config(preset)
