@@ -15,7 +15,8 @@ from ftsam_jax.checkpoint import CheckpointError
 from ftsam_jax.data import DataError
 from ftsam_jax.runner import NonFiniteLossError
 
-__all__ = ["InputError", "check_batch_fits", "config_from_flags", "fail", "make_mesh", "run"]
+__all__ = ["InputError", "check_batch_fits", "comma_list", "config_from_flags", "fail", "make_mesh",
+           "run"]
 
 
 class InputError(ValueError):
@@ -38,6 +39,11 @@ def check_batch_fits(batch_size: int, num_examples: int, unit: str = "images") -
     if batch_size > num_examples:
         raise InputError(f"--batch_size {batch_size} is larger than the training set "
                          f"({num_examples} {unit})")
+
+
+def comma_list(text: str) -> list[str]:
+    """The items of a comma-separated config field (`"ft, ftsam"` -> ["ft", "ftsam"])."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def config_from_flags(get_config: Callable[[str], ml_collections.ConfigDict],

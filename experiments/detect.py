@@ -43,7 +43,14 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.cli import InputError, check_batch_fits, config_from_flags, make_mesh, run
+from experiments.cli import (
+    InputError,
+    check_batch_fits,
+    comma_list,
+    config_from_flags,
+    make_mesh,
+    run,
+)
 from experiments.configs.detect import PRESETS, get_config
 from experiments.workdir import (
     MetricsLog,
@@ -119,13 +126,13 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
         raise InputError(f"--dataset {tree.dataset!r} is not supported "
                          "(scenes:fashion_mnist or coco:DIR)")
     cfg = {k: tree[k] for k in PRESETS["cpu"]}
-    methods = [m.strip() for m in tree.methods.split(",") if m.strip()]
+    methods = comma_list(tree.methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or len(set(methods)) != len(methods):
         raise InputError(f"--methods must list distinct methods of {list(METHODS)}, got "
                          f"{methods}")
     try:
-        seeds = [int(s) for s in tree.seeds.split(",") if s.strip()]
+        seeds = [int(s) for s in comma_list(tree.seeds)]
     except ValueError:
         raise InputError(f"--seeds must be integers, got {tree.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):

@@ -32,7 +32,14 @@ import optax
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.cli import InputError, check_batch_fits, config_from_flags, make_mesh, run
+from experiments.cli import (
+    InputError,
+    check_batch_fits,
+    comma_list,
+    config_from_flags,
+    make_mesh,
+    run,
+)
 from experiments.configs.distill import get_config
 from experiments.workdir import (
     MetricsLog,
@@ -98,25 +105,21 @@ RUN_KEYS = ("dataset", "data_dir", "teacher", "teacher_width", "student", "stude
             "afa_levels", "alpha_adv", "adv_source", "ssa_quantile", "preset", "dtype")
 
 
-def _items(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]:
     """The config tree -> the run's settings (a plain dict); InputError for anything invalid."""
     cfg = {k: tree[k] for k in ("teacher", "teacher_width", "student", "student_width",
                                 "epochs", "teacher_epochs", "batch_size", "lr", "eval_every")}
-    cfg["afa_levels"] = _items(tree.afa_levels)
+    cfg["afa_levels"] = comma_list(tree.afa_levels)
     for role in ("teacher", "student"):
         if cfg[role] not in MODELS:
             raise InputError(f"unknown {role} model {cfg[role]!r}; choose one of "
                              f"{sorted(MODELS)}")
-    methods = _items(tree.methods)
+    methods = comma_list(tree.methods)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise InputError(f"unknown methods {bad}; choose from {list(METHODS)}")
     try:
-        seeds = [int(s) for s in _items(tree.seeds)]
+        seeds = [int(s) for s in comma_list(tree.seeds)]
     except ValueError:
         raise InputError(f"--seeds must be integers, got {tree.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):

@@ -32,7 +32,14 @@ from absl import flags
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from experiments.cli import InputError, check_batch_fits, config_from_flags, make_mesh, run
+from experiments.cli import (
+    InputError,
+    check_batch_fits,
+    comma_list,
+    config_from_flags,
+    make_mesh,
+    run,
+)
 from experiments.configs.ftsam import PRESETS, defense_defaults, get_config
 from experiments.overrides import apply_overrides, settings_from_dict
 from experiments.workdir import (
@@ -48,6 +55,7 @@ from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create
 from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data import load_dataset, normalization_for
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
+from ftsam_jax.defenses.finetune import RECIPES
 from ftsam_jax.fit import FitConfig, fit
 from ftsam_jax.loop import make_evaluator
 from ftsam_jax.models import MODELS, create_model
@@ -163,7 +171,7 @@ def run_config() -> ml_collections.ConfigDict:
     if FLAGS.rho is not None and FLAGS.rho < 0:
         raise InputError("--rho must be >= 0")
     cfg = config_from_flags(get_config, SHORTHANDS)
-    selected = [d for d in cfg.defenses.split(",") if d]
+    selected = comma_list(cfg.defenses)
     preset_defaults = defense_defaults(cfg.preset)
     if FLAGS["ftsam_recipe"].present:
         if cfg.defense.ftsam.to_dict() != preset_defaults["ftsam"]:
@@ -206,7 +214,7 @@ def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int, set_items
         raise InputError("--eval_every must be >= 1")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise InputError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    names = [d.strip() for d in cfg.defenses.split(",") if d.strip()]
+    names = comma_list(cfg.defenses)
     unknown = [d for d in names if d not in DEFENSES]
     if unknown:
         raise InputError(f"unknown defenses {unknown}; choose from {sorted(DEFENSES)}")
@@ -224,8 +232,9 @@ def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int, set_items
     # Each defense's settings: the tree's, then --set; a change to a defense that does not run,
     # or to a setting the defense fixes itself, is refused (it would be dropped).
     recipe = cfg.defense.ftsam.get("recipe", "reference")
-    defaults = defense_defaults(cfg.preset, recipe if recipe in ("reference", "paper")
-                                else "reference")
+    if recipe not in RECIPES:
+        raise InputError(f"defense.ftsam.recipe must be one of {RECIPES}, got {recipe!r}")
+    defaults = defense_defaults(cfg.preset, recipe)
     if set(cfg.defense) != set(defaults):
         extra = sorted(set(cfg.defense) - set(defaults))
         raise InputError(f"config defense.{extra[0]}: no such defense; defenses: "

@@ -70,6 +70,7 @@ def test_train_and_evaluate_in_process_writes_the_resolved_tree(toy_npz, tmp_pat
     (dict(defenses="ikd", defense__ikd__betas=("a",)), "'betas' must be a tuple of float"),
     (dict(defenses="nad", defense__nad__epochs="ten"), "'epochs' must be int"),
     (dict(defenses="ft,ft"), "lists a defense twice"),
+    (dict(defenses="ftsam", defense__ftsam__recipe="magic"), "recipe must be one of"),
     (dict(defenses="ft,magic"), "unknown defenses ['magic']"),
     (dict(attack="nope"), "unknown attack 'nope'"),
     (dict(dtype="float16"), "float32 or bfloat16"),
