@@ -2,6 +2,10 @@ r"""Benchmark of the compiled steps: steady-state images/s and compile seconds.
 
     python -m experiments.bench --model=preactresnet18 --width=16 --batch_size=128
     python -m experiments.bench --model=preactresnet18 --dtype=bfloat16 --json
+    python -m experiments.bench --config=experiments/configs/bench.py:cpu --config.steps=3
+
+Settings: one config tree (`experiments/configs/bench.py`, presets paper / cpu / smoke, the
+argument of `--config`); every flag below is a shorthand for its field.
 
 Rows: `train_step` (SGD), `sam_step` (FT-SAM's chain: ASAM rho=2 + weight decay + momentum),
 `eval_step`, `detect_train_step` / `detect_distill_step` (the FCOS teacher's step; the IKD
@@ -24,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
+from ml_collections import config_flags
 
 import ftsam_jax
-from experiments.cli import InputError, make_mesh, run
+from experiments.cli import InputError, comma_list, config_from_flags, make_mesh, run
+from experiments.configs.bench import PRESETS, get_config
 from ftsam_jax import parallel, xla
 from ftsam_jax.detection.distill import (
     DetectDistillConfig,
@@ -41,28 +47,37 @@ from ftsam_jax.models import MODELS, create_model
 from ftsam_jax.models.fcos import FCOS
 from ftsam_jax.train import classification_loss, create_train_state
 
-FLAGS = flags.FLAGS
-
 
 def define_flags() -> None:
     """The command line of `python -m experiments.bench` (defined only when it runs as
-    the program, so that modules can be imported side by side, e.g. by tests)."""
-    flags.DEFINE_enum("model", "preactresnet18", sorted(MODELS), "Model to time.")
-    flags.DEFINE_integer("width", None, "Model width (default: the model's standard width).")
-    flags.DEFINE_integer("batch_size", 128, "Global batch size (divisible by the device count).")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-    flags.DEFINE_integer("steps", 10, "Timed calls per row.")
-    flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
-    flags.DEFINE_integer("image_size", 32, "Square image side.")
-    flags.DEFINE_integer("num_classes", 10, "Classes.")
-    flags.DEFINE_list("rows", ["train_step", "sam_step", "eval_step", "ftsam_epoch"],
-                      "Rows to run.")
-    flags.DEFINE_integer("ftsam_examples", 2500, "Benign images for the ftsam_epoch row.")
-    flags.DEFINE_integer("ftsam_batch_size", 256, "Batch size of the ftsam_epoch row.")
-    flags.DEFINE_integer("ftsam_epochs", 100, "Epochs to extrapolate the ftsam_epoch row to.")
-    flags.DEFINE_integer("detect_batch_size", 32, "Batch of the detection rows.")
-    flags.DEFINE_integer("detect_image_size", 128, "Image side of the detection rows.")
-    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    the program, so that modules can be imported side by side, e.g. by tests). Every flag but
+    `--preset`/`--config` is a shorthand for the config field of its name (unset: the preset's
+    value, `experiments/configs/bench.py`)."""
+    flags.DEFINE_enum("preset", "paper", sorted(PRESETS), "Preset of experiments/configs/bench.py.")
+    config_flags.DEFINE_config_file(
+        "config", None, "A config file of the whole run, e.g. experiments/configs/bench.py:cpu "
+        "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
+    flags.DEFINE_enum("model", None, sorted(MODELS), "Model to time.")
+    flags.DEFINE_integer("width", None, "Model width (paper preset: the model's standard width).")
+    flags.DEFINE_integer("batch_size", None, "Global batch size (divisible by the device count).")
+    flags.DEFINE_enum("dtype", None, list(DTYPES), "Compute dtype.")
+    flags.DEFINE_integer("steps", None, "Timed calls per row.")
+    flags.DEFINE_integer("warmup", None, "Untimed calls after compilation.")
+    flags.DEFINE_integer("image_size", None, "Square image side.")
+    flags.DEFINE_integer("num_classes", None, "Classes.")
+    flags.DEFINE_list("rows", None, f"Rows to run, of {list(ROWS)}.")
+    flags.DEFINE_integer("ftsam_examples", None, "Benign images for the ftsam_epoch row.")
+    flags.DEFINE_integer("ftsam_batch_size", None, "Batch size of the ftsam_epoch row.")
+    flags.DEFINE_integer("ftsam_epochs", None, "Epochs to extrapolate the ftsam_epoch row to.")
+    flags.DEFINE_integer("detect_batch_size", None, "Batch of the detection rows.")
+    flags.DEFINE_integer("detect_image_size", None, "Image side of the detection rows.")
+    flags.DEFINE_bool("json", None, "Print one JSON object instead of a table.")
+
+
+SHORTHANDS = ("model", "width", "batch_size", "dtype", "steps", "warmup", "image_size",
+              "num_classes", "rows", "ftsam_examples", "ftsam_batch_size", "ftsam_epochs",
+              "detect_batch_size", "detect_image_size", "json")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 ROWS = ("train_step", "sam_step", "eval_step", "ftsam_epoch", "detect_train_step",
         "detect_distill_step")
@@ -83,10 +98,10 @@ def _time(fn, args_fn, steps: int, warmup: int) -> tuple[float, float]:
     return first, (time.perf_counter() - t0) / steps
 
 
-def _time_detection(name: str, mesh: Any, dtype: Any) -> tuple[float, float, int]:
+def _time_detection(name: str, cfg: Any, mesh: Any, dtype: Any) -> tuple[float, float, int]:
     """The detector's train step (the `cpu` preset's teacher FCOS) or the IKD distillation step
     (its student, FGD on P3-P5 + AFA + in-step SSA), AdamW, random images and boxes."""
-    db, size = FLAGS.detect_batch_size, FLAGS.detect_image_size
+    db, size = cfg.detect_batch_size, cfg.detect_image_size
     parallel.check_batch_size(db, mesh, "--detect_batch_size")
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, size * 0.6, (db, 4, 2))
@@ -106,11 +121,11 @@ def _time_detection(name: str, mesh: Any, dtype: Any) -> tuple[float, float, int
         holder = {"state": parallel.replicate(t_state, mesh)}
     else:
         student = FCOS(10, width=8, fpn_channels=32, dtype=dtype)
-        cfg = DetectDistillConfig(alpha_adv=1e-5)
-        state = StudentTeacherState(create_detect_distill_state(student, tx, jax.random.key(1),
-                                                                size, cfg), t_state.params)
+        distill_cfg = DetectDistillConfig(alpha_adv=1e-5)
+        state = StudentTeacherState(create_detect_distill_state(
+            student, tx, jax.random.key(1), size, distill_cfg), t_state.params)
         fn = xla.jit(bind_teacher(make_detect_distill_step(
-            student, teacher, tx, cfg, 10, size, ssa=SSAConfig(small_area=16.0**2))),
+            student, teacher, tx, distill_cfg, 10, size, ssa=SSAConfig(small_area=16.0**2))),
             donate_argnums=0)
         holder = {"state": parallel.replicate(state, mesh)}
 
@@ -118,35 +133,53 @@ def _time_detection(name: str, mesh: Any, dtype: Any) -> tuple[float, float, int
         holder["state"], m = fn(holder["state"], batch, jax.random.key(0))
         return m
 
-    first, per = _time(call, tuple, FLAGS.steps, FLAGS.warmup)
+    first, per = _time(call, tuple, cfg.steps, cfg.warmup)
     return first, per, db
+
+
+def resolve(cfg: Any) -> list[str]:
+    """Checks the config tree; returns its rows. An InputError names the first bad field."""
+    rows = comma_list(cfg.rows)
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown or not rows:
+        raise InputError(f"unknown --rows {unknown or rows}; choose from {list(ROWS)}")
+    if cfg.model not in MODELS:
+        raise InputError(f"unknown --model {cfg.model!r}; choose one of {sorted(MODELS)}")
+    if cfg.dtype not in DTYPES:
+        raise InputError(f"unknown --dtype {cfg.dtype!r}; choose one of {list(DTYPES)}")
+    if cfg.steps < 1 or cfg.warmup < 0:
+        raise InputError("--steps must be >= 1 and --warmup >= 0")
+    for name in ("batch_size", "image_size", "num_classes", "ftsam_examples", "ftsam_batch_size",
+                 "ftsam_epochs", "detect_batch_size", "detect_image_size"):
+        if cfg[name] < 1:
+            raise InputError(f"--{name} must be >= 1, got {cfg[name]}")
+    if cfg.width is not None and cfg.width < 1:
+        raise InputError(f"--width must be >= 1, got {cfg.width}")
+    return rows
 
 
 def main(argv: list[str]) -> None:
     del argv
-    unknown = set(FLAGS.rows) - set(ROWS)
-    if unknown:
-        raise InputError(f"unknown --rows {sorted(unknown)}; choose from {list(ROWS)}")
-    if FLAGS.steps < 1 or FLAGS.warmup < 0:
-        raise InputError("--steps must be >= 1 and --warmup >= 0")
+    cfg = config_from_flags(get_config, SHORTHANDS)
+    rows = resolve(cfg)
     mesh = make_mesh()
     try:
-        parallel.check_batch_size(FLAGS.batch_size, mesh)
-        parallel.check_batch_size(FLAGS.ftsam_batch_size, mesh, "--ftsam_batch_size")
+        parallel.check_batch_size(cfg.batch_size, mesh)
+        parallel.check_batch_size(cfg.ftsam_batch_size, mesh, "--ftsam_batch_size")
     except ValueError as e:
         raise InputError(e) from None
-    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
-    model = create_model(FLAGS.model, FLAGS.num_classes, width=FLAGS.width, dtype=dtype,
+    dtype = DTYPES[cfg.dtype]
+    model = create_model(cfg.model, cfg.num_classes, width=cfg.width, dtype=dtype,
                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    shape = (FLAGS.image_size, FLAGS.image_size, 3)
+    shape = (cfg.image_size, cfg.image_size, 3)
     loss_fn = classification_loss(model.apply, label_smoothing=0.1)
     sgd = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
     ftsam_tx = ftsam_jax.sam(sgd, 2.0, adaptive=True)
     rng = np.random.default_rng(0)
-    b = FLAGS.batch_size
+    b = cfg.batch_size
     batch = jax.device_put(
         {"image": jnp.asarray(rng.random((b, *shape)), jnp.float32),
-         "label": jnp.asarray(rng.integers(0, FLAGS.num_classes, b), jnp.int32)},
+         "label": jnp.asarray(rng.integers(0, cfg.num_classes, b), jnp.int32)},
         parallel.data_sharding(mesh))
     init = xla.jit(lambda: create_train_state(model, ftsam_tx, jax.random.key(0), shape))
     results = []
@@ -156,7 +189,7 @@ def main(argv: list[str]) -> None:
                         round(per_call * 1e3, 3), "img_per_s": round(images / per_call, 1),
                         **extra})
 
-    for name in FLAGS.rows:
+    for name in rows:
         if name in ("train_step", "sam_step"):
             tx = sgd if name == "train_step" else ftsam_tx
             state = parallel.replicate(create_train_state(model, tx, jax.random.key(0), shape)
@@ -169,21 +202,21 @@ def main(argv: list[str]) -> None:
                 holder["state"], m = fn(holder["state"], batch, jax.random.key(0))
                 return m
 
-            first, per = _time(call, tuple, FLAGS.steps, FLAGS.warmup)
+            first, per = _time(call, tuple, cfg.steps, cfg.warmup)
             record(name, first, per, b)
         elif name == "eval_step":
             variables = parallel.replicate(init().variables, mesh)
             fn = xla.jit(partial(ftsam_jax.eval_step, apply_fn=model.apply))
-            first, per = _time(fn, lambda v=variables: (v, batch), FLAGS.steps, FLAGS.warmup)
+            first, per = _time(fn, lambda v=variables: (v, batch), cfg.steps, cfg.warmup)
             record(name, first, per, b)
         elif name.startswith("detect_"):
-            first, per, db = _time_detection(name, mesh, dtype)
-            record(name, first, per, db, image_size=FLAGS.detect_image_size, batch_size=db)
+            first, per, db = _time_detection(name, cfg, mesh, dtype)
+            record(name, first, per, db, image_size=cfg.detect_image_size, batch_size=db)
         else:
-            n, fb = FLAGS.ftsam_examples, FLAGS.ftsam_batch_size
+            n, fb = cfg.ftsam_examples, cfg.ftsam_batch_size
             repl = parallel.replicated(mesh)
             images = jax.device_put(rng.integers(0, 256, (n, *shape), dtype=np.uint8), repl)
-            labels = jax.device_put(rng.integers(0, FLAGS.num_classes, n).astype(np.int32), repl)
+            labels = jax.device_put(rng.integers(0, cfg.num_classes, n).astype(np.int32), repl)
             epoch = make_epoch_fn(partial(ftsam_jax.sam_step, tx=ftsam_tx, loss_fn=loss_fn),
                                   mesh=mesh, num_examples=n, batch_size=fb,
                                   preprocess=standard_preprocess(), drop_last=False)
@@ -193,24 +226,25 @@ def main(argv: list[str]) -> None:
                 holder["state"], m = epoch(holder["state"], images, labels, jax.random.key(0))
                 return m
 
-            steps = max(1, FLAGS.steps // 5)
-            first, per = _time(call_epoch, tuple, steps, min(1, FLAGS.warmup))
+            steps = max(1, cfg.steps // 5)
+            first, per = _time(call_epoch, tuple, steps, min(1, cfg.warmup))
             spe = steps_per_epoch(n, fb, drop_last=False)
             record(name, first, per, spe * fb, steps_per_epoch=spe,
                    mode="scan" if jax.default_backend() != "cpu" else "python loop",
-                   est_seconds_for_epochs=round(first + per * (FLAGS.ftsam_epochs - 1), 1),
-                   epochs=FLAGS.ftsam_epochs, examples=n, batch_size=fb)
+                   est_seconds_for_epochs=round(first + per * (cfg.ftsam_epochs - 1), 1),
+                   epochs=cfg.ftsam_epochs, examples=n, batch_size=fb)
 
     info = {
         "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-        "devices": jax.device_count(), "jax": jax.__version__, "model": FLAGS.model,
-        "width": model.width, "dtype": FLAGS.dtype, "batch_size": b, "rows": results,
+        "devices": jax.device_count(), "jax": jax.__version__, "preset": cfg.preset,
+        "model": cfg.model,
+        "width": model.width, "dtype": cfg.dtype, "batch_size": b, "rows": results,
     }
-    if FLAGS.json:
+    if cfg.json:
         print(json.dumps(info))
         return
     print(f"{info['device']} x{info['devices']} ({info['platform']}, jax {info['jax']}) "
-          f"{FLAGS.model} width {model.width} {FLAGS.dtype} batch {b}")
+          f"{cfg.model} width {model.width} {cfg.dtype} batch {b}")
     print(f"{'row':<20} {'compile s':>10} {'ms/call':>10} {'img/s':>10}  notes")
     for r in results:
         note = ""

@@ -31,7 +31,26 @@ def test_rows_report_compile_and_throughput():
     assert rows["detect_distill_step"]["image_size"] == 32
 
 
-def test_unknown_row_is_one_line():
-    proc = bench("--rows=train_step,warp_drive")
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
-    assert "warp_drive" in proc.stderr and "Traceback" not in proc.stderr
+def test_config_file_with_overrides_and_shorthands():
+    proc = bench("--config=experiments/configs/bench.py:smoke", "--config.rows=eval_step",
+                 "--batch_size=16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (info["preset"], info["model"], info["batch_size"]) == ("smoke", "tiny_cnn", 16)
+    assert [r["row"] for r in info["rows"]] == ["eval_step"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--rows=train_step,warp_drive"], "warp_drive"),
+    (["--preset=smoke", "--steps=0"], "--steps must be >= 1"),
+    (["--preset=smoke", "--batch_size=-4"], "--batch_size must be >= 1"),
+    (["--preset=cpu", "--config=experiments/configs/bench.py:smoke"], "not both"),
+    (["--config=experiments/configs/bench.py:smoke", "--config.dtype=float16"], "float16"),
+    (["--config=experiments/configs/bench.py:smoke", "--config.steps=x"], "config.steps"),
+    (["--config=experiments/configs/bench.py:huge"], "huge"),
+])
+def test_bad_input_is_one_line(args, says):
+    proc = bench(*args)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:"), proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
