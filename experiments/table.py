@@ -34,6 +34,7 @@ import numpy as np
 from absl import flags
 
 from experiments.cli import InputError, fail, run
+from experiments.paper import PAPER_TABLE1_SETTING, TABLE1
 from experiments.workdir import atomic_write, lock_workdir
 from ftsam_jax import metrics
 from ftsam_jax.attacks import ATTACKS
@@ -232,11 +233,51 @@ def table_markdown(table: dict[str, Any]) -> str:
         else:
             out.append("-")
     lines.append("| " + " | ".join(out) + " |")
+    if table.get("paper"):
+        lines += ["", paper_markdown(table["paper"], list(cells), defenses)]
     if table["failures"]:
         lines += ["", "Failed cells (see logs/):"]
         lines += [f"- {f['attack']} / {f['defense'] or 'backdoored'} / seed {f['seed']}: "
                   f"exit {f['exit_code']}: {f['error']}" for f in table["failures"]]
     return "\n".join(lines) + "\n"
+
+
+def paper_cells(dataset: str, attacks: list[str], defenses: list[str]) -> dict[str, Any]:
+    """table.json's "paper": the FT-SAM paper's Table 1 numbers (%) for these cells, CIFAR-10
+    only (the paper's full-scale setting: compare directions, not values, with `cpu` cells)."""
+    if dataset != "cifar10":
+        return {}
+    return {a: {c: list(v) for c, v in TABLE1[a].items() if c == "none" or c in defenses}
+            for a in attacks if a in TABLE1}
+
+
+def paper_markdown(paper: dict[str, Any], attacks: list[str], defenses: list[str]) -> str:
+    """The paper's numbers in table.md's layout ("n/a": a defense not in the paper)."""
+    head = ["Attack", "No def. C-Acc", "No def. ASR"]
+    for d in defenses:
+        head += [f"{d} C-Acc", f"{d} ASR", f"{d} DER"]
+    lines = [f"For comparison, {PAPER_TABLE1_SETTING} (its Average row is over the attacks "
+             "listed here):", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" + "---:|" * (len(head) - 1)]
+    rows = [a for a in attacks if a in paper]
+    for a in rows:
+        out = [a, *(f"{v:.2f}" for v in paper[a]["none"])]
+        for d in defenses:
+            out += [f"{v:.2f}" for v in paper[a][d]] if d in paper[a] else ["n/a"] * 3
+        lines.append("| " + " | ".join(out) + " |")
+    if rows:
+        mean = lambda c, i: float(np.mean([paper[a][c][i] for a in rows]))
+        out = ["Average", f"{mean('none', 0):.2f}", f"{mean('none', 1):.2f}"]
+        for d in defenses:
+            if all(d in paper[a] for a in rows):
+                der = metrics.der({"clean_acc": mean("none", 0) / 100,
+                                   "asr": mean("none", 1) / 100},
+                                  {"clean_acc": mean(d, 0) / 100, "asr": mean(d, 1) / 100})
+                out += [f"{mean(d, 0):.2f}", f"{mean(d, 1):.2f}", f"{100 * der:.2f}"]
+            else:
+                out += ["n/a"] * 3
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
 
 
 def table_plot(table: dict[str, Any], path: Path) -> None:
@@ -327,7 +368,8 @@ def main(argv: list[str]) -> None:
     table = {"dataset": FLAGS.dataset, "preset": FLAGS.preset, "seed": FLAGS.seed,
              "attacks": attacks, "defenses": defenses, "defense_seeds": seeds,
              "seeded_defenses": sorted(seeded), "ftsam_flags": list(FLAGS.ftsam_flag),
-             "cells": collect(root, attacks, defenses, seeds, seeded), "failures": failures}
+             "cells": collect(root, attacks, defenses, seeds, seeded), "failures": failures,
+             "paper": paper_cells(FLAGS.dataset, attacks, defenses)}
     atomic_write(root / "table.json", json.dumps(table, indent=2) + "\n")
     md = table_markdown(table)
     atomic_write(root / "table.md", md)

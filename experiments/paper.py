@@ -1,0 +1,39 @@
+"""Published numbers that `experiments.table` sets its cells against.
+
+TABLE1: FT-SAM paper (Zhu et al., ICCV 2023), Table 1: CIFAR-10 (all 50,000 training images),
+PreAct-ResNet18 (width 64), 10% poisoning, defenses on 5% benign data (2,500 images).
+(C-Acc, ASR, DER) in %, keyed by this project's attack and defense names; "none" is the
+backdoored model (C-Acc, ASR). CLP and IKD are not in that table. Transcribed from
+`../shared/reference/ftsam-paper.md` (Table 1).
+"""
+
+from __future__ import annotations
+
+PAPER_TABLE1_SETTING = ("the FT-SAM paper's Table 1: CIFAR-10 (50,000 training images), "
+                        "PreAct-ResNet18 width 64, 5% benign = 2,500 images")
+
+TABLE1: dict[str, dict[str, tuple[float, ...]]] = {
+    "badnets": {"none": (91.82, 93.79), "ft": (90.29, 1.70, 95.28), "fp": (91.77, 0.84, 96.45),
+                "nad": (88.82, 1.96, 94.42), "anp": (91.65, 3.83, 94.89),
+                "ibau": (87.43, 4.48, 92.46), "ftsam": (92.21, 1.63, 96.08)},
+    "badnets_a2a": {"none": (91.89, 74.42), "ft": (91.07, 1.16, 86.22),
+                    "fp": (92.05, 1.31, 86.56), "nad": (90.73, 1.61, 85.83),
+                    "anp": (92.33, 2.56, 85.93), "ibau": (89.39, 1.29, 85.32),
+                    "ftsam": (91.87, 1.03, 86.69)},
+    "blended": {"none": (93.44, 97.71), "ft": (92.48, 82.22, 57.26), "fp": (92.57, 8.32, 94.26),
+                "nad": (92.09, 55.04, 70.66), "anp": (93.00, 57.38, 69.95),
+                "ibau": (88.24, 6.00, 93.26), "ftsam": (92.44, 4.91, 95.90)},
+    "input_aware": {"none": (94.03, 98.35), "ft": (93.00, 65.85, 65.74),
+                    "fp": (94.05, 10.95, 93.70), "nad": (94.08, 10.43, 93.96),
+                    "anp": (94.06, 11.10, 93.63), "ibau": (89.91, 8.92, 92.66),
+                    "ftsam": (93.76, 1.07, 98.51)},
+    "lf": {"none": (93.01, 99.06), "ft": (92.37, 93.89, 52.26), "fp": (92.05, 21.32, 88.39),
+           "nad": (91.72, 75.47, 61.15), "anp": (92.53, 26.38, 86.10),
+           "ibau": (88.92, 11.99, 91.49), "ftsam": (91.07, 3.81, 96.65)},
+    "sig": {"none": (84.49, 97.87), "ft": (90.47, 5.74, 96.06), "fp": (90.81, 7.06, 95.41),
+            "nad": (90.05, 6.60, 95.63), "anp": (83.87, 97.24, 50.00),
+            "ibau": (85.87, 1.32, 98.27), "ftsam": (91.16, 0.80, 98.53)},
+    "wanet": {"none": (92.80, 98.90), "ft": (93.14, 1.26, 98.82), "fp": (92.94, 0.66, 99.12),
+              "nad": (93.07, 0.73, 99.08), "anp": (93.24, 1.54, 98.68),
+              "ibau": (90.70, 0.88, 97.96), "ftsam": (92.87, 0.96, 98.97)},
+}
