@@ -186,53 +186,58 @@ def _fmt(stat: dict[str, float] | None, n: int) -> str:
     return text + (f" ± {100 * stat['std']:.1f}" if n > 1 else "")
 
 
+def _grid(defenses: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table in the paper's layout: one column per defense, cells "a / b / c"."""
+    head = ["Attack", "No defense", *defenses]
+    return ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def table_markdown(table: dict[str, Any]) -> str:
-    """The paper's Table 1 layout: attacks x (No defense, each defense) of C-Acc / ASR / DER."""
+    """The paper's Table 1 layout: attacks x (No defense, each defense), each cell
+    C-Acc / ASR / DER (No defense: C-Acc / ASR), then the paper's numbers for the same cells."""
     defenses, cells = table["defenses"], table["cells"]
-    head = ["Attack", "No def. C-Acc", "No def. ASR"]
-    for d in defenses:
-        head += [f"{d} C-Acc", f"{d} ASR", f"{d} DER"]
     lines = [f"# Backdoor defenses on {table['dataset']} (preset {table['preset']})", "",
-             f"C-Acc / ASR / DER in %, mean ± std over defense seeds (seeds "
-             f"{table['defense_seeds']} for {sorted(table['seeded_defenses'])}, the first for "
-             "the others). The Average row's DER is computed from the averaged C-Acc and ASR, as "
-             "the paper's is.", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" + "---:|" * (len(head) - 1)]
-    averages: dict[str, list[dict[str, float]]] = {}
+             f"Each cell: C-Acc / ASR / DER in % (No defense: C-Acc / ASR), mean ± std over "
+             f"defense seeds (seeds {table['defense_seeds']} for "
+             f"{sorted(table['seeded_defenses'])}, the first for the others). The Average row's "
+             "DER is computed from the averaged C-Acc and ASR, as the paper's is.", ""]
+    averages: dict[str, list[float]] = {}
 
     def add_avg(key: str, value: float | None) -> None:
         if value is not None:
             averages.setdefault(key, []).append(value)
 
+    rows = []
     for a, row in cells.items():
         base = row[NO_DEFENSE]
-        out = [a, "-" if base is None else f"{100 * base['clean_acc']:.1f}",
-               "-" if base is None else f"{100 * base['asr']:.1f}"]
+        out = [a, "-" if base is None else
+               f"{100 * base['clean_acc']:.1f} / {100 * base['asr']:.1f}"]
         if base is not None:
             add_avg("nd/clean_acc", base["clean_acc"])
             add_avg("nd/asr", base["asr"])
         for d in defenses:
             r, n = row[d], len(row[d]["per_seed"])
-            out += [_fmt(r.get(k), n) for k in ("clean_acc", "asr", "der")]
+            out.append(" / ".join(_fmt(r.get(k), n) for k in ("clean_acc", "asr", "der"))
+                       if r["per_seed"] else "-")
             for k in ("clean_acc", "asr", "der"):
                 add_avg(f"{d}/{k}", r[k]["mean"] if k in r else None)
-        lines.append("| " + " | ".join(out) + " |")
-    avg = lambda key: (f"{100 * float(np.mean(averages[key])):.1f}"
-                       if len(averages.get(key, [])) == len(cells) else "-")
-    out = ["Average", avg("nd/clean_acc"), avg("nd/asr")]
+        rows.append(out)
     full = lambda key: len(averages.get(key, [])) == len(cells)
+    mean = lambda key: float(np.mean(averages[key]))
+    out = ["Average", f"{100 * mean('nd/clean_acc'):.1f} / {100 * mean('nd/asr'):.1f}"
+           if full("nd/clean_acc") else "-"]
     for d in defenses:
-        out += [avg(f"{d}/clean_acc"), avg(f"{d}/asr")]
         # the paper's Avg DER: from the averaged ACC and ASR, not the mean of the DERs
         keys = ("nd/clean_acc", "nd/asr", f"{d}/clean_acc", f"{d}/asr")
         if all(full(k) for k in keys):
-            m = [float(np.mean(averages[k])) for k in keys]
+            m = [mean(k) for k in keys]
             der = metrics.der({"clean_acc": m[0], "asr": m[1]},
                               {"clean_acc": m[2], "asr": m[3]})
-            out.append(f"{100 * der:.1f}")
+            out.append(f"{100 * m[2]:.1f} / {100 * m[3]:.1f} / {100 * der:.1f}")
         else:
             out.append("-")
-    lines.append("| " + " | ".join(out) + " |")
+    lines += _grid(defenses, [*rows, out])
     if table.get("paper"):
         lines += ["", paper_markdown(table["paper"], list(cells), defenses)]
     if table["failures"]:
@@ -253,31 +258,25 @@ def paper_cells(dataset: str, attacks: list[str], defenses: list[str]) -> dict[s
 
 def paper_markdown(paper: dict[str, Any], attacks: list[str], defenses: list[str]) -> str:
     """The paper's numbers in table.md's layout ("n/a": a defense not in the paper)."""
-    head = ["Attack", "No def. C-Acc", "No def. ASR"]
-    for d in defenses:
-        head += [f"{d} C-Acc", f"{d} ASR", f"{d} DER"]
-    lines = [f"For comparison, {PAPER_TABLE1_SETTING} (its Average row is over the attacks "
-             "listed here):", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" + "---:|" * (len(head) - 1)]
-    rows = [a for a in attacks if a in paper]
-    for a in rows:
-        out = [a, *(f"{v:.2f}" for v in paper[a]["none"])]
+    join = lambda values: " / ".join(f"{v:.2f}" for v in values)
+    rows = [[a, join(paper[a]["none"]),
+             *(join(paper[a][d]) if d in paper[a] else "n/a" for d in defenses)]
+            for a in attacks if a in paper]
+    names = [r[0] for r in rows]
+    if names:
+        mean = lambda c, i: float(np.mean([paper[a][c][i] for a in names]))
+        out = ["Average", join((mean("none", 0), mean("none", 1)))]
         for d in defenses:
-            out += [f"{v:.2f}" for v in paper[a][d]] if d in paper[a] else ["n/a"] * 3
-        lines.append("| " + " | ".join(out) + " |")
-    if rows:
-        mean = lambda c, i: float(np.mean([paper[a][c][i] for a in rows]))
-        out = ["Average", f"{mean('none', 0):.2f}", f"{mean('none', 1):.2f}"]
-        for d in defenses:
-            if all(d in paper[a] for a in rows):
+            if all(d in paper[a] for a in names):
                 der = metrics.der({"clean_acc": mean("none", 0) / 100,
                                    "asr": mean("none", 1) / 100},
                                   {"clean_acc": mean(d, 0) / 100, "asr": mean(d, 1) / 100})
-                out += [f"{mean(d, 0):.2f}", f"{mean(d, 1):.2f}", f"{100 * der:.2f}"]
+                out.append(join((mean(d, 0), mean(d, 1), 100 * der)))
             else:
-                out += ["n/a"] * 3
-        lines.append("| " + " | ".join(out) + " |")
-    return "\n".join(lines)
+                out.append("n/a")
+        rows.append(out)
+    return "\n".join([f"For comparison, {PAPER_TABLE1_SETTING} (its Average row is over the "
+                      "attacks listed here):", "", *_grid(defenses, rows)])
 
 
 def table_plot(table: dict[str, Any], path: Path) -> None:

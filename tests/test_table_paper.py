@@ -33,7 +33,7 @@ def test_paper_cells_and_markdown():
     assert paper["badnets"] == {"none": [91.82, 93.79], "ftsam": [92.21, 1.63, 96.08]}
     text = paper_markdown(paper, ["badnets", "blended"], ["ftsam", "clp"])
     lines = text.splitlines()
-    assert lines[-3].startswith("| badnets | 91.82 | 93.79 | 92.21 | 1.63 | 96.08 | n/a")
+    assert lines[-3] == "| badnets | 91.82 / 93.79 | 92.21 / 1.63 / 96.08 | n/a |"
     # Average: mean C-Acc / ASR over the two attacks, DER from those means (the paper's way):
     # (max(0, 95.75 - 3.27) - max(0, 92.63 - 92.325) + 100) / 2 = 96.09 (92.325 prints as 92.32)
-    assert lines[-1] == "| Average | 92.63 | 95.75 | 92.32 | 3.27 | 96.09 | n/a | n/a | n/a |"
+    assert lines[-1] == "| Average | 92.63 / 95.75 | 92.32 / 3.27 / 96.09 | n/a |"
