@@ -31,7 +31,15 @@ from absl import flags
 from ml_collections import config_flags
 
 import ftsam_jax
-from experiments.cli import InputError, comma_list, config_from_flags, make_mesh, run
+from experiments.cli import (
+    DTYPES,
+    InputError,
+    comma_list,
+    compute_dtype,
+    config_from_flags,
+    make_mesh,
+    run,
+)
 from experiments.configs.bench import PRESETS, get_config
 from ftsam_jax import parallel, xla
 from ftsam_jax.detection.distill import (
@@ -77,7 +85,6 @@ def define_flags() -> None:
 SHORTHANDS = ("model", "width", "batch_size", "dtype", "steps", "warmup", "image_size",
               "num_classes", "rows", "ftsam_examples", "ftsam_batch_size", "ftsam_epochs",
               "detect_batch_size", "detect_image_size", "json")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 ROWS = ("train_step", "sam_step", "eval_step", "ftsam_epoch", "detect_train_step",
         "detect_distill_step")
@@ -145,8 +152,7 @@ def resolve(cfg: Any) -> list[str]:
         raise InputError(f"unknown --rows {unknown or rows}; choose from {list(ROWS)}")
     if cfg.model not in MODELS:
         raise InputError(f"unknown --model {cfg.model!r}; choose one of {sorted(MODELS)}")
-    if cfg.dtype not in DTYPES:
-        raise InputError(f"unknown --dtype {cfg.dtype!r}; choose one of {list(DTYPES)}")
+    compute_dtype(cfg.dtype)
     if cfg.steps < 1 or cfg.warmup < 0:
         raise InputError("--steps must be >= 1 and --warmup >= 0")
     for name in ("batch_size", "image_size", "num_classes", "ftsam_examples", "ftsam_batch_size",
@@ -168,7 +174,7 @@ def main(argv: list[str]) -> None:
         parallel.check_batch_size(cfg.ftsam_batch_size, mesh, "--ftsam_batch_size")
     except ValueError as e:
         raise InputError(e) from None
-    dtype = DTYPES[cfg.dtype]
+    dtype = compute_dtype(cfg.dtype)
     model = create_model(cfg.model, cfg.num_classes, width=cfg.width, dtype=dtype,
                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     shape = (cfg.image_size, cfg.image_size, 3)

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 from jax.sharding import Mesh
@@ -15,8 +16,10 @@ from ftsam_jax.checkpoint import CheckpointError
 from ftsam_jax.data import DataError
 from ftsam_jax.runner import NonFiniteLossError
 
-__all__ = ["InputError", "check_batch_fits", "comma_list", "config_from_flags", "fail", "make_mesh",
-           "run"]
+__all__ = ["DTYPES", "InputError", "check_batch_fits", "comma_list", "compute_dtype",
+           "config_from_flags", "distinct_ints", "fail", "make_mesh", "run"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class InputError(ValueError):
@@ -44,6 +47,24 @@ def check_batch_fits(batch_size: int, num_examples: int, unit: str = "images") -
 def comma_list(text: str) -> list[str]:
     """The items of a comma-separated config field (`"ft, ftsam"` -> ["ft", "ftsam"])."""
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def distinct_ints(text: str, name: str) -> list[int]:
+    """The distinct integers of a comma-separated value (`--seeds=0,1,2`); InputError else."""
+    try:
+        values = [int(item) for item in comma_list(text)]
+    except ValueError:
+        raise InputError(f"--{name} must be integers, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise InputError(f"--{name} must list distinct integers, got {text!r}")
+    return values
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """The compute dtype of a `dtype` setting (float32 | bfloat16); InputError else."""
+    if name not in DTYPES:
+        raise InputError(f"--dtype must be float32 or bfloat16, got {name!r}")
+    return DTYPES[name]
 
 
 def config_from_flags(get_config: Callable[[str], ml_collections.ConfigDict],

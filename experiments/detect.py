@@ -48,6 +48,7 @@ from experiments.cli import (
     check_batch_fits,
     comma_list,
     config_from_flags,
+    distinct_ints,
     make_mesh,
     run,
 )
@@ -131,12 +132,7 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
     if unknown or not methods or len(set(methods)) != len(methods):
         raise InputError(f"--methods must list distinct methods of {list(METHODS)}, got "
                          f"{methods}")
-    try:
-        seeds = [int(s) for s in comma_list(tree.seeds)]
-    except ValueError:
-        raise InputError(f"--seeds must be integers, got {tree.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise InputError(f"--seeds must list distinct integers, got {tree.seeds!r}")
+    seeds = distinct_ints(tree.seeds, "seeds")
     if min(cfg["num_train"], cfg["num_val"], cfg["epochs"], cfg["teacher_epochs"]) < 1:
         raise InputError("--num_train, --num_val, --epochs and --teacher_epochs must be >= 1")
     if cfg["lr"] <= 0 or tree.alpha_adv < 0:

@@ -36,7 +36,9 @@ from experiments.cli import (
     InputError,
     check_batch_fits,
     comma_list,
+    compute_dtype,
     config_from_flags,
+    distinct_ints,
     make_mesh,
     run,
 )
@@ -118,12 +120,7 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise InputError(f"unknown methods {bad}; choose from {list(METHODS)}")
-    try:
-        seeds = [int(s) for s in comma_list(tree.seeds)]
-    except ValueError:
-        raise InputError(f"--seeds must be integers, got {tree.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise InputError("--seeds must list distinct integers")
+    seeds = distinct_ints(tree.seeds, "seeds")
     if min(cfg["epochs"], cfg["teacher_epochs"], cfg["teacher_width"], cfg["student_width"],
            cfg["eval_every"]) < 1 or cfg["lr"] <= 0:
         raise InputError("epochs, widths and --eval_every must be >= 1 and --lr > 0")
@@ -136,8 +133,7 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
         raise InputError("--ssa_quantile must lie in (0, 1)")
     if tree.adv_source not in ("batch", "online"):
         raise InputError(f"--adv_source must be batch or online, got {tree.adv_source!r}")
-    if tree.dtype not in ("float32", "bfloat16"):
-        raise InputError(f"--dtype must be float32 or bfloat16, got {tree.dtype!r}")
+    compute_dtype(tree.dtype)
     return {"dataset": tree.dataset, "data_dir": tree.data_dir, **cfg,
             "methods": methods, "seeds": seeds, "kd_alpha": tree.kd_alpha,
             "temperature": tree.temperature, "alpha_adv": tree.alpha_adv,
@@ -187,7 +183,7 @@ def main(argv: list[str]) -> None:
     ds = load_dataset(cfg["dataset"], cfg["data_dir"])
     check_batch_fits(cfg["batch_size"], len(ds.y_train))
     mean, std = normalization_for(ds)
-    dtype = jnp.bfloat16 if cfg["dtype"] == "bfloat16" else jnp.float32
+    dtype = compute_dtype(cfg["dtype"])
     teacher = create_model(cfg["teacher"], ds.num_classes, width=cfg["teacher_width"], mean=mean,
                            std=std, dtype=dtype)
     student = create_model(cfg["student"], ds.num_classes, width=cfg["student_width"],

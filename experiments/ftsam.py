@@ -36,6 +36,7 @@ from experiments.cli import (
     InputError,
     check_batch_fits,
     comma_list,
+    compute_dtype,
     config_from_flags,
     make_mesh,
     run,
@@ -212,8 +213,7 @@ def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int, set_items
         raise InputError("--checkpoint_every must be >= 1")
     if cfg.eval_every < 1:
         raise InputError("--eval_every must be >= 1")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise InputError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    compute_dtype(cfg.dtype)
     names = comma_list(cfg.defenses)
     unknown = [d for d in names if d not in DEFENSES]
     if unknown:
@@ -356,7 +356,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     except ValueError as e:
         raise InputError(e) from None
     mean, std = normalization_for(ds)
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    dtype = compute_dtype(cfg.dtype)
     model = create_model(run_cfg["model"], ds.num_classes, width=run_cfg["width"], mean=mean,
                          std=std, dtype=dtype)
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from experiments.cli import InputError, fail, run
+from experiments.cli import InputError, distinct_ints, fail, run
 from experiments.paper import PAPER_TABLE1_SETTING, TABLE1
 from experiments.workdir import atomic_write, lock_workdir
 from ftsam_jax import metrics
@@ -63,16 +63,6 @@ def define_flags() -> None:
     flags.DEFINE_bool("plot", True, "Write table.png.")
 
 NO_DEFENSE = "No defense"
-
-
-def _ints(values: list[str], name: str) -> list[int]:
-    try:
-        out = [int(v) for v in values]
-    except ValueError:
-        raise InputError(f"--{name} must be integers, got {values}") from None
-    if not out or len(set(out)) != len(out):
-        raise InputError(f"--{name} must list distinct integers, got {values}")
-    return out
 
 
 def _names(values: list[str], known: dict[str, Any], name: str) -> list[str]:
@@ -317,7 +307,7 @@ def main(argv: list[str]) -> None:
     del argv
     attacks = _names(FLAGS.attacks, ATTACKS, "attacks")
     defenses = _names(FLAGS.defenses, DEFENSES, "defenses")
-    seeds = _ints(FLAGS.defense_seeds, "defense_seeds")
+    seeds = distinct_ints(",".join(FLAGS.defense_seeds), "defense_seeds")
     seeded = set(defenses if FLAGS.seeded_defenses is None else
                  _names(FLAGS.seeded_defenses, DEFENSES, "seeded_defenses"))
     if seeded - set(defenses):
