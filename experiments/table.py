@@ -176,6 +176,13 @@ def _fmt(stat: dict[str, float] | None, n: int) -> str:
     return text + (f" ± {100 * stat['std']:.1f}" if n > 1 else "")
 
 
+def _average_der(no_defense: tuple[float, float], defended: tuple[float, float]) -> float:
+    """The paper's Average-row DER: the DER of the attack-averaged (C-Acc, ASR) pairs
+    (fractions), not the mean of the per-attack DERs."""
+    return metrics.der({"clean_acc": no_defense[0], "asr": no_defense[1]},
+                       {"clean_acc": defended[0], "asr": defended[1]})
+
+
 def _grid(defenses: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table in the paper's layout: one column per defense, cells "a / b / c"."""
     head = ["Attack", "No defense", *defenses]
@@ -210,7 +217,7 @@ def table_markdown(table: dict[str, Any]) -> str:
             r, n = row[d], len(row[d]["per_seed"])
             out.append(" / ".join(_fmt(r.get(k), n) for k in ("clean_acc", "asr", "der"))
                        if r["per_seed"] else "-")
-            for k in ("clean_acc", "asr", "der"):
+            for k in ("clean_acc", "asr"):
                 add_avg(f"{d}/{k}", r[k]["mean"] if k in r else None)
         rows.append(out)
     full = lambda key: len(averages.get(key, [])) == len(cells)
@@ -218,12 +225,10 @@ def table_markdown(table: dict[str, Any]) -> str:
     out = ["Average", f"{100 * mean('nd/clean_acc'):.1f} / {100 * mean('nd/asr'):.1f}"
            if full("nd/clean_acc") else "-"]
     for d in defenses:
-        # the paper's Avg DER: from the averaged ACC and ASR, not the mean of the DERs
         keys = ("nd/clean_acc", "nd/asr", f"{d}/clean_acc", f"{d}/asr")
         if all(full(k) for k in keys):
             m = [mean(k) for k in keys]
-            der = metrics.der({"clean_acc": m[0], "asr": m[1]},
-                              {"clean_acc": m[2], "asr": m[3]})
+            der = _average_der((m[0], m[1]), (m[2], m[3]))
             out.append(f"{100 * m[2]:.1f} / {100 * m[3]:.1f} / {100 * der:.1f}")
         else:
             out.append("-")
@@ -258,9 +263,8 @@ def paper_markdown(paper: dict[str, Any], attacks: list[str], defenses: list[str
         out = ["Average", join((mean("none", 0), mean("none", 1)))]
         for d in defenses:
             if all(d in paper[a] for a in names):
-                der = metrics.der({"clean_acc": mean("none", 0) / 100,
-                                   "asr": mean("none", 1) / 100},
-                                  {"clean_acc": mean(d, 0) / 100, "asr": mean(d, 1) / 100})
+                der = _average_der((mean("none", 0) / 100, mean("none", 1) / 100),
+                                   (mean(d, 0) / 100, mean(d, 1) / 100))
                 out.append(join((mean(d, 0), mean(d, 1), 100 * der)))
             else:
                 out.append("n/a")
