@@ -6,8 +6,6 @@ import pytest
 
 from tests.conftest import ENV, ROOT
 
-pytestmark = pytest.mark.slow  # subprocess runs of the entry points
-
 
 def bench(*args):
     import subprocess
@@ -17,6 +15,7 @@ def bench(*args):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # a subprocess run of the entry point
 def test_rows_report_compile_and_throughput():
     proc = bench("--model=tiny_cnn", "--batch_size=8", "--steps=1", "--warmup=0", "--json",
                  "--rows=train_step,sam_step,eval_step,detect_train_step,detect_distill_step",
@@ -31,6 +30,7 @@ def test_rows_report_compile_and_throughput():
     assert rows["detect_distill_step"]["image_size"] == 32
 
 
+@pytest.mark.slow  # a subprocess run of the entry point
 def test_config_file_with_overrides_and_shorthands():
     proc = bench("--config=experiments/configs/bench.py:smoke", "--config.rows=eval_step",
                  "--batch_size=16", "--json")
@@ -40,6 +40,7 @@ def test_config_file_with_overrides_and_shorthands():
     assert [r["row"] for r in info["rows"]] == ["eval_step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["--rows=train_step,warp_drive"], "warp_drive"),
     (["--preset=cpu", "--config=experiments/configs/bench.py:smoke"], "not both"),
