@@ -11,6 +11,11 @@
 #   3. experiments.bench bfloat16, and the peer under autocast bf16;
 #   4. experiments.ftsam at the paper preset on the slice: Blended, FT and FT-SAM, seed 0,
 #      until the sitting's deadline (BUDGET_S seconds from the start, default 520).
+# Preparing the two folders where you launch from (keep them out of git, .git/info/exclude):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5
+#   mkdir -p .devcarry && cp -r ../shared/data/cifar10-subset ../shared/bench/torch_peer.py .devcarry/
+# Used on 2026-11-26 (one H200, 187 s for all four parts): BENCHMARKS.md's GPU section.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
