@@ -59,20 +59,3 @@ def test_table_average_der_is_computed_from_averaged_acc_and_asr():
     # cells "C-Acc / ASR / DER"; the DER is 61.25 (from the averages), not 67.5 (mean of DERs)
     assert row == "| Average | 80.0 / 55.0 | 77.5 / 30.0 / 61.3 |"
 
-
-def test_table_cells_share_a_compilation_cache(tmp_path, monkeypatch):
-    """experiments.table points its cells at one persistent compilation cache: WORKDIR/jax_cache
-    by default, an inherited $JAX_COMPILATION_CACHE_DIR or --compilation_cache instead, none
-    with 'off'."""
-    import os
-    from pathlib import Path
-
-    from experiments.table import CACHE_ENV, cell_env
-
-    monkeypatch.delenv(CACHE_ENV, raising=False)
-    assert cell_env(tmp_path, None)[CACHE_ENV] == str(tmp_path.absolute() / "jax_cache")
-    assert cell_env(tmp_path, "c")[CACHE_ENV] == str(Path("c").absolute())
-    monkeypatch.setenv(CACHE_ENV, "/elsewhere")
-    assert cell_env(tmp_path, None)[CACHE_ENV] == "/elsewhere"
-    assert CACHE_ENV not in cell_env(tmp_path, "off")
-    assert cell_env(tmp_path, None)["PATH"] == os.environ["PATH"]

@@ -1,0 +1,36 @@
+"""experiments.table's pieces in process: the cells' environment, what a seed's folder gets."""
+
+import os
+from pathlib import Path
+
+from experiments.table import CACHE_ENV, _share_backdoored, cell_env
+
+
+def test_table_cells_share_a_compilation_cache(tmp_path, monkeypatch):
+    """experiments.table points its cells at one persistent compilation cache: WORKDIR/jax_cache
+    by default, an inherited $JAX_COMPILATION_CACHE_DIR or --compilation_cache instead, none
+    with 'off'."""
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert cell_env(tmp_path, None)[CACHE_ENV] == str(tmp_path.absolute() / "jax_cache")
+    assert cell_env(tmp_path, "c")[CACHE_ENV] == str(Path("c").absolute())
+    monkeypatch.setenv(CACHE_ENV, "/elsewhere")
+    assert cell_env(tmp_path, None)[CACHE_ENV] == "/elsewhere"
+    assert CACHE_ENV not in cell_env(tmp_path, "off")
+    assert cell_env(tmp_path, None)["PATH"] == os.environ["PATH"]
+
+
+def test_seed_folders_get_the_backdoored_model_trigger_and_attack_checkpoints(tmp_path):
+    first = tmp_path / "lf" / "ds0"
+    for sub in ("models/backdoored", "checkpoints/backdoored/3", "checkpoints/lf_surrogate/60",
+                "checkpoints/ft/100"):
+        (first / sub).mkdir(parents=True)
+    (first / "models" / "backdoored" / "variables").write_text("v")
+    (first / "lf_pattern.npy").write_bytes(b"p")
+    (first / "results.json").write_text("{}")
+    _share_backdoored(tmp_path, "lf", 0, 1)
+    second = tmp_path / "lf" / "ds1"
+    assert (second / "models" / "backdoored" / "variables").read_text() == "v"
+    assert (second / "lf_pattern.npy").read_bytes() == b"p"  # LF does not train its surrogate again
+    assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["backdoored",
+                                                                          "lf_surrogate"]
+    assert not (second / "results.json").exists()  # the seed's own run writes its records
