@@ -41,8 +41,8 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 } 2>&1 | tee "$OUT/env.txt"
 
 BENCH=(python3 -m experiments.bench --preset="$PRESET" --steps="$STEPS" --warmup="$WARMUP" --json)
-PEER=(python3 .devcarry/torch_peer.py --device=cuda --width=64 --batch_size=128 --steps="$STEPS" --warmup="$WARMUP")
-[ "$PRESET" = paper ] || PEER=(python3 .devcarry/torch_peer.py --device=cuda --width=16 --batch_size=128 --steps="$STEPS" --warmup="$WARMUP")
+WIDTH=64; [ "$PRESET" = paper ] || WIDTH=16   # the bench preset's network (cpu: width 16)
+PEER=(python3 .devcarry/torch_peer.py --device=cuda --width="$WIDTH" --batch_size=128 --steps="$STEPS" --warmup="$WARMUP")
 part jax_f32 150 "${BENCH[@]}" --dtype=float32
 part torch_f32 60 "${PEER[@]}"
 part torch_f32_cl 60 "${PEER[@]}" --channels_last

@@ -58,4 +58,3 @@ def test_table_average_der_is_computed_from_averaged_acc_and_asr():
     row = next(line for line in table_markdown(table).splitlines() if "| Average |" in line)
     # cells "C-Acc / ASR / DER"; the DER is 61.25 (from the averages), not 67.5 (mean of DERs)
     assert row == "| Average | 80.0 / 55.0 | 77.5 / 30.0 / 61.3 |"
-
