@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,12 @@ class Evaluator:
                             area_ranges=SCENE_AREAS if d.scale is None else COCO_AREAS)
 
 
+@cache
+def _teacher_objective(num_classes: int, image_size: int) -> Any:
+    """One objective per (classes, size), so both adversarial sets share one compiled attack."""
+    return detection_objective(num_classes, image_size)
+
+
 def adversarial_set(teacher: FCOS, params: Any, data: DetectionData, rng: jax.Array,
                     mesh: Any, batch_size: int) -> np.ndarray:
     """uint8 MI-DI-FGSM images against the teacher's classification loss (example i uses key
@@ -216,8 +222,8 @@ def adversarial_set(teacher: FCOS, params: Any, data: DetectionData, rng: jax.Ar
     gt = {"boxes": data.boxes, "labels": data.labels, "mask": data.mask}
     return precompute_adversarial(
         teacher.apply, {"params": params}, data.images, gt, rng, mesh=mesh,
-        batch_size=batch_size, objective=detection_objective(len(data.class_names),
-                                                             data.images.shape[1]))
+        batch_size=batch_size, objective=_teacher_objective(len(data.class_names),
+                                                            data.images.shape[1]))
 
 
 def _cached(path: Path, make: Any) -> np.ndarray:

@@ -1,11 +1,22 @@
 """Test set-up: 8 fake CPU devices (so data parallelism is always exercised), fast compiles."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache per test process (one per pytest-xdist worker), shared
+# with the entry points it starts: a rerun, a resume or a second entry point with the same
+# stages loads the programs compiled before instead of compiling them again (XLA's compile
+# time is most of a smoke run on CPU). Removed when the process ends.
+_XLA_CACHE = tempfile.mkdtemp(prefix="ftsam_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402

@@ -14,7 +14,7 @@ from ftsam_jax import xla
 from ftsam_jax.models import conv as conv_mod
 from ftsam_jax.models import create_model
 from ftsam_jax.models.conv import conv_general_dilated, use_matmul_wgrad, weight_gradient
-from ftsam_jax.train import classification_loss, create_train_state
+from ftsam_jax.train import classification_loss, create_train_state, init_variables
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -93,7 +93,7 @@ def _model_grads(mode, monkeypatch, second_order=False):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.random((8, 16, 16, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
-    v = model.init(jax.random.key(0), x[:1], train=False)
+    v = init_variables(model, jax.random.key(0), x.shape[1:], train=False)
 
     def loss(p):
         logits, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,

@@ -17,6 +17,7 @@ from ftsam_jax.detection.distill import (
 )
 from ftsam_jax.distill.adversarial import AttackConfig, mi_di_fgsm
 from ftsam_jax.models.fcos import FCOS
+from ftsam_jax.train import init_variables
 from tests.test_detector import toy_scenes
 
 
@@ -25,7 +26,7 @@ def setup():
     data = toy_scenes(8, size=64)
     teacher = FCOS(num_classes=4, width=16, fpn_channels=16)
     student = FCOS(num_classes=4, width=8, fpn_channels=16)
-    t_params = teacher.init(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))["params"]
+    t_params = init_variables(teacher, jax.random.key(1), (64, 64, 3))["params"]
     batch = {"image": jnp.asarray(data.images), "boxes": jnp.asarray(data.boxes),
              "labels": jnp.asarray(data.labels), "mask": jnp.asarray(data.mask)}
     noise = np.random.default_rng(0).integers(-8, 9, data.images.shape)
@@ -33,11 +34,18 @@ def setup():
     return teacher, student, t_params, batch
 
 
-def _run(setup, config, tx, batch_update=None, steps=1, mesh=None):
+def _step(setup, config, tx):
+    teacher, student = setup[:2]
+    return jax.jit(make_detect_distill_step(student, teacher, tx, config, 4, 64))
+
+
+def _run(setup, config, tx, batch_update=None, steps=1, mesh=None, step=None):
+    """`steps` steps from a fresh state; pass `step` (from `_step`) to reuse one jitted step:
+    tracing and compiling it is most of these tests' time."""
     teacher, student, t_params, batch = setup
     batch = {**batch, **(batch_update or {})}
     state = create_detect_distill_state(student, tx, jax.random.key(0), 64, config)
-    step = jax.jit(make_detect_distill_step(student, teacher, tx, config, 4, 64))
+    step = step or _step(setup, config, tx)
     if mesh is not None:
         state = parallel.replicate(state, mesh)
         t_params = parallel.replicate(t_params, mesh)
@@ -65,9 +73,10 @@ def test_plain_phase_ignores_the_adversarial_images(setup):
     tx = optax.sgd(0.01)
     cfg = DetectDistillConfig(alpha_adv=1e-3)
     other = {"adv": jnp.zeros_like(setup[3]["adv"]), "ikd": jnp.float32(0.0)}
-    a, ma = _run(setup, cfg, tx, {"ikd": jnp.float32(0.0)})
-    b, _ = _run(setup, cfg, tx, other)
-    c, mc = _run(setup, cfg, tx, {"ikd": jnp.float32(1.0)})
+    step = _step(setup, cfg, tx)
+    a, ma = _run(setup, cfg, tx, {"ikd": jnp.float32(0.0)}, step=step)
+    b, _ = _run(setup, cfg, tx, other, step=step)
+    c, mc = _run(setup, cfg, tx, {"ikd": jnp.float32(1.0)}, step=step)
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
     assert float(ma["afa"]) == 0.0 and float(mc["afa"]) > 0
     assert not np.allclose(a.params["student"]["fpn3"]["kernel"],
@@ -77,8 +86,10 @@ def test_plain_phase_ignores_the_adversarial_images(setup):
 def test_sam_step_on_eight_devices_equals_one(setup):
     tx = ftsam_jax.sam(optax.sgd(0.01, momentum=0.9), 0.05)
     cfg = DetectDistillConfig(alpha_adv=1e-3)
-    one, m1 = _run(setup, cfg, tx, {"ikd": jnp.float32(1.0)})
-    eight, m8 = _run(setup, cfg, tx, {"ikd": jnp.float32(1.0)}, mesh=parallel.make_mesh())
+    step = _step(setup, cfg, tx)
+    one, m1 = _run(setup, cfg, tx, {"ikd": jnp.float32(1.0)}, step=step)
+    eight, m8 = _run(setup, cfg, tx, {"ikd": jnp.float32(1.0)}, mesh=parallel.make_mesh(),
+                     step=step)
     assert float(m1["loss"]) == pytest.approx(float(m8["loss"]), rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  one.params, eight.params)
@@ -101,6 +112,5 @@ def test_attack_raises_the_teachers_classification_loss(setup):
                                        AttackConfig(), objective=objective))(batch["image"])
     x0 = batch["image"].astype(jnp.float32) / 255.0
     assert float(jnp.abs(adv - x0).max()) <= 8 / 255 + 1e-6
-    before = float(objective(apply({"params": t_params}, x0), gt))
-    after = float(objective(apply({"params": t_params}, adv), gt))
-    assert after > before
+    loss = jax.jit(lambda x: objective(apply({"params": t_params}, x), gt))
+    assert float(loss(adv)) > float(loss(x0))

@@ -37,8 +37,8 @@ def toy_scenes(n, seed=0, size=64):
 def test_outputs_and_named_features():
     model = FCOS(num_classes=5, width=8, fpn_channels=16)
     x = jnp.zeros((2, 64, 64, 3))
-    v = model.init(jax.random.key(0), x)
-    out, state = model.apply(v, x, mutable=["intermediates"])
+    v = jax.jit(model.init)(jax.random.key(0), x)
+    out, state = jax.jit(partial(model.apply, mutable=["intermediates"]))(v, x)
     p = len(level_points(64)[0])
     assert out["cls"].shape == (2, p, 5) and out["ltrb"].shape == (2, p, 4)
     assert out["ctr"].shape == (2, p) and (np.asarray(out["ltrb"]) >= 0).all()
@@ -112,7 +112,7 @@ def test_overfits_one_batch():
         state, m = step(state, batch, jax.random.key(0))
         first = float(m["loss"]) if first is None else first
     assert float(m["loss"]) < 0.3 * first
-    out = model.apply({"params": state.params}, batch["image"])
+    out = jax.jit(model.apply)({"params": state.params}, batch["image"])
     boxes, scores, classes = jax.device_get(decode_topk(out, 64))
     dets = [nms(b, s, c) for b, s, c in zip(boxes, scores, classes, strict=True)]
     gt_b = [data.boxes[i][data.mask[i]] for i in range(len(data))]

@@ -75,13 +75,14 @@ def test_loss_matches_the_numpy_reference():
     valid = np.array([[True, True], [True, False]])
     rel = FGDRelation()
     keys = jax.random.split(jax.random.key(0), 2)
-    params = {k: rel.init(key, jnp.zeros((1, h, w, c)))["params"]
+    init = jax.jit(rel.init)  # one program instead of each small op compiled eagerly
+    params = {k: init(key, jnp.zeros((1, h, w, c)))["params"]
               for k, key in zip(("student", "teacher"), keys, strict=True)}
     # a non-zero last layer, so the global term is not trivially |F_S - F_T|^2
     params = jax.tree.map(lambda x: x + 0.1 * jnp.ones_like(x), params)
     cfg = FGDConfig(alpha=1.0, beta=2.0, gamma=3.0, lam=4.0)
-    out = fgd_loss(jnp.asarray(fs), jnp.asarray(ft), jnp.asarray(boxes), jnp.asarray(valid),
-                   (128, 128), params, cfg)
+    out = jax.jit(lambda *a: fgd_loss(*a[:4], (128, 128), a[4], cfg))(
+        jnp.asarray(fs), jnp.asarray(ft), jnp.asarray(boxes), jnp.asarray(valid), params)
     s_t, c_t = np_attention(ft, 0.5)
     s_s, c_s = np_attention(fs, 0.5)
     m_fg, m_bg = np_masks(boxes, valid, 128, h, w)

@@ -80,19 +80,24 @@ def create_detect_distill_state(student: nn.Module, tx: optax.GradientTransforma
                                 rng: jax.Array, image_size: int, config: DetectDistillConfig,
                                 student_params: Any | None = None) -> DetectDistillState:
     """The student's params (fresh or given) and, with FGD, one student/teacher relation pair
-    per level (sized from the student's features; the teacher's must have the same channels)."""
-    k_model, k_fgd = jax.random.split(rng)
-    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    if student_params is None:
-        student_params = student.init(k_model, x)["params"]
-    params: dict[str, Any] = {"student": student_params, "fgd": {}}
-    if config.fgd is not None:
-        _, feats = _features(student, student_params, x, config.levels)
-        keys = jax.random.split(k_fgd, 2 * len(feats))
-        for i, (name, f) in enumerate(zip(config.levels, feats, strict=True)):
-            params["fgd"][name] = {
-                side: FGDRelation().init(keys[2 * i + j], jnp.zeros_like(f))["params"]
-                for j, side in enumerate(("student", "teacher"))}
+    per level (sized from the student's features; the teacher's must have the same channels).
+    Built as one compiled program (eager, its many small ops each compile on first use)."""
+
+    def build(rng: jax.Array, given: Any | None) -> dict[str, Any]:
+        k_model, k_fgd = jax.random.split(rng)
+        x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        student_params = student.init(k_model, x)["params"] if given is None else given
+        params: dict[str, Any] = {"student": student_params, "fgd": {}}
+        if config.fgd is not None:
+            _, feats = _features(student, student_params, x, config.levels)
+            keys = jax.random.split(k_fgd, 2 * len(feats))
+            for i, (name, f) in enumerate(zip(config.levels, feats, strict=True)):
+                params["fgd"][name] = {
+                    side: FGDRelation().init(keys[2 * i + j], jnp.zeros_like(f))["params"]
+                    for j, side in enumerate(("student", "teacher"))}
+        return params
+
+    params = jax.jit(build)(rng, student_params)
     return DetectDistillState(step=jnp.zeros([], jnp.int32), params=params,
                               opt_state=tx.init(params))
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import flax.linen as nn
@@ -224,14 +224,8 @@ def precompute_adversarial(apply_fn: ApplyFn, variables: Any, images: np.ndarray
     n = len(images)
     n_dev = mesh.devices.size
     batch_size = max(n_dev, -(-min(batch_size, max(n, 1)) // n_dev) * n_dev)
-    data = parallel.data_sharding(mesh)
     repl = parallel.replicated(mesh)
-
-    def attack(v: Any, x: jax.Array, y: Any, idx: jax.Array, key: jax.Array) -> jax.Array:
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-        return to_uint8(mi_di_fgsm(apply_fn, v, x, y, keys, config, objective=objective))
-
-    fn = xla.jit(attack, in_shardings=(repl, data, data, data, repl), out_shardings=data)
+    fn = _attack_program(apply_fn, config, objective, mesh)
     variables = jax.device_put(variables, repl)
     out = np.empty(images.shape, np.uint8)
     if objective is None:
@@ -249,3 +243,18 @@ def precompute_adversarial(apply_fn: ApplyFn, variables: Any, images: np.ndarray
         idx = np.arange(start, start + batch_size, dtype=np.int32)
         out[start:stop] = np.asarray(fn(variables, x, y, idx, rng))[:stop - start]
     return out
+
+
+@lru_cache(maxsize=8)
+def _attack_program(apply_fn: ApplyFn, config: AttackConfig,
+                    objective: Callable[[Any, Any], jax.Array] | None, mesh: Mesh) -> Any:
+    """The jitted sharded attack of `precompute_adversarial`, one per (teacher, settings):
+    a second call for the same teacher (e.g. its evaluation images after its training set)
+    reuses the compiled program instead of tracing and compiling a new closure."""
+    data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
+
+    def attack(v: Any, x: jax.Array, y: Any, idx: jax.Array, key: jax.Array) -> jax.Array:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+        return to_uint8(mi_di_fgsm(apply_fn, v, x, y, keys, config, objective=objective))
+
+    return xla.jit(attack, in_shardings=(repl, data, data, data, repl), out_shardings=data)

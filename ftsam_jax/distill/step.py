@@ -58,7 +58,7 @@ from ftsam_jax.distill.adversarial import AttackConfig, eval_apply, mi_di_fgsm
 from ftsam_jax.distill.augment import SSAConfig, ssa_classification
 from ftsam_jax.distill.losses import afa_loss, feature_kd_loss, init_align, kd_loss
 from ftsam_jax.loop import to_float
-from ftsam_jax.train import cross_entropy
+from ftsam_jax.train import cross_entropy, init_variables
 
 __all__ = ["DistillConfig", "DistillState", "StudentTeacherState", "bind_teacher",
            "create_distill_state", "init_alignment", "make_distill_fns", "make_distill_step"]
@@ -232,8 +232,7 @@ def create_distill_state(model_s: nn.Module, tx: optax.GradientTransformation, r
     """Initialises the student (or takes `variables`), the align convs and the optimizer."""
     init_rng, align_rng = jax.random.split(rng)
     if variables is None:
-        variables = model_s.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32),
-                                 train=False)
+        variables = init_variables(model_s, init_rng, image_shape, train=False)
     align = init_alignment(model_s, variables, model_t, teacher_vars, image_shape, config,
                            align_rng)
     params = variables["params"]
