@@ -66,3 +66,23 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     with Checkpointer(tmp_path / "ckpt") as ckpt, pytest.raises(CheckpointError,
                                                                 match="delete that folder"):
         ckpt.restore(state)
+
+
+def test_reads_checkpoints_written_with_orbax_standard_save(tmp_path):
+    """Checkpoints of earlier versions (orbax StandardSave, replica-parallel slices) resume."""
+    import orbax.checkpoint as ocp
+
+    mesh = parallel.make_mesh()
+    model = TinyCNN(num_classes=3, width=2)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = parallel.replicate(create_train_state(model, tx, jax.random.key(0), (8, 8, 3)), mesh)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             meta=ocp.args.JsonSave({"epoch": 3})))
+    template = parallel.replicate(create_train_state(model, tx, jax.random.key(1), (8, 8, 3)),
+                                  mesh)
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        restored, meta = ckpt.restore(template)
+    assert meta == {"epoch": 3}
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -88,6 +88,13 @@ def test_attack_eps_ball_range_loss_increase_and_precompute(data):
     assert float(jnp.max(jnp.abs(out - xf))) <= cfg.eps + 1e-6
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     np.testing.assert_array_equal(adversarial.to_uint8(out), adv)
+    # A second set for the same teacher and settings reuses the compiled attack.
+    before = adversarial._attack_program.cache_info()
+    again = adversarial.precompute_adversarial(apply, teacher, x[:8], y[:8], jax.random.key(3),
+                                               mesh=mesh, batch_size=8, config=cfg)
+    after = adversarial._attack_program.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    np.testing.assert_array_equal(again, adv[:8])
 
 
 def test_momentum_and_l1_normalisation_match_numpy_on_a_linear_model():

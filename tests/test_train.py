@@ -202,3 +202,15 @@ def test_scanned_and_looped_epochs_agree():
         out.append((jax.device_get(state), jax.device_get(metrics)))
     assert_trees_close(out[0][0].params, out[1][0].params, atol=1e-6)
     np.testing.assert_allclose(out[0][1]["loss"], out[1][1]["loss"], rtol=1e-6)
+
+
+def test_init_variables_equals_eager_init_bit_for_bit():
+    from ftsam_jax.models import create_model
+    from ftsam_jax.train import init_variables
+
+    model = create_model("preactresnet18", 10, width=2)
+    x = jnp.zeros((1, 8, 8, 3), jnp.float32)
+    eager = model.init(jax.random.key(5), x, train=False)
+    jitted = init_variables(model, jax.random.key(5), (8, 8, 3), train=False)
+    assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+    jax.tree.map(np.testing.assert_array_equal, eager, jitted)
