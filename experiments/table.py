@@ -10,9 +10,9 @@ stop the others): per attack, `WORKDIR/ATTACK/ds{s}` holds the run for defense s
 backdoored model is trained once, in the first seed's folder, and its final variables
 (`models/backdoored`) and checkpoints are copied to the others (nothing is trained twice; those
 folders are ordinary `experiments.ftsam` workdirs). A folder whose results.json has the
-backdoored row and `models/backdoored` (and, for LF, its trigger `lf_pattern.npy`) needs no
-checkpoint: committing those (a few MB at `cpu` width) lets a table go on later, on another
-machine.
+backdoored row and `models/backdoored` (for LF also its trigger `lf_pattern.npy`; Input-aware
+has `models/input_aware` instead: classifier, generator and mask) needs no checkpoint:
+committing those (a few MB at `cpu` width) lets a table go on later, on another machine.
 Defenses in `--seeded_defenses` run with every seed of `--defense_seeds`, the others with the
 first. Rerunning the command skips finished cells and resumes interrupted ones from
 their checkpoints. Writes `table.md` (rows: attacks and their average; column groups: No
@@ -112,14 +112,15 @@ def _done(root: Path, cell: tuple[str, str | None, int]) -> bool:
 
 
 def _share_backdoored(root: Path, attack: str, first: int, seed: int) -> None:
-    """Copies the backdoored model's final variables, an attack's cached trigger (LF's
-    `lf_pattern.npy`) and the attack's stages' checkpoints (not the defenses') into seed's
-    folder."""
+    """Copies the backdoored model's final variables (Input-aware's: `models/input_aware`), an
+    attack's cached trigger (LF's `lf_pattern.npy`) and the attack's stages' checkpoints (not
+    the defenses') into seed's folder."""
     src, dst = cell_dir(root, attack, first) / "checkpoints", cell_dir(root, attack, seed)
     (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
-    model = cell_dir(root, attack, first) / "models" / "backdoored"
-    if model.is_dir() and not (dst / "models" / "backdoored").exists():
-        shutil.copytree(model, dst / "models" / "backdoored")
+    for name in ("backdoored", "input_aware"):  # Input-aware keeps its own networks
+        model = cell_dir(root, attack, first) / "models" / name
+        if model.is_dir() and not (dst / "models" / name).exists():
+            shutil.copytree(model, dst / "models" / name)
     for cached in cell_dir(root, attack, first).glob("*.npy"):
         if not (dst / cached.name).exists():
             shutil.copy2(cached, dst / cached.name)

@@ -2,6 +2,7 @@
 LF's low-frequency pattern and Input-aware's trained trigger networks (tiny and fast)."""
 
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -338,6 +339,17 @@ def test_input_aware_fit_trains_a_backdoored_classifier_with_per_image_triggers(
     with pytest.raises(ValueError, match="ratio"):
         attack.fit(ds=ds, model=model, fit_config=FitConfig(epochs=1, batch_size=16),
                    ratio=0.6, ctx=context(tmp_path), rng=jax.random.key(0))
+    # A workdir holding only the finished networks: loaded, nothing trained.
+    only = tmp_path / "only"
+    shutil.copytree(tmp_path / "models" / "input_aware", only / "models" / "input_aware")
+    again = create_attack("input_aware", num_classes=4, image_shape=shape, generator_width=4,
+                          generator_steps=1)
+    again.fit(ds=ds, model=model, fit_config=FitConfig(epochs=1, batch_size=16), ratio=0.1,
+              ctx=context(only), rng=jax.random.key(0))
+    assert not (only / "checkpoints").exists()
+    np.testing.assert_array_equal(again.apply(x), out)
+    jax.tree.map(np.testing.assert_array_equal, again.trained_variables,
+                 attack.trained_variables)
 
 
 def test_input_aware_trigger_on_rgb_images():

@@ -21,8 +21,8 @@ def test_table_cells_share_a_compilation_cache(tmp_path, monkeypatch):
 
 def test_seed_folders_get_the_backdoored_model_trigger_and_attack_checkpoints(tmp_path):
     first = tmp_path / "lf" / "ds0"
-    for sub in ("models/backdoored", "checkpoints/backdoored/3", "checkpoints/lf_surrogate/60",
-                "checkpoints/ft/100"):
+    for sub in ("models/backdoored", "models/input_aware", "models/ft",
+                "checkpoints/backdoored/3", "checkpoints/lf_surrogate/60", "checkpoints/ft/100"):
         (first / sub).mkdir(parents=True)
     (first / "models" / "backdoored" / "variables").write_text("v")
     (first / "lf_pattern.npy").write_bytes(b"p")
@@ -31,6 +31,7 @@ def test_seed_folders_get_the_backdoored_model_trigger_and_attack_checkpoints(tm
     second = tmp_path / "lf" / "ds1"
     assert (second / "models" / "backdoored" / "variables").read_text() == "v"
     assert (second / "lf_pattern.npy").read_bytes() == b"p"  # LF does not train its surrogate again
+    assert sorted(p.name for p in (second / "models").iterdir()) == ["backdoored", "input_aware"]
     assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["backdoored",
                                                                           "lf_surrogate"]
     assert not (second / "results.json").exists()  # the seed's own run writes its records

@@ -37,7 +37,9 @@ uses it as the backdoored model. `apply` inserts each test image's own trigger.
 
 Epochs: the joint stage runs `fit_config.epochs` epochs and the mask stage
 `mask_epochs` (default `max(1, round(epochs / 4))`), i.e. 25 + 100 for the reference's
-100 epochs, as BackdoorBench's `clean_train_epochs = 25` then `epochs = 100`.
+100 epochs, as BackdoorBench's `clean_train_epochs = 25` then `epochs = 100`. The finished
+networks are saved as `<ctx.workdir>/models/input_aware` (final variables only); a later `fit`
+with that folder loads them instead of training (what a table commits to go on elsewhere).
 
 Networks (`TriggerNet`, the reference's `InputAwareGenerator`): conv3x3-BN-ReLU blocks,
 `steps` x (2 blocks, 2x2 max-pool) with `width`, 2 width, 4 width channels, a middle block,
@@ -66,6 +68,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import flax
@@ -77,6 +80,7 @@ import optax
 
 from ftsam_jax import parallel, xla
 from ftsam_jax.attacks.base import Attack, to_uint8
+from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data.augment import crop_flip
 from ftsam_jax.loop import steps_per_epoch, to_float
 from ftsam_jax.models.common import Conv
@@ -87,6 +91,9 @@ __all__ = ["InputAware", "TriggerNet", "diversity_loss", "threshold"]
 
 Variables = dict[str, Any]
 EPS = 1e-7
+# The finished networks (classifier, generator, mask: final variables, no optimizer state),
+# under the run's workdir: a rerun, or a workdir holding only this folder, skips both stages.
+NETWORKS_DIR = "models/input_aware"
 
 
 def threshold(z: jax.Array) -> jax.Array:
@@ -289,10 +296,21 @@ class InputAware(Attack):
         spe = steps_per_epoch(n_ex, bs, cfg.drop_last)
         mask_epochs = (max(1, round(cfg.epochs / 4)) if self.mask_epochs is None
                        else self.mask_epochs)
+        k_net, k_c, k_s1, k_s2 = jax.random.split(rng, 4)
+        dummy = jnp.zeros((1, *x.shape[1:]), jnp.float32)
+        saved = None if ctx.workdir is None else Path(ctx.workdir) / NETWORKS_DIR
+        if saved is not None and saved.is_dir():  # finished earlier: its final networks
+            template = {"classifier": jax.eval_shape(partial(model.init, train=False), k_c,
+                                                     dummy),
+                        "generator": jax.eval_shape(self.generator.init, k_c, dummy),
+                        "mask": jax.eval_shape(self.mask_net.init, k_c, dummy)}
+            v = load_variables(saved, template)
+            self.trained_variables = v["classifier"]
+            self.generator_variables, self.mask_variables = v["generator"], v["mask"]
+            return
         mesh = ctx.mesh
         repl = parallel.replicated(mesh)
         xd, yd = jax.device_put(x, repl), jax.device_put(y, repl)
-        k_net, k_c, k_s1, k_s2 = jax.random.split(rng, 4)
 
         @partial(xla.jit, out_shardings=repl)
         def shuffled(images: jax.Array, key: jax.Array) -> jax.Array:
@@ -326,7 +344,6 @@ class InputAware(Attack):
         m_vars = {"params": m_state.params, "batch_stats": m_state.batch_stats}
 
         # Stage 2: classifier + generator.
-        dummy = jnp.zeros((1, *x.shape[1:]), jnp.float32)
         c_vars = jax.device_get(xla.jit(partial(model.init, train=False))(k_c, dummy))
         c_tx = make_optimizer(cfg, n_ex)
         g_tx = optax.adam(self.generator_lr, b1=0.5, b2=0.9)
@@ -344,6 +361,10 @@ class InputAware(Attack):
         self.trained_variables = {"params": j_state.c_params, "batch_stats": j_state.c_stats}
         self.generator_variables = {"params": j_state.g_params, "batch_stats": j_state.g_stats}
         self.mask_variables = j_state.m_vars
+        if saved is not None:
+            save_variables(saved, {"classifier": self.trained_variables,
+                                   "generator": self.generator_variables,
+                                   "mask": self.mask_variables})
 
     def _mask_step(self, state: MaskState, batch: dict[str, Any], rng: jax.Array, *,
                    tx: optax.GradientTransformation) -> tuple[MaskState, dict[str, jax.Array]]:
