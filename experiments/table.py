@@ -112,11 +112,18 @@ def _done(root: Path, cell: tuple[str, str | None, int]) -> bool:
 
 
 def _share_backdoored(root: Path, attack: str, first: int, seed: int) -> None:
-    """Copies the backdoored model's final variables (Input-aware's: `models/input_aware`), an
-    attack's cached trigger (LF's `lf_pattern.npy`) and the attack's stages' checkpoints (not
-    the defenses') into seed's folder."""
+    """Copies the backdoored model's final variables (Input-aware's: `models/input_aware`), its
+    row of results.json, an attack's cached trigger (LF's `lf_pattern.npy`) and the attack's
+    stages' checkpoints (not the defenses') into seed's folder. The row and the variables
+    suffice: a first seed's folder holding no checkpoints (a committed table) trains nothing
+    again in the others."""
     src, dst = cell_dir(root, attack, first) / "checkpoints", cell_dir(root, attack, seed)
     (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+    first_results = _results(cell_dir(root, attack, first))
+    if "backdoored" in first_results and "backdoored" not in _results(dst):
+        row = {k: first_results[k] for k in ("dataset", "attack", "model", "config", "backdoored")
+               if k in first_results}
+        atomic_write(dst / "results.json", json.dumps({**row, "defenses": {}}, indent=2) + "\n")
     for name in ("backdoored", "input_aware"):  # Input-aware keeps its own networks
         model = cell_dir(root, attack, first) / "models" / name
         if model.is_dir() and not (dst / "models" / name).exists():

@@ -1,6 +1,7 @@
 """experiments.table: a small grid end to end (smoke preset), resume, bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -49,6 +50,18 @@ def test_smoke_table_two_attacks_three_defenses(toy_npz, tmp_path):
     again = run_module("experiments.table", *args).stdout
     assert "running" not in again and again.count("done earlier") == 10
     assert json.loads((tmp_path / "t" / "table.json").read_text())["cells"] == table["cells"]
+    # A new seed next to a first folder without checkpoints (a committed table's): its cell
+    # reads the backdoored model and row, and trains no backdoored model again.
+    shutil.rmtree(tmp_path / "t" / "badnets" / "ds0" / "checkpoints")
+    kept = [a for a in args if not a.startswith(("--attacks", "--defenses", "--defense_seeds"))]
+    run_module("experiments.table", *kept, "--attacks=badnets", "--defenses=ft",
+               "--defense_seeds=0,2")
+    seed2 = tmp_path / "t" / "badnets" / "ds2"
+    r0 = json.loads((tmp_path / "t" / "badnets" / "ds0" / "results.json").read_text())
+    assert json.loads((seed2 / "results.json").read_text())["backdoored"] == r0["backdoored"]
+    stages = {json.loads(line)["stage"] for line in
+              (seed2 / "metrics.jsonl").read_text().splitlines() if line.strip()}
+    assert stages == {"ft"}
 
 
 @pytest.mark.parametrize("flag, message", [

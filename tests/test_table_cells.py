@@ -1,5 +1,6 @@
 """experiments.table's pieces in process: the cells' environment, what a seed's folder gets."""
 
+import json
 import os
 from pathlib import Path
 
@@ -26,7 +27,9 @@ def test_seed_folders_get_the_backdoored_model_trigger_and_attack_checkpoints(tm
         (first / sub).mkdir(parents=True)
     (first / "models" / "backdoored" / "variables").write_text("v")
     (first / "lf_pattern.npy").write_bytes(b"p")
-    (first / "results.json").write_text("{}")
+    row = {"dataset": "cifar10", "attack": "lf", "model": "preactresnet18", "config": {"x": 1},
+           "backdoored": {"clean_acc": 0.7, "asr": 0.9}}
+    (first / "results.json").write_text(json.dumps({**row, "defenses": {"ft": {"asr": 0.5}}}))
     _share_backdoored(tmp_path, "lf", 0, 1)
     second = tmp_path / "lf" / "ds1"
     assert (second / "models" / "backdoored" / "variables").read_text() == "v"
@@ -34,4 +37,9 @@ def test_seed_folders_get_the_backdoored_model_trigger_and_attack_checkpoints(tm
     assert sorted(p.name for p in (second / "models").iterdir()) == ["backdoored", "input_aware"]
     assert sorted(p.name for p in (second / "checkpoints").iterdir()) == ["backdoored",
                                                                           "lf_surrogate"]
-    assert not (second / "results.json").exists()  # the seed's own run writes its records
+    # The backdoored row comes along (with the variables, experiments.ftsam trains nothing
+    # again even where the first folder has no checkpoints); the defenses are the seed's own.
+    assert json.loads((second / "results.json").read_text()) == {**row, "defenses": {}}
+    (second / "results.json").write_text(json.dumps({**row, "defenses": {"ft": {"asr": 0.1}}}))
+    _share_backdoored(tmp_path, "lf", 0, 1)  # a seed's own records are never overwritten
+    assert json.loads((second / "results.json").read_text())["defenses"] == {"ft": {"asr": 0.1}}
