@@ -27,8 +27,9 @@ Differences from the reference:
   epochs). At `cpu` scale the backdoored model is trained at lr 0.05 (a scale choice of
   `experiments.ftsam`), so fine-tuning at 0.01 is not "the same learning rate as the backdoored
   model" there, as it is in the paper and in BackdoorBench (0.01 for both). `--set=ft.lr=0.05
-  --set=ftsam.lr=0.05` restores it; measured on BadNets, Blended and Input-aware (REPRODUCTION.md,
-  "Input-aware: why FT-SAM lost to FT"), both then remove far more, FT-SAM still below FT.
+  --set=ftsam.lr=0.05` restores it; measured on BadNets, Blended, LF and Input-aware
+  (REPRODUCTION.md, "Input-aware: why FT-SAM lost to FT"), both then remove far more, FT-SAM
+  still below FT.
 """
 
 from __future__ import annotations
