@@ -8,11 +8,12 @@ r"""The paper's Table 1 in one command: every attack x every defense, mean +- st
 Every cell runs through `experiments.ftsam` (a subprocess each, so one failing cell does not
 stop the others): per attack, `WORKDIR/ATTACK/ds{s}` holds the run for defense seed s; the
 backdoored model is trained once, in the first seed's folder, and its final variables
-(`models/backdoored`) and checkpoints are copied to the others (nothing is trained twice; those
-folders are ordinary `experiments.ftsam` workdirs). A folder whose results.json has the
-backdoored row and `models/backdoored` (for LF also its trigger `lf_pattern.npy`; Input-aware
-has `models/input_aware` instead: classifier, generator and mask) needs no checkpoint:
-committing those (a few MB at `cpu` width) lets a table go on later, on another machine.
+(`models/backdoored`), its row of results.json and its checkpoints are copied to the others
+(nothing is trained twice; those folders are ordinary `experiments.ftsam` workdirs). A folder
+whose results.json has the backdoored row and `models/backdoored` (for LF also its trigger
+`lf_pattern.npy`; Input-aware has `models/input_aware` instead: classifier, generator and mask)
+needs no checkpoint: committing those (a few MB at `cpu` width) lets a table go on later, on
+another machine.
 Defenses in `--seeded_defenses` run with every seed of `--defense_seeds`, the others with the
 first. Rerunning the command skips finished cells and resumes interrupted ones from
 their checkpoints. Writes `table.md` (rows: attacks and their average; column groups: No
@@ -117,18 +118,19 @@ def _share_backdoored(root: Path, attack: str, first: int, seed: int) -> None:
     stages' checkpoints (not the defenses') into seed's folder. The row and the variables
     suffice: a first seed's folder holding no checkpoints (a committed table) trains nothing
     again in the others."""
-    src, dst = cell_dir(root, attack, first) / "checkpoints", cell_dir(root, attack, seed)
+    origin, dst = cell_dir(root, attack, first), cell_dir(root, attack, seed)
+    src = origin / "checkpoints"
     (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
-    first_results = _results(cell_dir(root, attack, first))
+    first_results = _results(origin)
     if "backdoored" in first_results and "backdoored" not in _results(dst):
         row = {k: first_results[k] for k in ("dataset", "attack", "model", "config", "backdoored")
                if k in first_results}
         atomic_write(dst / "results.json", json.dumps({**row, "defenses": {}}, indent=2) + "\n")
     for name in ("backdoored", "input_aware"):  # Input-aware keeps its own networks
-        model = cell_dir(root, attack, first) / "models" / name
+        model = origin / "models" / name
         if model.is_dir() and not (dst / "models" / name).exists():
             shutil.copytree(model, dst / "models" / name)
-    for cached in cell_dir(root, attack, first).glob("*.npy"):
+    for cached in origin.glob("*.npy"):
         if not (dst / cached.name).exists():
             shutil.copy2(cached, dst / cached.name)
     if not src.is_dir():
