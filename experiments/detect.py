@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -62,6 +63,7 @@ from experiments.workdir import (
     start_timer,
 )
 from ftsam_jax import metrics, parallel, xla
+from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data.coco import load_coco
 from ftsam_jax.data.scenes import DetectionData, SceneConfig, scenes_fashion_mnist
 from ftsam_jax.detection.decode import decode_topk, nms
@@ -118,7 +120,8 @@ SHORTHANDS = ("dataset", "data_dir", "methods", "seeds", "num_train", "num_val",
               "teacher_epochs", "batch_size", "lr", "alpha_adv", "progress")
 RUN_KEYS = ("dataset", "data_dir", "image_size", "num_train", "num_val", "teacher_epochs",
             "batch_size", "lr", "teacher_width", "teacher_blocks", "fpn_channels", "seed0",
-            "epochs", "student_width", "student_blocks", "alpha_adv", "fgd_scale", "eval_split")
+            "epochs", "student_width", "student_blocks", "alpha_adv", "fgd_scale", "eval_split",
+            "warmup_epochs")
 
 
 def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]:
@@ -148,6 +151,12 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
         raise InputError(f"--config.eval_split must be val or heldout, got {tree.eval_split!r}")
     if tree.eval_split == "heldout" and not tree.dataset.startswith("scenes:"):
         raise InputError("--config.eval_split=heldout needs scenes: data")
+    if not 0 <= tree.warmup_epochs < min(cfg["epochs"], cfg["teacher_epochs"]):
+        raise InputError("--config.warmup_epochs must be >= 0 and below --epochs and "
+                         f"--teacher_epochs, got {tree.warmup_epochs}")
+    if tree.teacher_eval_every < 0 or tree.student_eval_every < 0:
+        raise InputError("--config.teacher_eval_every and --config.student_eval_every must be "
+                         ">= 0 (0: only the final evaluation)")
     cfg = {**cfg, "dataset": tree.dataset, "data_dir": str(tree.data_dir), "methods": methods,
            "seeds": seeds, "seed0": seeds[0], "alpha_adv": tree.alpha_adv,
            "preset": tree.preset}
@@ -156,6 +165,10 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
         cfg["fgd_scale"] = tree.fgd_scale
     if tree.eval_split != "val":
         cfg["eval_split"] = tree.eval_split
+    if tree.warmup_epochs:
+        cfg["warmup_epochs"] = tree.warmup_epochs
+    cfg["teacher_eval_every"] = tree.teacher_eval_every  # curves only: no resume guard
+    cfg["student_eval_every"] = tree.student_eval_every
     return json.loads(json.dumps(cfg))  # tuples as lists, as config.json stores them
 
 
@@ -170,8 +183,15 @@ def method_config(method: str, alpha_adv: float, fgd_scale: float = 1.0
                                                                  "fgd_noise") else 0.0)
 
 
-def optimizer(lr: float, steps_per_epoch_: int, epochs: int) -> optax.GradientTransformation:
+def optimizer(lr: float, steps_per_epoch_: int, epochs: int, warmup_epochs: float = 0.0
+              ) -> optax.GradientTransformation:
+    """AdamW, cosine per epoch; with `warmup_epochs` > 0 the lr first rises linearly from 0
+    over that many epochs (counted in steps), then follows the cosine of the whole run."""
     schedule = make_schedule("cosine_epoch", lr, steps_per_epoch_, epochs)
+    warm = int(round(warmup_epochs * steps_per_epoch_))
+    if warm:
+        cosine = schedule
+        schedule = lambda count: cosine(count) * jnp.minimum(1.0, (count + 1) / warm)
     return optax.adamw(schedule, weight_decay=1e-4)
 
 
@@ -224,6 +244,13 @@ def adversarial_set(teacher: FCOS, params: Any, data: DetectionData, rng: jax.Ar
         teacher.apply, {"params": params}, data.images, gt, rng, mesh=mesh,
         batch_size=batch_size, objective=_teacher_objective(len(data.class_names),
                                                             data.images.shape[1]))
+
+
+def _curve(evaluate: Evaluator, params: Any) -> Any:
+    """`state -> {"val_ap", "val_ap50", "val_ap_s"}` for a stage's learning curve (metrics.jsonl,
+    TensorBoard), `params(state)` picking the detector's params."""
+    return lambda state: {f"val_{k}": v for k, v in evaluate(params(state)).items()
+                          if k in ("ap", "ap50", "ap_s")}
 
 
 def _cached(path: Path, make: Any) -> np.ndarray:
@@ -359,18 +386,32 @@ def main(argv: list[str]) -> None:
     results_path = workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
-    # The teacher.
-    t0 = start_timer(ctx)
-    t_tx = optimizer(cfg["lr"], spe, cfg["teacher_epochs"])
-    t_state = create_train_state(teacher, t_tx, stage_rng(cfg["seed0"], "teacher/init"),
-                                 (size, size, 3))
-    t_step = partial(detect_train_step, tx=t_tx,
-                     loss_fn=detection_loss_fn(teacher.apply, k, size))
-    t_state, _ = train_stage(Stage("teacher", t_state, cfg["teacher_epochs"], step=t_step,
-                                   data=data, batch_size=bs), ctx)
-    t_params = t_state.params
+    # The teacher: trained once; its final variables (`models/teacher`) are what later runs and
+    # a committed results folder (no checkpoints) read.
+    warmup = cfg.get("warmup_epochs", 0.0)
     t_eval = Evaluator(teacher, val, mesh, bs)
     s_eval = Evaluator(student, val, mesh, bs)
+    t0 = start_timer(ctx)
+    t_path = workdir / "models" / "teacher"
+    if "teacher" in results and t_path.is_dir():
+        shapes = jax.eval_shape(teacher.init, jax.random.key(0),
+                                jnp.zeros((1, size, size, 3), jnp.float32))
+        t_params = load_variables(t_path, {"params": shapes["params"]})["params"]
+    else:
+        t_tx = optimizer(cfg["lr"], spe, cfg["teacher_epochs"], warmup)
+        t_state = create_train_state(teacher, t_tx, stage_rng(cfg["seed0"], "teacher/init"),
+                                     (size, size, 3))
+        t_step = partial(detect_train_step, tx=t_tx,
+                         loss_fn=detection_loss_fn(teacher.apply, k, size))
+        every = cfg["teacher_eval_every"]
+        t_ctx = dataclasses.replace(ctx, eval_every=every or cfg["teacher_epochs"])
+        t_state, _ = train_stage(Stage(
+            "teacher", t_state, cfg["teacher_epochs"], step=t_step, data=data, batch_size=bs,
+            evaluate=_curve(t_eval, lambda s: s.params) if every else None), t_ctx)
+        ctx.restored_seconds = t_ctx.restored_seconds
+        t_params = t_state.params
+        if jax.process_index() == 0:
+            save_variables(t_path, {"params": t_params})
     adv_rng = stage_rng(cfg["seed0"], "adversarial")
     if "teacher" not in results:
         val_adv = adversarial_set(teacher, t_params, val, jax.random.fold_in(adv_rng, 1), mesh,
@@ -396,11 +437,14 @@ def main(argv: list[str]) -> None:
     ikd_steps = int(round(2 / 3 * cfg["epochs"])) * spe
     ssa = SSAConfig(small_area=16.0**2)
     first_seed_dets: dict[str, list] = {"teacher": t_eval.detections(t_params, val.images[:8])}
+    s_every = cfg["student_eval_every"]
+    ctx.eval_every = s_every or cfg["epochs"]
+    s_curve = _curve(s_eval, lambda s: s.student.params["student"]) if s_every else None
     for method in methods:
         done = results["students"].get(method, {})
         per_seed, seconds = list(done.get("per_seed", [])), list(done.get("seconds_per_seed", []))
         dcfg = method_config(method, cfg["alpha_adv"], cfg.get("fgd_scale", 1.0))
-        tx = optimizer(cfg["lr"], spe, cfg["epochs"])
+        tx = optimizer(cfg["lr"], spe, cfg["epochs"], warmup)
         step = bind_teacher(make_detect_distill_step(
             student, None if method == "student" else teacher, tx, dcfg, k, size,
             ikd_steps=ikd_steps, ssa=ssa if method in ("fgd_ssa", "fgd_ikd") else None))
@@ -413,7 +457,7 @@ def main(argv: list[str]) -> None:
             state = StudentTeacherState(
                 create_detect_distill_state(student, tx, init_rng, size, dcfg), t_params)
             stage = Stage(f"student_{method}_s{seed}", state, cfg["epochs"], step=step,
-                          data=m_data, batch_size=bs, rng=run_rng)
+                          data=m_data, batch_size=bs, rng=run_rng, evaluate=s_curve)
             if any(p["seed"] == seed for p in per_seed):
                 if seed == cfg["seeds"][0]:  # finished: restored from its checkpoint
                     state, _ = train_stage(stage, ctx)

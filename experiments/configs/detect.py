@@ -40,5 +40,8 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.alpha_adv = 1e-5                   # AFA weight (sum over C*H*W per image and level)
     c.fgd_scale = 1.0                    # multiplies FGD's loss weights (official RetinaNet's)
     c.eval_split = "val"                 # or heldout: scenes of training objects, for tuning
+    c.warmup_epochs = 0.0                # linear lr warm-up (teacher and students), then cosine
+    c.teacher_eval_every = 0             # AP on the evaluation split every k teacher epochs
+    c.student_eval_every = 0             # ... and student epochs (0: only the final numbers)
     c.progress = True
     return c
