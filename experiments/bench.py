@@ -159,6 +159,8 @@ def resolve(cfg: Any) -> list[str]:
                  "ftsam_epochs", "detect_batch_size", "detect_image_size"):
         if cfg[name] < 1:
             raise InputError(f"--{name} must be >= 1, got {cfg[name]}")
+    if cfg.num_classes < 2:
+        raise InputError(f"--num_classes must be >= 2, got {cfg.num_classes}")
     if cfg.width is not None and cfg.width < 1:
         raise InputError(f"--width must be >= 1, got {cfg.width}")
     return rows

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import jax.numpy as jnp
@@ -11,15 +16,23 @@ import ml_collections
 from absl import app, flags, logging
 from jax.sharding import Mesh
 
-from ftsam_jax import parallel
-from ftsam_jax.checkpoint import CheckpointError
+from ftsam_jax import parallel, runner
+from ftsam_jax.checkpoint import CheckpointError, wait_for_saves
 from ftsam_jax.data import DataError
 from ftsam_jax.runner import NonFiniteLossError
 
 __all__ = ["DTYPES", "InputError", "check_batch_fits", "comma_list", "compute_dtype",
-           "config_from_flags", "distinct_ints", "fail", "make_mesh", "run"]
+           "config_from_flags", "distinct_ints", "fail", "guarded", "interruptible", "make_mesh",
+           "run"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Child processes an entry point runs (experiments.table's cells): an interrupted parent
+# passes its signal on to them and waits for them to stop (they checkpoint and say where).
+children: set[subprocess.Popen] = set()
+# What a parent of such children is doing (e.g. "in cell [3/12] blended / ft / seed 0"), for
+# the interruption message of a process that runs no stage itself.
+current_task: str | None = None
 
 
 class InputError(ValueError):
@@ -112,26 +125,84 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
         fail(f"config override: {e}")
 
 
+def _stopped_message(signum: int) -> str:
+    where = runner.position() or current_task or "before the first training stage"
+    return (f"interrupted ({signal.Signals(signum).name}) {where}: rerun the same command to "
+            "resume from the last checkpoint")
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM stop the process within moments, even in the middle of a compiled
+    epoch (where the main thread sits in XLA and Python's handlers cannot run): Python's C-level
+    handler writes the signal number to a wakeup pipe at once, a watcher thread reads it, waits
+    for pending checkpoint saves to commit, prints one line saying where the run stopped and
+    exits with 128 + the signal number. Everything a run writes is atomic (results by rename,
+    checkpoints committed by orbax), so the same command resumes to the same numbers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        data = os.read(read_fd, 1)
+        if not data or data[0] == 0:  # the run ended normally
+            return
+        signum = data[0]
+        for child in list(children):
+            with contextlib.suppress(OSError):
+                child.send_signal(signum)
+        for child in list(children):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=30)
+        wait_for_saves()
+        sys.stdout.flush()
+        print(_stopped_message(signum), file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    watcher = threading.Thread(target=watch, name="signal-watcher", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        os.write(write_fd, b"\0")
+        watcher.join()
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
+    """Calls `main(argv)` with the project's error contract: positional arguments, InputError,
+    DataError and an unreadable checkpoint (CheckpointError) -> one `error: ...` line + exit 2;
+    a non-finite loss -> one line + exit 1 (its stage's last good checkpoint is kept); Ctrl-C
+    or SIGTERM -> one line saying where the run stopped + exit 130 / 143 (`interruptible`; the
+    finished epochs are checkpointed: rerunning the same command resumes)."""
+    if len(argv) > 1:
+        fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
+    try:
+        with interruptible():
+            main(argv)
+    except (InputError, DataError, CheckpointError) as e:
+        fail(e)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # raised by the runner's test hook (FTSAM_JAX_INTERRUPT_AFTER)
+        print(_stopped_message(signal.SIGINT), file=sys.stderr)
+        sys.exit(130)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-    """`absl.app.run` with flag errors, InputError, DataError and an unreadable checkpoint
-    (CheckpointError) turned into one line + exit 2,
-    a non-finite loss into one line + exit 1 (its stage's last good checkpoint is kept), and
-    Ctrl-C into a hint to rerun (exit 130)."""
+    """`absl.app.run` of `main` under `guarded` (flag errors too are one line + exit 2)."""
 
     def wrapped(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
-        if len(argv) > 1:
-            fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
-        try:
-            main(argv)
-        except (InputError, DataError, CheckpointError) as e:
-            fail(e)
-        except NonFiniteLossError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            print("interrupted: rerun the same command to resume from the last checkpoint",
-                  file=sys.stderr)
-            sys.exit(130)
+        guarded(main, argv)
 
     app.run(wrapped, flags_parser=_parse_flags)

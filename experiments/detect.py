@@ -65,7 +65,12 @@ from experiments.workdir import (
 from ftsam_jax import metrics, parallel, xla
 from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data.coco import load_coco
-from ftsam_jax.data.scenes import DetectionData, SceneConfig, scenes_fashion_mnist
+from ftsam_jax.data.scenes import (
+    DetectionData,
+    SceneConfig,
+    check_scene_sources,
+    scenes_fashion_mnist,
+)
 from ftsam_jax.detection.decode import decode_topk, nms
 from ftsam_jax.detection.distill import (
     DetectDistillConfig,
@@ -73,7 +78,13 @@ from ftsam_jax.detection.distill import (
     detection_objective,
     make_detect_distill_step,
 )
-from ftsam_jax.detection.evaluate import COCO_AREAS, KEYS, SCENE_AREAS, coco_metrics
+from ftsam_jax.detection.evaluate import (
+    COCO_AREAS,
+    KEYS,
+    SCENE_AREAS,
+    coco_metrics,
+    coco_results,
+)
 from ftsam_jax.detection.fgd import FGDConfig
 from ftsam_jax.detection.step import detect_train_step, detection_loss_fn
 from ftsam_jax.distill.adversarial import precompute_adversarial
@@ -219,6 +230,11 @@ class Evaluator:
     def __call__(self, params: Any, images: np.ndarray | None = None) -> dict[str, float]:
         """COCO metrics in the data's own pixels (coco: original images, COCO's size buckets;
         scenes: the canvas, the scenes' buckets)."""
+        return self.evaluate(params, images)[0]
+
+    def evaluate(self, params: Any, images: np.ndarray | None = None
+                 ) -> tuple[dict[str, float], list[tuple[np.ndarray, ...]]]:
+        """The metrics and the per-image detections (in the data's own pixels)."""
         d = self.data
         dets = self.detections(params, d.images if images is None else images)
         s = np.ones(len(d), np.float32) if d.scale is None else d.scale
@@ -226,7 +242,17 @@ class Evaluator:
         return coco_metrics([d.boxes[i][d.mask[i]] / s[i] for i in range(len(d))],
                             [d.labels[i][d.mask[i]] for i in range(len(d))], dets,
                             len(d.class_names),
-                            area_ranges=SCENE_AREAS if d.scale is None else COCO_AREAS)
+                            area_ranges=SCENE_AREAS if d.scale is None else COCO_AREAS), dets
+
+
+def write_detections(workdir: Path, name: str, data: DetectionData,
+                     dets: list[tuple[np.ndarray, ...]]) -> None:
+    """`detections/<name>.json`: a model's evaluation detections in COCO's result format with
+    the folder's own image and category ids (coco: data sets only)."""
+    if data.image_ids is None or data.category_ids is None:
+        return
+    atomic_write(workdir / "detections" / f"{name}.json",
+                 json.dumps(coco_results(dets, data.image_ids, data.category_ids)) + "\n")
 
 
 @cache
@@ -356,10 +382,11 @@ def main(argv: list[str]) -> None:
     if cfg["dataset"].startswith("coco:"):
         train, val = load_coco(cfg["dataset"].removeprefix("coco:"), cfg["image_size"])
         check_batch_fits(cfg["batch_size"], len(train))
-        lock_workdir(workdir)  # a second run on this workdir is refused
+        lock_workdir(workdir, "data", "models", "detections")  # one run a workdir
     else:
-        lock_workdir(workdir)
         root = Path(cfg["data_dir"])
+        check_scene_sources(root / "fashion-mnist", root / "cifar10-subset")
+        lock_workdir(workdir, "data", "models")
         scene_cfg = SceneConfig(num_train=cfg["num_train"], num_val=cfg["num_val"],
                                 image_size=cfg["image_size"], seed=cfg["seed0"],
                                 max_side=min(96.0, cfg["image_size"] * 0.75))
@@ -416,9 +443,11 @@ def main(argv: list[str]) -> None:
     if "teacher" not in results:
         val_adv = adversarial_set(teacher, t_params, val, jax.random.fold_in(adv_rng, 1), mesh,
                                   bs)
+        t_metrics, t_dets = t_eval.evaluate(t_params)
+        write_detections(workdir, "teacher", val, t_dets)
         results = {"dataset": cfg["dataset"],
                    "config": {**cfg, "train_images": len(train), "val_images": len(val)},
-                   "teacher": {**t_eval(t_params), "ap_adv": t_eval(t_params, val_adv)["ap"],
+                   "teacher": {**t_metrics, "ap_adv": t_eval(t_params, val_adv)["ap"],
                                "seconds": elapsed(t0, ctx)}, "students": {}}
         atomic_write(results_path, json.dumps(results, indent=2) + "\n")
 
@@ -467,7 +496,10 @@ def main(argv: list[str]) -> None:
             t0 = start_timer(ctx)
             state, _ = train_stage(stage, ctx)
             params = state.student.params["student"]
-            per_seed.append({"seed": seed, **s_eval(params)})
+            s_metrics, s_dets = s_eval.evaluate(params)
+            per_seed.append({"seed": seed, **s_metrics})
+            if seed == cfg["seeds"][0]:
+                write_detections(workdir, method, val, s_dets)
             seconds.append(elapsed(t0, ctx))
             if seed == cfg["seeds"][0]:
                 first_seed_dets[method] = s_eval.detections(params, val.images[:8])

@@ -54,7 +54,7 @@ from experiments.workdir import (
 from ftsam_jax import metrics, parallel
 from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack
 from ftsam_jax.checkpoint import load_variables, save_variables
-from ftsam_jax.data import load_dataset, normalization_for
+from ftsam_jax.data import check_backdoor_target, load_dataset, normalization_for
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
 from ftsam_jax.defenses.finetune import RECIPES
 from ftsam_jax.fit import FitConfig, fit
@@ -206,7 +206,9 @@ def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int, set_items
         raise InputError(f"--benign_ratio must lie in (0, 1], got {cfg.benign_ratio}")
     if cfg.width < 1 or cfg.epochs < 1 or cfg.lr <= 0:
         raise InputError("--width and --epochs must be >= 1 and --lr > 0")
-    if cfg.batch_size < 1 or cfg.batch_size % num_devices:
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.batch_size % num_devices:
         raise InputError(f"--batch_size {cfg.batch_size} is not divisible by the number of "
                          f"devices ({num_devices})")
     if cfg.checkpoint_every < 1:
@@ -344,6 +346,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     check_batch_fits(run_cfg["batch_size"], len(ds.y_train))
     if not 0 <= cfg.target < ds.num_classes:
         raise InputError(f"--target {cfg.target} is outside [0, {ds.num_classes})")
+    if not ATTACKS[cfg.attack].always_all_to_all:  # ASR needs test images of other classes
+        check_backdoor_target(ds, cfg.target)
     attack_kwargs: dict[str, Any] = {}
     if cfg.trigger_path:
         key = {"blended": "pattern", "lf": "pattern_path"}.get(cfg.attack)

@@ -40,11 +40,13 @@ from typing import Any
 import numpy as np
 from absl import flags
 
+from experiments import cli
 from experiments.cli import InputError, distinct_ints, fail, run
 from experiments.paper import PAPER_TABLE1_SETTING, TABLE1
-from experiments.workdir import atomic_write, lock_workdir
+from experiments.workdir import atomic_write, check_workdir_path, lock_workdir
 from ftsam_jax import metrics
 from ftsam_jax.attacks import ATTACKS
+from ftsam_jax.data import load_dataset
 from ftsam_jax.defenses import DEFENSES
 
 FLAGS = flags.FLAGS
@@ -174,9 +176,14 @@ def run_cell(root: Path, cell: tuple[str, str | None, int], first_seed: int,
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{attack}_{defense or 'backdoored'}_ds{seed}.log"
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, env=env)
-        fh.write(proc.stderr)
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, env=env)
+        cli.children.add(proc)  # an interrupted table passes the signal on
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            cli.children.discard(proc)
+        fh.write(stderr)
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
     return proc.returncode, (lines[-1] if lines else "")
 
 
@@ -363,10 +370,9 @@ def main(argv: list[str]) -> None:
             raise InputError(f"--ftsam_flag={f}: pass a flag (--name=value) that the table "
                              "does not set itself")
     root = Path(FLAGS.workdir)
-    if root.exists() and not root.is_dir():
-        raise InputError(f"--workdir {root} exists and is not a folder")
-
-    lock_workdir(root)  # a second table on this workdir is refused
+    check_workdir_path(root)
+    load_dataset(FLAGS.dataset, FLAGS.data_dir)  # bad data: one message, before any cell
+    lock_workdir(root, "logs")  # a second table on this workdir is refused
     env = cell_env(root, FLAGS.compilation_cache)
     cells = plan_cells(attacks, defenses, seeds, seeded)
     failures: list[dict[str, Any]] = []
@@ -384,6 +390,7 @@ def main(argv: list[str]) -> None:
             print(f"{label}: skipped (the backdoored model failed)", flush=True)
             continue
         print(f"{label}: running ({len(cells) - k} after it)", flush=True)
+        cli.current_task = f"in cell {label} (its log: {root / 'logs'})"
         t0 = time.perf_counter()
         code, error = run_cell(root, cell, seeds[0], list(FLAGS.ftsam_flag), env)
         if code == 2 and not ran_any:  # bad input (flags, data): every cell would say the same

@@ -15,14 +15,47 @@ import jax
 from experiments.cli import InputError
 from ftsam_jax.runner import StageContext
 
-__all__ = ["MetricsLog", "atomic_write", "check_workdir", "elapsed", "lock_workdir",
-           "start_timer"]
+__all__ = ["MetricsLog", "atomic_write", "check_workdir", "check_workdir_path", "elapsed",
+           "lock_workdir", "make_workdir", "start_timer"]
 
 _held_locks: dict[Path, int] = {}
 
 
-def lock_workdir(workdir: Path) -> None:
-    """Creates `workdir` and holds an exclusive lock on `workdir/.lock` until this process ends.
+def check_workdir_path(workdir: Path) -> None:
+    """InputError unless `workdir` is a folder or can be made one: it is not a file, no folder
+    above it is a file, and the nearest existing one is writable. Creates nothing (a run that
+    fails its input checks leaves no workdir behind); `make_workdir` creates it."""
+    workdir = Path(workdir)
+    for path in (workdir, *workdir.absolute().parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "is a file" if path == workdir else f"lies under the file {path}"
+            raise InputError(f"--workdir {workdir} {where}; give a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"--workdir {workdir} cannot be written: {path} is read-only")
+        return
+
+
+def make_workdir(workdir: Path, *subdirs: str) -> None:
+    """Creates `workdir` and its `subdirs` (every entry point's one way to make its folders);
+    InputError with the system's reason where that fails (a read-only file system, a path
+    under a file, no space)."""
+    check_workdir_path(workdir)
+    try:
+        for folder in (workdir, *(workdir / s for s in subdirs)):
+            folder.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"--workdir {workdir} cannot be used: {e.strerror or e}"
+                         + (f" ({e.filename})" if e.filename else "")) from None
+
+
+def lock_workdir(workdir: Path, *subdirs: str) -> None:
+    """Makes `workdir` and its `subdirs` (`make_workdir`) and holds an exclusive lock on
+    `workdir/.lock` until this process ends.
 
     A second run started on the same workdir is refused (InputError) instead of writing into
     the same checkpoints. The lock is the kernel's (`flock`), so a killed run leaves nothing
@@ -30,7 +63,7 @@ def lock_workdir(workdir: Path) -> None:
     """
     import fcntl
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_workdir(workdir, *subdirs)
     key = workdir.resolve()
     if jax.process_index() != 0 or key in _held_locks:
         return
@@ -70,9 +103,9 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str]) -> None:
-    """A workdir belongs to one run configuration; refuse to mix."""
-    if workdir.exists() and not workdir.is_dir():
-        raise InputError(f"--workdir {workdir} exists and is not a folder")
+    """A workdir can be made (`check_workdir_path`) and belongs to one run configuration;
+    refuse to mix."""
+    check_workdir_path(workdir)
     cfg_path = workdir / "config.json"
     if cfg_path.is_file():
         try:

@@ -15,7 +15,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointError", "Checkpointer", "load_variables", "save_variables"]
+__all__ = ["CheckpointError", "Checkpointer", "load_variables", "save_variables",
+           "wait_for_saves"]
+
+_open: set[Checkpointer] = set()
+
+
+def wait_for_saves() -> None:
+    """Waits for every open Checkpointer's asynchronous saves to commit (an entry point that is
+    stopped by a signal calls this before it exits, so its last checkpoint is whole)."""
+    for ckptr in list(_open):
+        try:
+            ckptr._mngr.wait_until_finished()
+        except Exception:  # noqa: BLE001 - a failed save is not committed; restore skips it
+            pass
 
 
 class CheckpointError(RuntimeError):
@@ -53,6 +66,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
             handler_registry=registry,
         )
+        _open.add(self)
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -97,6 +111,7 @@ class Checkpointer:
                               f"({'; '.join(errors)}); delete that folder to rerun the stage")
 
     def close(self) -> None:
+        _open.discard(self)
         self._mngr.wait_until_finished()
         self._mngr.close()
 

@@ -31,8 +31,8 @@ from ftsam_jax import parallel
 from ftsam_jax.checkpoint import Checkpointer
 from ftsam_jax.loop import Preprocess, Sampler, Step, make_epoch_fn
 
-__all__ = ["NonFiniteLossError", "Stage", "StageContext", "evaluate_variables", "run_stage",
-           "stage_rng", "train_stage"]
+__all__ = ["NonFiniteLossError", "Stage", "StageContext", "evaluate_variables", "position",
+           "run_stage", "stage_rng", "train_stage"]
 
 EpochFn = Callable[[Any, jax.Array], tuple[Any, dict[str, Any]]]
 Evaluate = Callable[[Any], dict[str, float]]
@@ -75,6 +75,20 @@ class StageContext:
 
 
 _epochs_run_in_process = 0
+# Where this process is (read by `position`: an interrupted entry point says where it stopped).
+_position: str | None = None
+
+
+def position() -> str | None:
+    """Where this process is: "in stage S at epoch k of n (last checkpoint: epoch j)", "after
+    stage S (finished)", or None before the first stage."""
+    return _position
+
+
+def _at(name: str, epoch: int, epochs: int, saved: int | None) -> str:
+    ckpt = ("no checkpoints" if saved is None else
+            "no checkpoint yet" if saved == 0 else f"last checkpoint: epoch {saved}")
+    return f"in stage {name} at epoch {epoch} of {epochs} ({ckpt})"
 
 
 def _simulated_interrupt() -> None:
@@ -139,6 +153,8 @@ def run_stage(
             ctx.restored_seconds += sum(float(h.get("seconds", 0.0)) for h in history)
         if start >= epochs:
             return state, history
+        global _position
+        _position = _at(name, start + 1, epochs, start if ckpt is not None else None)
         bar = None
         if ctx.progress:
             from tqdm.auto import tqdm
@@ -162,6 +178,8 @@ def run_stage(
                 if ckpt is not None and ((epoch + 1) % ctx.checkpoint_every == 0 or last):
                     ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "history": history})
                     start = epoch + 1
+                _position = (_at(name, epoch + 2, epochs, start if ckpt is not None else None)
+                             if not last else f"after stage {name} (finished)")
                 if ctx.log is not None:
                     ctx.log(name, history)
                 _simulated_interrupt()

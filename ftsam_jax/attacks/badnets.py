@@ -49,6 +49,7 @@ class BadNetsAllToAll(BadNets):
     """BadNets with the all-to-all labelling y -> (y + 1) mod C."""
 
     name = "badnets_a2a"
+    always_all_to_all = True
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs["all_to_all"] = True

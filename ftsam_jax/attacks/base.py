@@ -64,6 +64,8 @@ class Attack(abc.ABC):
     clean_label: ClassVar[bool] = False
     # Attacks that must be prepared from data (`fit`) before `apply` can be used.
     needs_fit: ClassVar[bool] = False
+    # Attacks that are all-to-all whatever they are given (no target class to check).
+    always_all_to_all: ClassVar[bool] = False
 
     def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], target: int = 0,
                  all_to_all: bool = False) -> None:

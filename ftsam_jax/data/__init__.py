@@ -5,9 +5,11 @@ from ftsam_jax.data.datasets import (
     NORMALIZATION,
     DataError,
     Dataset,
+    check_backdoor_target,
     load_dataset,
     normalization_for,
 )
 
-__all__ = ["NORMALIZATION", "DataError", "Dataset", "crop_flip", "load_dataset",
+__all__ = ["NORMALIZATION", "DataError", "Dataset", "check_backdoor_target", "crop_flip",
+           "load_dataset",
            "normalization_for", "random_crop", "random_flip"]

@@ -75,6 +75,8 @@ def load_coco_split(folder: str | Path, split: str, image_size: int,
         images = {int(im["id"]): im for im in data["images"]}
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: malformed categories or images ({e})") from None
+    if not images:
+        raise DataError(f"{path}: no images")
     per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images}
     for ann in data["annotations"]:
         try:
@@ -107,6 +109,9 @@ def load_coco_split(folder: str | Path, split: str, image_size: int,
         file_name = images[image_id].get("file_name")
         if not file_name:
             raise DataError(f"{path}: image {image_id} has no file_name")
+        if not (folder / file_name).is_file():
+            raise DataError(f"{path}: image file {folder / file_name} of image {image_id} not "
+                            "found")
         out_img[n], scales[n], (w, h) = _letterbox(folder / file_name, image_size)
         for j, (box, cls) in enumerate(per_image[image_id][:m]):
             x, y, bw, bh = box
@@ -114,7 +119,9 @@ def load_coco_split(folder: str | Path, split: str, image_size: int,
                 raise DataError(f"{path}: box {box} lies outside {file_name} ({w}x{h})")
             boxes[n, j] = np.array([x, y, x + bw, y + bh]) * scales[n]
             labels[n, j], mask[n, j] = cls, True
-    return DetectionData(out_img, boxes, labels, mask, names, scale=scales)
+    return DetectionData(out_img, boxes, labels, mask, names, scale=scales,
+                         image_ids=np.asarray(ids, np.int64),
+                         category_ids=tuple(class_of))
 
 
 def load_coco(folder: str | Path, image_size: int) -> tuple[DetectionData, DetectionData]:
@@ -123,4 +130,8 @@ def load_coco(folder: str | Path, image_size: int) -> tuple[DetectionData, Detec
     train = load_coco_split(folder, "train", image_size)
     cats = _read_json(folder / "train.json")["categories"]
     val = load_coco_split(folder, "val", image_size, categories=cats)
+    for split, data in (("train", train), ("val", val)):
+        if not data.mask.any():
+            raise DataError(f"{folder / (split + '.json')}: no (non-crowd) boxes to "
+                            f"{'train on' if split == 'train' else 'evaluate against'}")
     return train, val

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DataError", "Dataset", "NORMALIZATION", "load_dataset", "normalization_for"]
+__all__ = ["DataError", "Dataset", "NORMALIZATION", "check_backdoor_target", "load_dataset",
+           "normalization_for"]
 
 
 class DataError(ValueError):
@@ -112,11 +113,22 @@ def _validate(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any,
         raise DataError(f"{name}: labels must be >= 0")
     num_classes = int(labels.max()) + 1
     if class_names is None:
+        # Without class names the classes are 0..max: a label far above the others (255 in a
+        # ten-class set) would silently make hundreds of empty classes.
+        absent = np.setdiff1d(np.arange(num_classes), arrays["y_train"])
+        if len(absent):
+            raise DataError(
+                f"{name}: labels must be 0..C-1 with every class in the training split; "
+                f"{len(absent)} of 0..{num_classes - 1} have no training image (first: "
+                f"{absent[:5].tolist()}); labels out of range?")
+    elif num_classes > len(class_names):
+        raise DataError(f"{name}: label {num_classes - 1} is outside the {len(class_names)} "
+                        "classes of class_names")
+    if class_names is None:
         class_names = tuple(str(i) for i in range(num_classes))
-    if num_classes > len(class_names):
-        raise DataError(f"{name}: label {num_classes - 1} but only {len(class_names)} classes")
-    if len(class_names) < 2:
-        raise DataError(f"{name}: need at least 2 classes")
+    if len(class_names) < 2 or len(np.unique(arrays["y_train"])) < 2:
+        raise DataError(f"{name}: need at least 2 classes in the training split, got "
+                        f"{len(np.unique(arrays['y_train']))}")
     return Dataset(name, arrays["x_train"], arrays["y_train"], arrays["x_test"],
                    arrays["y_test"], tuple(class_names))
 
@@ -319,22 +331,47 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FTSAM_JAX_DATA", Path.home() / ".cache" / "ftsam_jax"))
 
 
-def load_dataset(spec: str, data_dir: str | None = None, *, download: bool = True) -> Dataset:
-    """Loads a data set by spec.
+def check_backdoor_target(ds: Dataset, target: int) -> None:
+    """DataError unless an all-to-one attack on `target` can be measured on `ds`: the target is
+    one of its classes and the test split holds images of other classes (the poisoned test
+    set of ASR / R-Acc), with the counts in the message."""
+    if not 0 <= target < ds.num_classes:
+        raise DataError(f"{ds.name}: target {target} is outside the {ds.num_classes} classes "
+                        f"[0, {ds.num_classes})")
+    others = int(np.sum(ds.y_test != target))
+    if others == 0:
+        raise DataError(f"{ds.name}: all {len(ds.y_test)} test images are of the target class "
+                        f"{target}; ASR needs test images of other classes (0 found)")
+
+
+def load_dataset(spec: str, data_dir: str | None = None, *, download: bool = True,
+                 target: int | None = None) -> Dataset:
+    """Loads a data set by spec and checks it (shapes, dtypes, non-empty splits, labels in
+    0..C-1, two classes at least; with `target`, `check_backdoor_target`).
 
     Args:
       spec: "cifar10" / "cifar100" (official python folder in `data_dir`, else a prepared TFDS
         copy, else the official download), another TFDS name, or "npz:PATH".
       data_dir: the official CIFAR folder (or its parent) for CIFAR, a TFDS data dir otherwise.
       download: allow fetching from the internet when nothing local is found.
+      target: the target class of an all-to-one backdoor attack to be run on the data.
 
     Raises:
       DataError: with a one-line message saying what is missing and how to supply it.
     """
+    ds = _load(spec, data_dir, download=download)
+    if target is not None:
+        check_backdoor_target(ds, target)
+    return ds
+
+
+def _load(spec: str, data_dir: str | None, *, download: bool) -> Dataset:
     if spec.startswith("npz:"):
         return load_npz(spec[4:])
     if data_dir is not None and not Path(data_dir).exists():
         raise DataError(f"--data_dir {data_dir} does not exist")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"--data_dir {data_dir} is a file; give the folder that holds the data")
     if spec in _CIFAR:
         for base in ([data_dir] if data_dir else []) + [str(default_cache_dir())]:
             folder = find_cifar_folder(spec, base)

@@ -30,6 +30,7 @@ import numpy as np
 from ftsam_jax.data.datasets import DataError
 
 __all__ = ["FASHION_MNIST_CLASSES", "DetectionData", "SceneConfig", "box_iou",
+           "check_scene_sources",
            "load_fashion_mnist", "make_scenes", "read_idx", "resize_bilinear",
            "scenes_fashion_mnist"]
 
@@ -77,6 +78,8 @@ class DetectionData:
     mask: np.ndarray  # bool (N, M)
     class_names: tuple[str, ...]
     scale: np.ndarray | None = None  # float32 (N,): input pixels per original pixel (coco:)
+    image_ids: np.ndarray | None = None  # int64 (N,): the source's image ids (coco:)
+    category_ids: tuple[int, ...] | None = None  # the source's id of each class (coco:)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -198,6 +201,22 @@ def make_scenes(objects: np.ndarray, object_labels: np.ndarray, backgrounds: np.
     return DetectionData(images, boxes, labels, mask, FASHION_MNIST_CLASSES)
 
 
+def check_scene_sources(fashion_dir: str | Path, cifar_dir: str | Path) -> None:
+    """DataError unless the scenes' sources are there: the four official Fashion-MNIST files
+    and an official CIFAR-10 python folder (checked before anything is written)."""
+    from ftsam_jax.data.datasets import find_cifar_folder
+
+    fashion_dir = Path(fashion_dir)
+    if not fashion_dir.is_dir():
+        raise DataError(f"Fashion-MNIST folder not found: {fashion_dir}")
+    missing = [n for pair in _FILES.values() for n in pair if not (fashion_dir / n).is_file()]
+    if missing:
+        raise DataError(f"{fashion_dir}: Fashion-MNIST files not found: {missing}")
+    if not Path(cifar_dir).is_dir() or find_cifar_folder("cifar10", cifar_dir) is None:
+        raise DataError(f"CIFAR-10 python folder (the scenes' backgrounds) not found in "
+                        f"{cifar_dir}")
+
+
 def _cache_key(config: SceneConfig, objects_dir: Path, backgrounds_dir: Path) -> str:
     files = sorted(p for d in (objects_dir, backgrounds_dir) for p in d.rglob("*") if p.is_file())
     stamp = [(p.name, p.stat().st_size) for p in files]
@@ -225,6 +244,7 @@ def scenes_fashion_mnist(fashion_dir: str | Path, cifar_dir: str | Path,
     except ValueError as e:
         raise DataError(f"scenes: {e}") from None
     fashion_dir, cifar_dir = Path(fashion_dir), Path(cifar_dir)
+    check_scene_sources(fashion_dir, cifar_dir)
     path = None
     if cache_dir is not None:
         key = _cache_key(config, fashion_dir, cifar_dir)

@@ -14,11 +14,27 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["COCO_AREAS", "SCENE_AREAS", "coco_metrics"]
+__all__ = ["COCO_AREAS", "SCENE_AREAS", "coco_metrics", "coco_results"]
 
 COCO_AREAS = (32.0**2, 96.0**2)
 SCENE_AREAS = (16.0**2, 48.0**2)
 KEYS = ("ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l", "ar100")
+
+
+def coco_results(detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                 image_ids: Sequence[int], category_ids: Sequence[int]) -> list[dict]:
+    """Per-image detections (boxes (n, 4) x1y1x2y2 in the source's pixels, scores, classes) in
+    COCO's result format: `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}` with the
+    source's image and category ids (what `COCO.loadRes` and leaderboards read)."""
+    out = []
+    for image_id, (boxes, scores, classes) in zip(image_ids, detections, strict=True):
+        for b, s, c in zip(np.asarray(boxes, float), np.asarray(scores, float),
+                           np.asarray(classes), strict=True):
+            out.append({"image_id": int(image_id), "category_id": int(category_ids[int(c)]),
+                        "bbox": [round(float(v), 2) for v in (b[0], b[1], b[2] - b[0],
+                                                               b[3] - b[1])],
+                        "score": round(float(s), 5)})
+    return out
 
 
 def coco_metrics(gt_boxes: Sequence[np.ndarray], gt_labels: Sequence[np.ndarray],

@@ -1,0 +1,310 @@
+"""Bad input at every entry point: one `error: ...` line on stderr, exit code 2, no traceback
+and nothing left in the workdir.
+
+Each row is (entry point, arguments, a phrase of the expected message). Arguments may name
+prepared broken inputs: {npz:NAME} an npz data set, {coco:NAME} a COCO folder, {file} a plain
+file, {tmp} the row's scratch folder, {data} ../shared/data, {cifar} its CIFAR-10 slice. Every
+row but those that name a --workdir gets `--workdir={tmp}/w`, which must not exist afterwards
+(a refused run makes no folder). The rows of an entry point run in one process
+(`tests/bad_input_worker.py`: its flag parser, then `experiments.cli.guarded`, the body of
+`python -m experiments.NAME`), so the suite costs one JAX import per entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ENV, ROOT
+
+DATA = ROOT.parent / "shared" / "data"
+SMOKE = "--preset=smoke"
+
+ROWS: dict[str, list[tuple[str, str]]] = {
+    "ftsam": [
+        # names, types, numbers
+        (f"{SMOKE} --dataset={{npz:toy}} --attack=magic", "unknown attack"),
+        (f"{SMOKE} --dataset={{npz:toy}} --defenses=ft,magic", "magic"),
+        (f"{SMOKE} --dataset={{npz:toy}} --model=magic", "magic"),
+        (f"{SMOKE} --dataset={{npz:toy}} --epochs=abc", "--epochs"),
+        (f"{SMOKE} --dataset={{npz:toy}} --epochs=0", "epochs"),
+        (f"{SMOKE} --dataset={{npz:toy}} --epochs=-3", "epochs"),
+        (f"{SMOKE} --dataset={{npz:toy}} --poison_ratio=0", "poison_ratio"),
+        (f"{SMOKE} --dataset={{npz:toy}} --poison_ratio=-0.1", "poison_ratio"),
+        (f"{SMOKE} --dataset={{npz:toy}} --poison_ratio=7", "poison_ratio"),
+        (f"{SMOKE} --dataset={{npz:toy}} --benign_ratio=0", "benign_ratio"),
+        (f"{SMOKE} --dataset={{npz:toy}} --batch_size=0", "--batch_size must be >= 1"),
+        (f"{SMOKE} --dataset={{npz:toy}} --batch_size=1000000000", "larger than the training"),
+        (f"{SMOKE} --dataset={{npz:toy}} --lr=-1", "lr"),
+        (f"{SMOKE} --dataset={{npz:toy}} --target=7", "--target 7 is outside [0, 4)"),
+        (f"{SMOKE} --dataset={{npz:toy}} --target=-1", "outside"),
+        (f"{SMOKE} --dataset={{npz:toy}} --defenses=ftsam --set=ftsam.rho=abc", "rho"),
+        (f"{SMOKE} --dataset={{npz:toy}} --defenses=ftsam --set=ftsam.magic=1", "magic"),
+        (f"{SMOKE} --dataset={{npz:toy}} --set=magic.rho=1", "magic"),
+        (f"{SMOKE} --dataset={{npz:toy}} --set=rho", "--set"),
+        (f"{SMOKE} --dataset={{npz:toy}} --defenses=ftsam --rho=-1", "rho"),
+        (f"{SMOKE} --dataset={{npz:toy}} --defense_epochs=0 --defenses=ft", "epochs"),
+        (f"{SMOKE} --dataset={{npz:toy}} --trigger_path={{file}}", "not used by the badnets"),
+        (f"{SMOKE} --dataset={{npz:toy}} stray", "unexpected positional arguments"),
+        (f"{SMOKE} --config=experiments/configs/ftsam.py:smoke", "not both"),
+        (f"{SMOKE} --dataset={{npz:toy}} --config.magic=1", "magic"),
+        # data files
+        (f"{SMOKE} --dataset=npz:{{tmp}}/missing.npz", "not found"),
+        (f"{SMOKE} --dataset={{npz:truncated}}", "cannot read"),
+        (f"{SMOKE} --dataset={{npz:text}}", "cannot read"),
+        (f"{SMOKE} --dataset={{npz:no_labels}}", "lacks the arrays"),
+        (f"{SMOKE} --dataset={{npz:mixed_sizes}}", "cannot read"),
+        (f"{SMOKE} --dataset=cifar10 --data_dir={{tmp}}/nowhere", "does not exist"),
+        (f"{SMOKE} --dataset=cifar10 --data_dir={{file}}", "is a file"),
+        (f"{SMOKE} --dataset=cifar10 --data_dir={{tmp}}", "holds no official cifar10"),
+        # degenerate data
+        (f"{SMOKE} --dataset={{npz:one_class}}", "at least 2 classes"),
+        (f"{SMOKE} --dataset={{npz:empty_test}}", "test split is empty"),
+        (f"{SMOKE} --dataset={{npz:label_out_of_range}}", "labels out of range"),
+        (f"{SMOKE} --dataset={{npz:negative_label}}", "labels must be >= 0"),
+        (f"{SMOKE} --dataset={{npz:all_target}} --attack=badnets", "all 40 test images are of "
+         "the target class 0"),
+        (f"{SMOKE} --dataset={{npz:float_images}}", "values must lie in [0, 255]"),
+        # workdirs
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir={{file}}", "is a file"),
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir={{file}}/sub", "lies under the file"),
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir={{readonly}}/w", "read-only"),
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir=/proc/ftsam_jax_test/w", "--workdir"),
+    ],
+    "distill": [
+        (f"{SMOKE} --dataset={{npz:toy}} --methods=ce,magic", "magic"),
+        (f"{SMOKE} --dataset={{npz:toy}} --seeds=0,x", "seeds"),
+        (f"{SMOKE} --dataset={{npz:toy}} --seeds=1,1", "distinct"),
+        (f"{SMOKE} --dataset={{npz:toy}} --teacher=magic", "magic"),
+        (f"{SMOKE} --dataset={{npz:toy}} --epochs=0", "epochs"),
+        (f"{SMOKE} --dataset={{npz:toy}} --teacher_epochs=-1", "epochs"),
+        (f"{SMOKE} --dataset={{npz:toy}} --lr=0", "lr"),
+        (f"{SMOKE} --dataset={{npz:toy}} --kd_alpha=2", "kd_alpha"),
+        (f"{SMOKE} --dataset={{npz:toy}} --temperature=0", "temperature"),
+        (f"{SMOKE} --dataset={{npz:toy}} --batch_size=1000000000", "larger than the training"),
+        (f"{SMOKE} --dataset={{npz:toy}} --batch_size=abc", "--batch_size"),
+        (f"{SMOKE} --dataset={{npz:toy}} --adv_source=magic", "adv_source"),
+        (f"{SMOKE} --dataset=npz:{{tmp}}/missing.npz", "not found"),
+        (f"{SMOKE} --dataset={{npz:truncated}}", "cannot read"),
+        (f"{SMOKE} --dataset={{npz:one_class}}", "at least 2 classes"),
+        (f"{SMOKE} --dataset={{npz:empty_train}}", "train split is empty"),
+        (f"{SMOKE} --dataset={{npz:label_out_of_range}}", "labels out of range"),
+        (f"{SMOKE} --dataset={{npz:mixed_sizes}}", "cannot read"),
+        (f"{SMOKE} --dataset=cifar10 --data_dir={{file}}", "is a file"),
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir={{file}}", "is a file"),
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir={{file}}/sub", "lies under the file"),
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir={{readonly}}/w", "read-only"),
+        (f"{SMOKE} --config=experiments/configs/distill.py:smoke", "not both"),
+    ],
+    "detect": [
+        (f"{SMOKE} --methods=student,magic", "--methods must list"),
+        (f"{SMOKE} --seeds=0,0", "distinct"),
+        (f"{SMOKE} --epochs=0", "must be >= 1"),
+        (f"{SMOKE} --teacher_epochs=-2", "must be >= 1"),
+        (f"{SMOKE} --lr=0", "--lr must be > 0"),
+        (f"{SMOKE} --alpha_adv=-1", "--alpha_adv >= 0"),
+        (f"{SMOKE} --batch_size=12", "not divisible"),
+        (f"{SMOKE} --batch_size=1024", "larger than the training set"),
+        (f"{SMOKE} --num_train=abc", "--num_train"),
+        (f"{SMOKE} --dataset=voc:/nowhere", "not supported"),
+        ("--config=experiments/configs/detect.py:smoke --config.warmup_epochs=-1",
+         "warmup_epochs"),
+        ("--config=experiments/configs/detect.py:smoke --config.teacher_eval_every=-1",
+         "eval_every"),
+        ("--config=experiments/configs/detect.py:smoke --config.eval_split=test", "eval_split"),
+        ("--config=experiments/configs/detect.py:nano", "nano"),
+        (f"{SMOKE} --data_dir={{tmp}}/nowhere", "not found"),
+        (f"{SMOKE} --data_dir={{file}}", "not found"),
+        (f"{SMOKE} --dataset=coco:{{tmp}}/nowhere", "COCO folder not found"),
+        (f"{SMOKE} --dataset={{coco:bad_json}}", "not valid JSON"),
+        (f"{SMOKE} --dataset={{coco:missing_image}}", "not found"),
+        (f"{SMOKE} --dataset={{coco:box_outside}}", "outside"),
+        (f"{SMOKE} --dataset={{coco:unknown_image}}", "unknown image id 99"),
+        (f"{SMOKE} --dataset={{coco:unknown_category}}", "unknown category id 7"),
+        (f"{SMOKE} --dataset={{coco:no_images}}", "no images"),
+        (f"{SMOKE} --dataset={{coco:no_boxes}}", "no (non-crowd) boxes"),
+        (f"{SMOKE} --dataset={{coco:not_an_image}}", "unreadable image"),
+        (f"{SMOKE} --workdir={{file}}", "is a file"),
+        (f"{SMOKE} --workdir={{file}}/sub", "lies under the file"),
+        (f"{SMOKE} --workdir={{readonly}}/w", "read-only"),
+        (f"{SMOKE} --config=experiments/configs/detect.py:smoke", "not both"),
+    ],
+    "table": [
+        ("--attacks=badnets,magic", "magic"),
+        ("--defenses=ft,magic", "magic"),
+        ("--defense_seeds=0,x", "defense_seeds"),
+        ("--defense_seeds=0,0", "distinct"),
+        ("--defenses=ft --seeded_defenses=nad", "not in --defenses"),
+        ("--ftsam_flag=--workdir=x", "does not set itself"),
+        ("--ftsam_flag=rho", "does not set itself"),
+        ("--preset=huge", "preset"),
+        ("--dataset={npz:one_class}", "at least 2 classes"),
+        ("--dataset={npz:label_out_of_range}", "labels out of range"),
+        ("--dataset=cifar10 --data_dir={file}", "is a file"),
+        ("--workdir={file}", "is a file"),
+        ("--workdir={file}/sub", "lies under the file"),
+        ("--workdir={readonly}/w", "read-only"),
+    ],
+    "bench": [
+        ("--model=magic", "--model"),
+        ("--rows=train_step,magic", "magic"),
+        ("--steps=0", "--steps must be >= 1"),
+        ("--warmup=-1", "--warmup"),
+        ("--batch_size=0", "batch_size"),
+        ("--batch_size=12", "divisible"),
+        ("--width=-4", "width"),
+        ("--image_size=0", "image_size"),
+        ("--num_classes=1", "num_classes"),
+        ("--dtype=float16", "--dtype"),
+        ("--preset=smoke --config=experiments/configs/bench.py:smoke", "not both"),
+        ("stray", "unexpected positional arguments"),
+    ],
+}
+
+
+def _save_npz(path, x_train, y_train, x_test, y_test, **extra):
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, **extra)
+    return path
+
+
+def make_npz(folder):
+    """The broken (and one good) npz data sets the rows name."""
+    rng = np.random.default_rng(0)
+    x = lambda n: rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)  # noqa: E731
+    y = lambda n, k=4: rng.integers(0, k, n)  # noqa: E731
+    out = {"toy": _save_npz(folder / "toy.npz", x(160), y(160), x(40), y(40))}
+    out["one_class"] = _save_npz(folder / "one.npz", x(64), np.zeros(64, int), x(16),
+                                 np.zeros(16, int))
+    out["empty_test"] = _save_npz(folder / "empty_test.npz", x(64), y(64), x(0), y(0))
+    out["empty_train"] = _save_npz(folder / "empty_train.npz", x(0), y(0), x(16), y(16))
+    bad = y(160)
+    bad[5] = 255  # a label of a uint8 "unknown" marker: 246 empty classes if accepted
+    out["label_out_of_range"] = _save_npz(folder / "oor.npz", x(160), bad, x(40), y(40))
+    neg = y(160)
+    neg[3] = -1
+    out["negative_label"] = _save_npz(folder / "neg.npz", x(160), neg, x(40), y(40))
+    out["all_target"] = _save_npz(folder / "all_target.npz", x(160), y(160), x(40),
+                                  np.zeros(40, int))
+    out["float_images"] = _save_npz(folder / "float.npz", x(160) * 3.0, y(160), x(40), y(40))
+    out["no_labels"] = folder / "no_labels.npz"
+    np.savez(out["no_labels"], x_train=x(8), x_test=x(8))
+    ragged = np.empty(2, object)
+    ragged[0], ragged[1] = x(1)[0], rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    out["mixed_sizes"] = folder / "mixed.npz"
+    np.savez(out["mixed_sizes"], x_train=ragged, y_train=y(2), x_test=ragged, y_test=y(2))
+    good = out["toy"].read_bytes()
+    out["truncated"] = folder / "truncated.npz"
+    out["truncated"].write_bytes(good[: len(good) // 2])
+    out["text"] = folder / "text.npz"
+    out["text"].write_text("x_train,y_train\n1,2\n")
+    return out
+
+
+def make_coco(folder):
+    """Small COCO folders, each broken in one way."""
+    from PIL import Image
+
+    def write(name, images, annotations, categories, files=True, json_text=None):
+        d = folder / name
+        (d / "img").mkdir(parents=True)
+        if files:
+            for im in images:
+                Image.new("RGB", (im["width"], im["height"]), (90, 40, 20)).save(
+                    d / im["file_name"])
+        for split in ("train", "val"):
+            (d / f"{split}.json").write_text(json_text or json.dumps(
+                {"images": images, "annotations": annotations, "categories": categories}))
+        return d
+
+    ims = [{"id": i, "file_name": f"img/{i}.png", "width": 40, "height": 30} for i in range(2)]
+    box = lambda i, c=3, b=(2, 2, 10, 8): {"id": i + 1, "image_id": i, "category_id": c,  # noqa: E731
+                                           "bbox": list(b)}
+    cats = [{"id": 3, "name": "a"}, {"id": 5, "name": "b"}]
+    anns = [box(0), box(1)]
+    out = {"bad_json": write("bad_json", ims, anns, cats, json_text="{not json")}
+    out["missing_image"] = write("missing_image", ims, anns, cats, files=False)
+    out["box_outside"] = write("box_outside", ims, [box(0), box(1, b=(35, 2, 10, 8))], cats)
+    out["unknown_image"] = write("unknown_image", ims, [*anns, {**box(0), "id": 9,
+                                                                "image_id": 99}], cats)
+    out["unknown_category"] = write("unknown_category", ims, [box(0), box(1, c=7)], cats)
+    out["no_images"] = write("no_images", [], [], cats)
+    out["no_boxes"] = write("no_boxes", ims, [], cats)
+    d = write("not_an_image", ims, anns, cats)
+    (d / "img" / "1.png").write_text("not a png")
+    out["not_an_image"] = d
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_input")
+    (root / "npz").mkdir()
+    plain = root / "plain.txt"
+    plain.write_text("a file, not a folder\n")
+    readonly = root / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    return {"root": root, "npz": make_npz(root / "npz"), "coco": make_coco(root / "coco"),
+            "file": plain, "readonly": readonly}
+
+
+def expand(text: str, inputs, tmp) -> list[str]:
+    for kind in ("npz", "coco"):
+        for name, path in inputs[kind].items():
+            text = text.replace(f"{{{kind}:{name}}}", f"{kind}:{path}")
+    text = (text.replace("{file}", str(inputs["file"])).replace("{tmp}", str(tmp))
+            .replace("{readonly}", str(inputs["readonly"])).replace("{data}", str(DATA))
+            .replace("{cifar}", str(DATA / "cifar10-subset")))
+    return text.split()
+
+
+_outcomes: dict[str, list[dict]] = {}
+
+
+def outcomes(entry: str, inputs) -> list[dict]:
+    """Runs every row of `entry` once (one process) and keeps the outcomes for the tests."""
+    if entry not in _outcomes:
+        rows = []
+        for i, (args, _) in enumerate(ROWS[entry]):
+            tmp = inputs["root"] / entry / str(i)
+            tmp.mkdir(parents=True)
+            argv = expand(args, inputs, tmp)
+            if entry != "bench" and not any(a.startswith("--workdir=") for a in argv):
+                argv.append(f"--workdir={tmp / 'w'}")
+            rows.append(argv)
+        proc = subprocess.run([sys.executable, "-m", "tests.bad_input_worker", entry],
+                              input=json.dumps(rows), capture_output=True, text=True, cwd=ROOT,
+                              env=ENV, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _outcomes[entry] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return _outcomes[entry]
+
+
+CASES = [(entry, i) for entry, rows in ROWS.items() for i in range(len(rows))]
+
+
+@pytest.mark.parametrize("entry, i", CASES,
+                         ids=[f"{e}-{i}-{ROWS[e][i][0].replace(SMOKE, '').strip()[:60]}"
+                              for e, i in CASES])
+def test_bad_input_is_one_line_exit_2(inputs, entry, i):
+    args, phrase = ROWS[entry][i]
+    if "{readonly}" in args and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders (the /proc row covers an unwritable "
+                    "workdir)")
+    if "--dataset=cifar10" in args and "{tmp}" not in args and not DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    out = outcomes(entry, inputs)[i]
+    stderr = out["stderr"].strip()
+    assert out["code"] == 2, f"{args}: exit {out['code']}\n{stderr[-2000:]}"
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
+    assert phrase in lines[0], lines[0]
+    tmp = inputs["root"] / entry / str(i)
+    assert not (tmp / "w").exists(), f"a refused run left {tmp / 'w'}"
+    if "{file}" in args:
+        assert inputs["file"].read_text() == "a file, not a folder\n"
