@@ -22,10 +22,14 @@ from scratch on small data).
 
 Writes results.json ({"dataset", "config", "teacher": {"ap", "ap50", "ap75", "ap_s", "ap_m",
 "ap_l", "ar100", "ap_adv", "seconds"}, "students": {method: {same keys as means, "std",
-"per_seed", "seconds"}}}, fractions in [0, 1]), results.md, metrics.jsonl, tensorboard/,
-detections.png. COCO metrics via pycocotools: for scenes with their size buckets (small < 16^2
-<= medium < 48^2 px at 128 px), for `coco:DIR` (`ftsam_jax.data.coco`: letterboxed to the
-input, evaluated in original pixels) with COCO's.
+"per_seed", "seconds"}}}, fractions in [0, 1]), results.md, metrics.jsonl (with the
+teacher's / students' evaluation AP every `teacher_eval_every` / `student_eval_every` epochs:
+`val_ap`, `val_ap50`, `val_ap_s`), tensorboard/, detections.png, models/teacher (the teacher's
+final variables: a workdir with results.json and models/teacher needs no teacher checkpoint).
+COCO metrics via pycocotools: for scenes with their size buckets (small < 16^2 <= medium < 48^2
+px at 128 px), for `coco:DIR` (`ftsam_jax.data.coco`: letterboxed to the input, evaluated in
+original pixels) with COCO's, and detections/<model>.json (teacher, first seed of each method)
+in COCO's result format with the folder's image and category ids.
 """
 
 from __future__ import annotations

@@ -1,0 +1,98 @@
+"""SIGTERM and SIGINT in the middle of a stage: the process stops within seconds with one line
+saying where, and the same command resumes to the numbers of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ENV, ROOT, run_module
+
+pytestmark = pytest.mark.slow  # subprocess runs of the entry points
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def strip_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: strip_seconds(v) for k, v in obj.items()
+                if k not in ("seconds", "seconds_per_seed")}
+    if isinstance(obj, list):
+        return [strip_seconds(v) for v in obj]
+    return obj
+
+
+def epochs_logged(workdir, stage) -> int:
+    path = workdir / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    return sum(1 for line in lines if line.strip() and json.loads(line)["stage"] == stage)
+
+
+def interrupt_during(module, args, workdir, stage, sig, after_epochs):
+    """Starts `python -m module args`, sends `sig` once `stage` has logged `after_epochs`
+    epochs (so the signal lands inside the stage); returns (exit code, stderr, seconds from
+    the signal to the exit)."""
+    proc = subprocess.Popen([sys.executable, "-m", module, "--progress=false", *args,
+                             f"--workdir={workdir}"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while epochs_logged(workdir, stage) < after_epochs:
+        assert proc.poll() is None, f"the run ended before {stage} epoch {after_epochs}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr, time.monotonic() - t0
+
+
+def check_stopped(code, stderr, seconds, sig, stage):
+    name = signal.Signals(sig).name
+    assert code == 128 + sig, stderr
+    assert seconds < 5, f"took {seconds:.1f} s to stop"
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted ({name}) in stage {stage} at epoch "), last
+    assert "rerun the same command" in last
+
+
+def run_interrupted_twice_then_resume(module, args, workdir, stage):
+    """SIGTERM after 1 epoch of `stage`, SIGINT after 3 more, then a run to the end."""
+    code, err, dt = interrupt_during(module, args, workdir, stage, signal.SIGTERM, 1)
+    check_stopped(code, err, dt, signal.SIGTERM, stage)
+    code, err, dt = interrupt_during(module, args, workdir, stage, signal.SIGINT,
+                                     epochs_logged(workdir, stage) + 3)
+    check_stopped(code, err, dt, signal.SIGINT, stage)
+    run_module(module, *args, f"--workdir={workdir}")
+    return json.loads((workdir / "results.json").read_text())
+
+
+def test_ftsam_defense_stage_sigterm_sigint_resume(toy_npz, tmp_path):
+    args = [f"--dataset=npz:{toy_npz}", "--attack=badnets", "--preset=smoke", "--defenses=ft",
+            "--defense_epochs=60"]
+    run_module("experiments.ftsam", *args, f"--workdir={tmp_path / 'full'}")
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    resumed = run_interrupted_twice_then_resume("experiments.ftsam", args, tmp_path / "part",
+                                                "ft")
+    assert strip_seconds(resumed["defenses"]) == strip_seconds(full["defenses"])
+    assert strip_seconds(resumed["backdoored"]) == strip_seconds(full["backdoored"])
+
+
+def test_detect_student_sigterm_sigint_resume(tmp_path):
+    if not (DATA / "fashion-mnist").is_dir() or not (DATA / "cifar10-subset").is_dir():
+        pytest.skip("../shared/data is not present")
+    args = [f"--data_dir={DATA}", "--preset=smoke", "--methods=student", "--epochs=24"]
+    run_module("experiments.detect", *args, f"--workdir={tmp_path / 'full'}")
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    resumed = run_interrupted_twice_then_resume("experiments.detect", args, tmp_path / "part",
+                                                "student_student_s0")
+    assert strip_seconds(resumed["students"]) == strip_seconds(full["students"])
+    assert strip_seconds(resumed["teacher"]) == strip_seconds(full["teacher"])
