@@ -73,6 +73,7 @@ from ftsam_jax.data.scenes import (
     DetectionData,
     SceneConfig,
     check_scene_sources,
+    extra_training_scenes,
     scenes_fashion_mnist,
 )
 from ftsam_jax.detection.decode import decode_topk, nms
@@ -90,7 +91,7 @@ from ftsam_jax.detection.evaluate import (
     coco_results,
 )
 from ftsam_jax.detection.fgd import FGDConfig
-from ftsam_jax.detection.step import detect_train_step, detection_loss_fn
+from ftsam_jax.detection.step import detect_train_step, detection_loss_fn, random_hflip
 from ftsam_jax.distill.adversarial import precompute_adversarial
 from ftsam_jax.distill.augment import SSAConfig
 from ftsam_jax.distill.step import StudentTeacherState, bind_teacher
@@ -136,7 +137,7 @@ SHORTHANDS = ("dataset", "data_dir", "methods", "seeds", "num_train", "num_val",
 RUN_KEYS = ("dataset", "data_dir", "image_size", "num_train", "num_val", "teacher_epochs",
             "batch_size", "lr", "teacher_width", "teacher_blocks", "fpn_channels", "seed0",
             "epochs", "student_width", "student_blocks", "alpha_adv", "fgd_scale", "eval_split",
-            "warmup_epochs")
+            "warmup_epochs", "teacher_extra_scenes", "teacher_flip")
 
 
 def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]:
@@ -169,6 +170,10 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
     if not 0 <= tree.warmup_epochs < min(cfg["epochs"], cfg["teacher_epochs"]):
         raise InputError("--config.warmup_epochs must be >= 0 and below --epochs and "
                          f"--teacher_epochs, got {tree.warmup_epochs}")
+    if tree.teacher_extra_scenes < 0:
+        raise InputError("--config.teacher_extra_scenes must be >= 0")
+    if tree.teacher_extra_scenes and not tree.dataset.startswith("scenes:"):
+        raise InputError("--config.teacher_extra_scenes needs scenes: data")
     if tree.teacher_eval_every < 0 or tree.student_eval_every < 0:
         raise InputError("--config.teacher_eval_every and --config.student_eval_every must be "
                          ">= 0 (0: only the final evaluation)")
@@ -180,8 +185,9 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
         cfg["fgd_scale"] = tree.fgd_scale
     if tree.eval_split != "val":
         cfg["eval_split"] = tree.eval_split
-    if tree.warmup_epochs:
-        cfg["warmup_epochs"] = tree.warmup_epochs
+    for key in ("warmup_epochs", "teacher_extra_scenes", "teacher_flip"):
+        if tree[key]:
+            cfg[key] = tree[key]
     cfg["teacher_eval_every"] = tree.teacher_eval_every  # curves only: no resume guard
     cfg["student_eval_every"] = tree.student_eval_every
     return json.loads(json.dumps(cfg))  # tuples as lists, as config.json stores them
@@ -274,6 +280,11 @@ def adversarial_set(teacher: FCOS, params: Any, data: DetectionData, rng: jax.Ar
         teacher.apply, {"params": params}, data.images, gt, rng, mesh=mesh,
         batch_size=batch_size, objective=_teacher_objective(len(data.class_names),
                                                             data.images.shape[1]))
+
+
+def _no_preprocess(batch: dict[str, Any], rng: jax.Array) -> dict[str, Any]:
+    del rng
+    return batch
 
 
 def _curve(evaluate: Evaluator, params: Any) -> Any:
@@ -383,6 +394,7 @@ def main(argv: list[str]) -> None:
     cfg = resolve(tree, mesh.devices.size)
     workdir = Path(FLAGS.workdir or f"runs/detect_{cfg['preset']}")
     check_workdir(workdir, cfg, RUN_KEYS)
+    extra = None
     if cfg["dataset"].startswith("coco:"):
         train, val = load_coco(cfg["dataset"].removeprefix("coco:"), cfg["image_size"])
         check_batch_fits(cfg["batch_size"], len(train))
@@ -397,6 +409,10 @@ def main(argv: list[str]) -> None:
         train, val = scenes_fashion_mnist(root / "fashion-mnist", root / "cifar10-subset",
                                           scene_cfg, cache_dir=workdir / "data",
                                           heldout=cfg.get("eval_split") == "heldout")
+        if cfg.get("teacher_extra_scenes"):
+            extra = extra_training_scenes(root / "fashion-mnist", root / "cifar10-subset",
+                                          scene_cfg, cfg["teacher_extra_scenes"],
+                                          cache_dir=workdir / "data")
     atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
     log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
     ctx = StageContext(mesh=mesh, seed=cfg["seed0"], workdir=workdir, progress=tree.progress,
@@ -429,7 +445,15 @@ def main(argv: list[str]) -> None:
                                 jnp.zeros((1, size, size, 3), jnp.float32))
         t_params = load_variables(t_path, {"params": shapes["params"]})["params"]
     else:
-        t_tx = optimizer(cfg["lr"], spe, cfg["teacher_epochs"], warmup)
+        t_data, t_spe = data, spe
+        if extra is not None:  # the teacher's own, larger training set
+            t_data = jax.device_put({
+                "image": np.concatenate([train.images, extra.images]),
+                "label": np.arange(len(train) + len(extra), dtype=np.int32),
+                **{key: np.concatenate([getattr(train, key), getattr(extra, key)])
+                   for key in ("boxes", "labels", "mask")}}, repl)
+            t_spe = steps_per_epoch(len(train) + len(extra), bs, drop_last=True)
+        t_tx = optimizer(cfg["lr"], t_spe, cfg["teacher_epochs"], warmup)
         t_state = create_train_state(teacher, t_tx, stage_rng(cfg["seed0"], "teacher/init"),
                                      (size, size, 3))
         t_step = partial(detect_train_step, tx=t_tx,
@@ -437,8 +461,10 @@ def main(argv: list[str]) -> None:
         every = cfg["teacher_eval_every"]
         t_ctx = dataclasses.replace(ctx, eval_every=every or cfg["teacher_epochs"])
         t_state, _ = train_stage(Stage(
-            "teacher", t_state, cfg["teacher_epochs"], step=t_step, data=data, batch_size=bs,
+            "teacher", t_state, cfg["teacher_epochs"], step=t_step, data=t_data, batch_size=bs,
+            preprocess=random_hflip if cfg.get("teacher_flip") else _no_preprocess,
             evaluate=_curve(t_eval, lambda s: s.params) if every else None), t_ctx)
+        del t_data
         ctx.restored_seconds = t_ctx.restored_seconds
         t_params = t_state.params
         if jax.process_index() == 0:

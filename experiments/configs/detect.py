@@ -42,6 +42,8 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.eval_split = "val"                 # or heldout: scenes of training objects, for tuning
     c.warmup_epochs = 0.0                # linear lr warm-up (teacher and students), then cosine
     c.teacher_eval_every = 0             # AP on the evaluation split every k teacher epochs
+    c.teacher_extra_scenes = 0           # more training scenes for the teacher only (scenes:)
+    c.teacher_flip = False               # random horizontal flips of the teacher's batches
     c.student_eval_every = 0             # ... and student epochs (0: only the final numbers)
     c.progress = True
     return c

@@ -30,7 +30,7 @@ import numpy as np
 from ftsam_jax.data.datasets import DataError
 
 __all__ = ["FASHION_MNIST_CLASSES", "DetectionData", "SceneConfig", "box_iou",
-           "check_scene_sources",
+           "check_scene_sources", "extra_training_scenes",
            "load_fashion_mnist", "make_scenes", "read_idx", "resize_bilinear",
            "scenes_fashion_mnist"]
 
@@ -222,6 +222,36 @@ def _cache_key(config: SceneConfig, objects_dir: Path, backgrounds_dir: Path) ->
     stamp = [(p.name, p.stat().st_size) for p in files]
     text = json.dumps({"config": dataclasses.asdict(config), "files": stamp, "version": 1})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def extra_training_scenes(fashion_dir: str | Path, cifar_dir: str | Path, config: SceneConfig,
+                          count: int, cache_dir: str | Path | None = None) -> DetectionData:
+    """`count` more scenes of the training distribution (Fashion-MNIST training objects on CIFAR
+    training backgrounds) from their own random stream (seed [config.seed, 2]): new
+    compositions for a teacher trained on more scenes than its students, leaving the training
+    and evaluation splits of `scenes_fashion_mnist` as they are. Cached like them."""
+    from ftsam_jax.data.datasets import load_dataset
+
+    fashion_dir, cifar_dir = Path(fashion_dir), Path(cifar_dir)
+    check_scene_sources(fashion_dir, cifar_dir)
+    path = None
+    if cache_dir is not None:
+        key = _cache_key(dataclasses.replace(config, num_train=count), fashion_dir, cifar_dir)
+        path = Path(cache_dir) / f"scenes-{key}-extra.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return DetectionData(*(z[k] for k in ("images", "boxes", "labels", "mask")),
+                                     FASHION_MNIST_CLASSES)
+    x_tr, y_tr = load_fashion_mnist(fashion_dir, "train")
+    cifar = load_dataset("cifar10", str(cifar_dir), download=False)
+    extra = make_scenes(x_tr, y_tr, cifar.x_train, count, config,
+                        np.random.default_rng([config.seed, 2]))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **{k: getattr(extra, k) for k in ("images", "boxes", "labels", "mask")})
+        tmp.replace(path)
+    return extra
 
 
 def scenes_fashion_mnist(fashion_dir: str | Path, cifar_dir: str | Path,

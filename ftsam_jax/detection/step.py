@@ -12,7 +12,7 @@ from ftsam_jax.detection.losses import detection_loss
 from ftsam_jax.detection.targets import DEFAULT_RANGES, DEFAULT_STRIDES, fcos_targets
 from ftsam_jax.train import TrainState
 
-__all__ = ["batch_targets", "detect_train_step", "detection_loss_fn"]
+__all__ = ["batch_targets", "detect_train_step", "detection_loss_fn", "random_hflip"]
 
 Batch = dict[str, jax.Array]
 
@@ -25,6 +25,21 @@ def batch_targets(batch: Batch, image_size: int, *,
     return jax.vmap(lambda b, lab, m: fcos_targets(b, lab, m, image_size, strides=strides,
                                                    ranges=ranges))(
         batch["boxes"], batch["labels"], batch["mask"])
+
+
+def random_hflip(batch: Batch, rng: jax.Array) -> Batch:
+    """Mirrors each image of a batch left-right with probability 1/2, its boxes with it
+    (x1, x2 -> W - x2, W - x1): the detectors' standard flip (mmdetection's RandomFlip 0.5), as
+    a `Stage.preprocess` on device."""
+    import jax.numpy as jnp
+
+    images, boxes = batch["image"], batch["boxes"]
+    flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
+    width = images.shape[2]
+    mirrored = jnp.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0],
+                          boxes[..., 3]], axis=-1)
+    return {**batch, "image": jnp.where(flip[:, None, None, None], images[:, :, ::-1], images),
+            "boxes": jnp.where(flip[:, None, None], mirrored, boxes)}
 
 
 def detection_loss_fn(apply_fn: Callable[..., Any], num_classes: int, image_size: int, *,
