@@ -496,6 +496,8 @@ def main(argv: list[str]) -> None:
     ikd_steps = int(round(2 / 3 * cfg["epochs"])) * spe
     ssa = SSAConfig(small_area=16.0**2)
     first_seed_dets: dict[str, list] = {"teacher": t_eval.detections(t_params, val.images[:8])}
+    s_shapes = jax.eval_shape(student.init, jax.random.key(0),
+                              jnp.zeros((1, size, size, 3), jnp.float32))
     s_every = cfg["student_eval_every"]
     ctx.eval_every = s_every or cfg["epochs"]
     s_curve = _curve(s_eval, lambda s: s.student.params["student"]) if s_every else None
@@ -517,15 +519,21 @@ def main(argv: list[str]) -> None:
                 create_detect_distill_state(student, tx, init_rng, size, dcfg), t_params)
             stage = Stage(f"student_{method}_s{seed}", state, cfg["epochs"], step=step,
                           data=m_data, batch_size=bs, rng=run_rng, evaluate=s_curve)
+            saved = workdir / "models" / f"student_{method}"  # the first seed's, for the plot
             if any(p["seed"] == seed for p in per_seed):
-                if seed == cfg["seeds"][0]:  # finished: restored from its checkpoint
-                    state, _ = train_stage(stage, ctx)
+                if seed == cfg["seeds"][0] and saved.is_dir():
+                    params = load_variables(saved, {"params": s_shapes["params"]})["params"]
+                    first_seed_dets[method] = s_eval.detections(params, val.images[:8])
+                elif seed == cfg["seeds"][0] and ctx.checkpoint_dir(stage.name).is_dir():
+                    state, _ = train_stage(stage, ctx)  # older workdirs: its last checkpoint
                     first_seed_dets[method] = s_eval.detections(
                         state.student.params["student"], val.images[:8])
                 continue
             t0 = start_timer(ctx)
             state, _ = train_stage(stage, ctx)
             params = state.student.params["student"]
+            if seed == cfg["seeds"][0] and jax.process_index() == 0:
+                save_variables(saved, {"params": params})
             s_metrics, s_dets = s_eval.evaluate(params)
             per_seed.append({"seed": seed, **s_metrics})
             if seed == cfg["seeds"][0]:

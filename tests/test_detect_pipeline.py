@@ -1,6 +1,7 @@
 """experiments.detect end to end on the smoke preset (real scenes), resume, bad input."""
 
 import json
+import shutil
 
 import pytest
 
@@ -39,6 +40,17 @@ def test_smoke_run_results_and_rerun(data_dir, tmp_path):
     run_module("experiments.detect", *args)
     again = json.loads((tmp_path / "w" / "results.json").read_text())
     assert again["students"] == res["students"] and again["teacher"] == res["teacher"]
+    # A committed run keeps no checkpoints: the teacher's final variables (models/teacher)
+    # suffice for a new student; the teacher is not trained again.
+    shutil.rmtree(tmp_path / "w" / "checkpoints")
+    (tmp_path / "w" / "data" / "adversarial.npy").unlink()
+    run_module("experiments.detect", *args[:2], "--methods=student,fgd_ikd,fgd", *args[3:])
+    more = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert not (tmp_path / "w" / "checkpoints" / "teacher").exists()
+    assert more["teacher"] == res["teacher"] and set(more["students"]) == {
+        "student", "fgd_ikd", "fgd"}
+    assert more["students"]["fgd_ikd"] == res["students"]["fgd_ikd"]
+    assert (tmp_path / "w" / "data" / "adversarial.npy").is_file()
 
 
 @pytest.mark.parametrize("flag, message", [

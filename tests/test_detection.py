@@ -127,3 +127,31 @@ def test_detection_loss_terms():
     grads = jax.grad(lambda lg: detection_loss(lg, t["ltrb"] * 0.5 + 1, ctr, t, 4)["loss"])(
         logits)
     assert np.isfinite(np.asarray(grads)).all()
+
+
+def test_random_hflip_moves_boxes_with_their_pixels():
+    """A box drawn into an image lands where the mirrored image has its pixels; about half of
+    the images are flipped; other keys pass through."""
+    from ftsam_jax.detection.step import random_hflip
+
+    n, size = 64, 32
+    rng = np.random.default_rng(0)
+    images = np.zeros((n, size, size, 3), np.uint8)
+    boxes = np.zeros((n, 2, 4), np.float32)
+    for i in range(n):
+        x1, y1 = rng.integers(0, 20, 2)
+        w, h = rng.integers(3, 12, 2)
+        boxes[i, 0] = (x1, y1, x1 + w, y1 + h)
+        images[i, y1:y1 + h, x1:x1 + w] = 255
+    batch = {"image": jnp.asarray(images), "boxes": jnp.asarray(boxes),
+             "labels": jnp.zeros((n, 2), jnp.int32), "mask": jnp.asarray(np.eye(2, dtype=bool)[
+                 np.zeros(n, int)])}
+    out = jax.device_get(jax.jit(random_hflip)(batch, jax.random.key(3)))
+    flipped = 0
+    for i in range(n):
+        x1, y1, x2, y2 = out["boxes"][i, 0].astype(int)
+        ys, xs = np.nonzero(out["image"][i, :, :, 0])
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x1, y1, x2, y2)
+        flipped += not np.array_equal(out["image"][i], images[i])
+    assert 16 < flipped < 48
+    np.testing.assert_array_equal(out["mask"], batch["mask"])
