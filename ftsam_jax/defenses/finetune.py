@@ -44,9 +44,13 @@ from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.fit import FitConfig, fit
 from ftsam_jax.runner import StageContext
 
-__all__ = ["FineTuneConfig", "ft", "ft_config", "ftsam", "ftsam_config"]
+__all__ = ["RECIPES", "FineTuneConfig", "ft", "ft_config", "ftsam", "ftsam_config"]
 
-RECIPES = ("reference", "paper")
+# FT-SAM's two recipes (see the module docstring): the fields in which they differ.
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": {"recipe": "reference", "label_smoothing": 0.1, "schedule": "cosine_iter"},
+    "paper": {"recipe": "paper", "label_smoothing": 0.0, "schedule": "cosine_epoch"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,14 +75,11 @@ def ft_config(preset: str = "paper") -> FineTuneConfig:
 
 
 def ftsam_config(preset: str = "paper", recipe: str = "reference") -> FineTuneConfig:
-    """FT-SAM's `reference` (BackdoorBench) or `paper` recipe."""
+    """FT-SAM's `reference` (BackdoorBench) or `paper` recipe (`RECIPES`)."""
     if recipe not in RECIPES:
-        raise ValueError(f"unknown FT-SAM recipe {recipe!r}; choose one of {RECIPES}")
-    if recipe == "reference":
-        return FineTuneConfig(epochs=_epochs(preset), sam=True, rho=2.0, label_smoothing=0.1,
-                              schedule="cosine_iter", t_max=100, recipe=recipe)
-    return FineTuneConfig(epochs=_epochs(preset), sam=True, rho=2.0, label_smoothing=0.0,
-                          schedule="cosine_epoch", t_max=100, recipe=recipe)
+        raise ValueError(f"unknown FT-SAM recipe {recipe!r}; choose one of {tuple(RECIPES)}")
+    return FineTuneConfig(epochs=_epochs(preset), sam=True, rho=2.0, t_max=100,
+                          **RECIPES[recipe])
 
 
 def _finetune(name: str, model: nn.Module, variables: dict[str, Any], benign: BenignData,
