@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn
 
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 from jax.sharding import Mesh
+from ml_collections.config_flags import config_path
 
 from ftsam_jax import parallel, runner
 from ftsam_jax.checkpoint import CheckpointError, wait_for_saves
@@ -80,27 +82,52 @@ def compute_dtype(name: str) -> jnp.dtype:
     return DTYPES[name]
 
 
+# A shorthand flag's tree path ("rho": "defense.ftsam.rho"), or a choice: the flag's value ->
+# the tree paths and values it sets ("ftsam_recipe": {"paper": {"defense.ftsam.schedule": ...}}).
+Alias = str | Mapping[str, Mapping[str, Any]]
+
+
 def config_from_flags(get_config: Callable[[str], ml_collections.ConfigDict],
-                      shorthands: Sequence[str]) -> ml_collections.ConfigDict:
+                      aliases: Sequence[str] | Mapping[str, Alias], *,
+                      paths: Callable[[ml_collections.ConfigDict, str], list[str]] | None = None,
+                      flag_values: flags.FlagValues | None = None) -> ml_collections.ConfigDict:
     """The run's config tree: `--config` (a config file with its `--config.FIELD=VALUE`
-    overrides, `config_flags`) or `get_config(--preset)`, then every flag of `shorthands` that
-    was given on the command line (a flag and the tree's field of the same name)."""
-    FLAGS = flags.FLAGS
-    try:
-        loaded = None if FLAGS.config is None else FLAGS.config.to_dict()
+    overrides, `config_flags`) or `get_config(--preset)`, then every alias flag given on the
+    command line, in the order of `aliases`: a sequence of names (each flag sets the tree's
+    field of the same name) or a mapping flag -> `Alias`. `paths(tree, path)` names the fields
+    an alias path stands for in this tree (default: the path itself). Values are set with
+    `ml_collections.config_flags.config_path.set_value` (list flags joined by commas); a value
+    of the wrong type for its field is an InputError."""
+    FLAGS = flags.FLAGS if flag_values is None else flag_values
+    try:  # a copy that keeps the fields' types (placeholders too)
+        loaded = None if FLAGS.config is None else copy.deepcopy(FLAGS.config)
     except OSError as e:  # config_flags reports a file it could not load on first use
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise InputError(f"cannot load {FLAGS['config'].serialize()}: {lines[-1]}") from None
     if loaded is not None:
         if FLAGS["preset"].present:
             raise InputError("give --preset or --config (whose argument is the preset), not both")
-        cfg = ml_collections.ConfigDict(loaded)
+        cfg = loaded
+        cfg.unlock()
     else:
         cfg = get_config(FLAGS.preset)
-    for name in shorthands:
-        if FLAGS[name].present:
-            value = FLAGS[name].value
-            cfg[name] = ",".join(value) if isinstance(value, list) else value
+    table = aliases if isinstance(aliases, Mapping) else {name: name for name in aliases}
+    for name, alias in table.items():
+        if not FLAGS[name].present:
+            continue
+        value = FLAGS[name].value
+        if isinstance(alias, str):
+            assignments = {alias: ",".join(value) if isinstance(value, list) else value}
+        elif value in alias:
+            assignments = alias[value]
+        else:
+            raise InputError(f"--{name} must be one of {sorted(alias)}, got {value!r}")
+        for path, field_value in assignments.items():
+            for concrete in (paths or (lambda tree, p: [p]))(cfg, path):
+                try:
+                    config_path.set_value(concrete, cfg, field_value)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise InputError(f"--{name}: {e}") from None
     return cfg
 
 
