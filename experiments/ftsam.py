@@ -3,10 +3,14 @@ r"""FT-SAM end to end: data -> backdoored model -> defenses -> the paper's table
     python -m experiments.ftsam --dataset=cifar10 --data_dir=../shared/data/cifar10-subset \
         --attack=blended --preset=cpu --defenses=ft,ftsam --workdir=runs/blended
 
-Every setting is one field of one config tree (`experiments/configs/ftsam.py`, `ml_collections`);
-the flags above are shorthands for its fields, and any field can be set as with the flax
-examples, e.g. `--config=experiments/configs/ftsam.py:cpu --config.defense.ftsam.rho=4`.
-`main` only resolves the tree; `train_and_evaluate(config, workdir)` runs it (tests call it).
+Every setting is one field of one config tree, `experiments/configs/ftsam.py` (`ml_collections`,
+every field spelled out with its preset value). The flags above are aliases of its fields
+(`FLAG_ALIASES`: `--rho` is `--config.defense.ftsam.rho`; `--set=NAME.FIELD=VALUE` is
+`--config.defense.NAME.FIELD=VALUE`), and any field can be set as with the flax examples, e.g.
+`--config=experiments/configs/ftsam.py:cpu --config.defense.ftsam.rho=4`. `main` builds the tree
+from the command line; `train_and_evaluate(config, workdir)` turns it into typed settings once
+(`resolve_settings`: each defense's section into its dataclass, `DefenseSpec.config_cls`) and
+runs it (tests call it).
 
 Stages (each checkpointed with orbax; rerunning the same command resumes, finished stages are
 skipped): (1) poison the training set, (2) train the backdoored model, (3) each defense in
@@ -31,6 +35,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh
 from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 
 from experiments.cli import (
     InputError,
@@ -41,8 +46,14 @@ from experiments.cli import (
     make_mesh,
     run,
 )
-from experiments.configs.ftsam import PRESETS, defense_defaults, get_config
-from experiments.overrides import apply_overrides, settings_from_dict
+from experiments.configs.ftsam import (
+    FTSAM_RECIPES,
+    PRESETS,
+    RUN_KEYS,
+    backdoored_schedule,
+    get_config,
+)
+from experiments.overrides import apply_set_items
 from experiments.workdir import (
     MetricsLog,
     atomic_write,
@@ -54,9 +65,9 @@ from experiments.workdir import (
 from ftsam_jax import metrics, parallel
 from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack
 from ftsam_jax.checkpoint import load_variables, save_variables
-from ftsam_jax.data import check_backdoor_target, load_dataset, normalization_for
+from ftsam_jax.data import Dataset, check_backdoor_target, load_dataset, normalization_for
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
-from ftsam_jax.defenses.finetune import RECIPES
+from ftsam_jax.defenses.base import with_defaults
 from ftsam_jax.fit import FitConfig, fit
 from ftsam_jax.loop import make_evaluator
 from ftsam_jax.models import MODELS, create_model
@@ -65,91 +76,114 @@ from ftsam_jax.runner import StageContext, stage_rng
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(fv: flags.FlagValues = FLAGS, sys_argv: list[str] | None = None) -> None:
     """The command line of `python -m experiments.ftsam` (defined only when it runs as
-    the program, so that modules can be imported side by side, e.g. by tests)."""
-    flags.DEFINE_string("dataset", "cifar10", "TFDS name, 'cifar10'/'cifar100' (official python "
-                        "folder in --data_dir, else TFDS, else download) or 'npz:PATH'.")
-    flags.DEFINE_string("data_dir", None, "Official CIFAR python folder (or its parent), or a TFDS "
-                        "data dir.")
-    flags.DEFINE_string("attack", "badnets", f"One of {sorted(ATTACKS)}.")
-    flags.DEFINE_float("poison_ratio", 0.1, "Share of the training set poisoned, in (0, 1].")
-    flags.DEFINE_integer("target", 0, "Target class of all-to-one attacks.")
-    flags.DEFINE_string("trigger_path", None, "Blended: a picture to blend; lf: a .npy pattern.")
-    flags.DEFINE_string("model", None, f"One of {sorted(MODELS)} (default: the preset's).")
-    flags.DEFINE_integer("width", None, "Model width (default: the preset's).")
-    flags.DEFINE_integer("epochs", None, "Epochs of the backdoored model (default: the preset's).")
-    flags.DEFINE_integer("batch_size", None, "Batch size of the backdoored model.")
-    flags.DEFINE_float("lr", None, "Learning rate of the backdoored model.")
-    flags.DEFINE_integer("seed", 0, "Seed of everything (poisoning, init, order, defenses).")
-    flags.DEFINE_integer("defense_seed", None, "Seed of the defenses only (benign subset, their "
-                         "random streams; default --seed): repeat defenses on one backdoored "
-                         "model.")
-    flags.DEFINE_string("workdir", None, "Output and checkpoint folder (default: "
-                        "runs/<dataset>_<attack>_<preset>_s<seed>).")
-    flags.DEFINE_enum("preset", "paper", ["paper", "cpu", "smoke"],
-                      "paper: the reference recipe (PreActResNet18, SGD 0.01/0.9/5e-4, cosine, "
-                      "100 epochs, batch 128); cpu: width 16, 60 epochs at lr 0.05 (about 20 "
-                      "minutes on 2 CPU cores on the 5k CIFAR slice); smoke: a tiny net, "
-                      "seconds.")
-    flags.DEFINE_list("defenses", [], "Defenses to run after the backdoored stage, e.g. ft,ftsam: "
-                      + "; ".join(f"{n}: {s.summary}" for n, s in sorted(DEFENSES.items())) + ".")
-    flags.DEFINE_float("benign_ratio", 0.05, "Share of the training set the defender holds.")
-    flags.DEFINE_float("rho", None, "FT-SAM neighbourhood radius (default 2).")
-    flags.DEFINE_enum("ftsam_recipe", "reference", ["reference", "paper"],
-                      "reference: BackdoorBench's (label smoothing 0.1, cyclic per-iteration "
-                      "cosine); paper: plain CE, cosine per epoch.")
-    flags.DEFINE_integer("defense_epochs", None, "Override every defense's epochs.")
-    flags.DEFINE_integer("defense_batch_size", None, "Override every defense's batch size.")
-    flags.DEFINE_multi_string("set", [], "A defense setting NAME.FIELD=VALUE (repeatable), e.g. "
-                              "ikd.alpha_adv=0 or ikd.teacher.rho=4; see each defense's config.")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-    flags.DEFINE_integer("eval_every", None, "Evaluate C-Acc/ASR curves every k epochs and "
-                         "after the last (default 5; 1 for smoke). Evaluating 19k test images "
-                         "every epoch would dominate a GPU fine-tuning run.")
-    flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every k epochs.")
-    flags.DEFINE_bool("analysis", False, "Neuron norms / TAC before and after each defense, plots.")
-    flags.DEFINE_bool("progress", True, "Progress bars.")
+    the program, so that modules can be imported side by side, e.g. by tests; `fv` and
+    `sys_argv` for a parse of its own). Unset alias flags leave the config file's value."""
+    string, integer, real, boolean, enum = (
+        functools.partial(define, flag_values=fv) for define in (
+            flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float, flags.DEFINE_bool,
+            flags.DEFINE_enum))
+    string("dataset", None, "TFDS name, 'cifar10'/'cifar100' (official python folder in "
+           "--data_dir, else TFDS, else download) or 'npz:PATH'.")
+    string("data_dir", None, "Official CIFAR python folder (or its parent), or a TFDS data dir.")
+    string("attack", None, f"One of {sorted(ATTACKS)}.")
+    real("poison_ratio", None, "Share of the training set poisoned, in (0, 1].")
+    integer("target", None, "Target class of all-to-one attacks.")
+    string("trigger_path", None, "Blended: a picture to blend; lf: a .npy pattern.")
+    string("model", None, f"One of {sorted(MODELS)}.")
+    integer("width", None, "Model width.")
+    integer("epochs", None, "Epochs of the backdoored model.")
+    integer("batch_size", None, "Batch size of the backdoored model.")
+    real("lr", None, "Learning rate of the backdoored model.")
+    integer("seed", None, "Seed of everything (poisoning, init, order, defenses).")
+    integer("defense_seed", None, "Seed of the defenses only (benign subset, their random "
+            "streams; default --seed): repeat defenses on one backdoored model.")
+    string("workdir", None, "Output and checkpoint folder (default: "
+           "runs/<dataset>_<attack>_<preset>_s<seed>).")
+    enum("preset", "paper", list(PRESETS), "paper: the reference recipe (PreActResNet18, SGD "
+         "0.01/0.9/5e-4, cosine, 100 epochs, batch 128); cpu: width 16, 60 epochs at lr 0.05 "
+         "(about 20 minutes on 2 CPU cores on the 5k CIFAR slice); smoke: a tiny net, seconds.")
+    flags.DEFINE_list("defenses", None, "Defenses to run after the backdoored stage, e.g. "
+                      "ft,ftsam: " + "; ".join(f"{n}: {s.summary}" for n, s in
+                                               sorted(DEFENSES.items())) + ".", flag_values=fv)
+    real("benign_ratio", None, "Share of the training set the defender holds.")
+    real("rho", None, "FT-SAM neighbourhood radius.", lower_bound=0.0)
+    enum("ftsam_recipe", None, list(FTSAM_RECIPES), "reference: BackdoorBench's (label "
+         "smoothing 0.1, cyclic per-iteration cosine); paper: plain CE, cosine per epoch.")
+    integer("defense_epochs", None, "Every selected defense's epochs.", lower_bound=1)
+    integer("defense_batch_size", None, "Every selected defense's batch size.", lower_bound=1)
+    flags.DEFINE_multi_string("set", [], "A defense setting NAME.FIELD=VALUE (repeatable), "
+                              "e.g. ikd.alpha_adv=0 or ikd.teacher.rho=4: an alias of "
+                              "--config.defense.NAME.FIELD=VALUE.", flag_values=fv)
+    enum("dtype", None, ["float32", "bfloat16"], "Compute dtype.")
+    integer("eval_every", None, "Evaluate C-Acc/ASR curves every k epochs and after the last. "
+            "Evaluating 19k test images every epoch would dominate a GPU fine-tuning run.")
+    integer("checkpoint_every", None, "Checkpoint every k epochs.")
+    boolean("analysis", None, "Neuron norms / TAC before and after each defense, plots.")
+    boolean("progress", None, "Progress bars.")
     config_flags.DEFINE_config_file(
         "config", None, "A config file of the whole run, e.g. experiments/configs/ftsam.py:cpu "
-        "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
+        "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True,
+        flag_values=fv, sys_argv=sys_argv)
+    for name, alias in FLAG_ALIASES.items():
+        fv[name].help += f" [{alias_note(alias)}]"
 
-# Flags that are shorthands for top-level fields of the config tree (applied when given).
-SHORTHANDS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
-              "width", "epochs", "batch_size", "lr", "seed", "defense_seed", "benign_ratio",
-              "dtype", "eval_every", "checkpoint_every", "analysis", "progress", "defenses")
-# BackdoorBench trains WaNet and Input-aware with a MultiStepLR whose milestones (100..400)
-# never fire in 100 epochs: a constant learning rate. The paper preset keeps that.
-CONSTANT_LR_ATTACKS = ("wanet", "input_aware")
-# Config fields added to a defense after workdirs existed, with the value that reproduces what
-# ran before: a stored record without such a field is compared as if it had that value (so old
-# runs resume when the new field's default is the old behaviour, and are refused when it is not).
-# FT's, FT-SAM's and FP's configs became FitConfigs (their fields were copies of it), which
-# added the fields they had fixed: augment, drop_last (and for FP SAM's and label smoothing's).
-_FIT_FIELDS = {"augment": True, "drop_last": False}
-ADDED_DEFENSE_FIELDS: dict[str, dict[str, Any]] = {
-    "anp": {"selection": "threshold", "sweep_max": 0.9, "sweep_step": 0.05, "acc_ratio": 0.1},
-    "fp": {"keep": "last_within", **_FIT_FIELDS, "label_smoothing": 0.0, "sam": False,
-           "rho": 2.0, "adaptive": True, "eta": 0.0, "group_size": None},
-    "ibau": {"delta_space": "pixel"},
-    "ft": _FIT_FIELDS,
-    "ftsam": _FIT_FIELDS,
-    "ikd": {"teacher": _FIT_FIELDS},
+
+def alias_note(alias: Any) -> str:
+    """What an alias flag sets, and the config file's values, for --help."""
+    if not isinstance(alias, str):
+        paths = sorted({path for fields in alias.values() for path in fields})
+        return "sets --config." + ", --config.".join(paths)
+    if "*" in alias:
+        return f"--config.{alias.replace('*', 'NAME')} of each selected defense NAME"
+    values = {p: config_path.get_value(alias, get_config(p)) for p in PRESETS}
+    shown = (repr(values["paper"]) if len(set(map(repr, values.values()))) == 1
+             else ", ".join(f"{v!r} ({p})" for p, v in values.items()))
+    return f"--config.{alias}; config file: {shown}"
+
+
+# Every shorthand flag -> the config-tree field it sets, applied in this order when given
+# (after `--config.` overrides; `--set` items after them). `defense.NAME.FIELD` applies when NAME
+# is in `defenses` (`alias_paths`); `defense.*.FIELD`: every selected defense with that field.
+# `ftsam_recipe` is a choice: its value sets the recipe's fields (FTSAM_RECIPES).
+FLAG_ALIASES: dict[str, Any] = {
+    **{name: name for name in (
+        "dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
+        "width", "epochs", "batch_size", "lr", "seed", "defense_seed", "benign_ratio", "dtype",
+        "eval_every", "checkpoint_every", "analysis", "progress", "defenses")},
+    "ftsam_recipe": {recipe: {f"defense.ftsam.{k}": v for k, v in fields.items()}
+                     for recipe, fields in FTSAM_RECIPES.items()},
+    "rho": "defense.ftsam.rho",
+    "defense_epochs": "defense.*.epochs",
+    "defense_batch_size": "defense.*.batch_size",
 }
-# Settings a defense fixes or derives itself: `--set` may not change them (it would be dropped).
-FIXED_DEFENSE_FIELDS: dict[str, dict[str, str]] = {
-    "ft": {"sam": "FT is plain fine-tuning; the ftsam defense is FT with SAM"},
-    "ftsam": {"sam": "FT-SAM always uses SAM; the ft defense is FT without it"},
-    "ikd": {"teacher.sam": "the teacher's SAM is ikd.teacher_sam",
-            "teacher.batch_size": "the teacher's batch size is ikd.batch_size"},
-}
-# Settings whose change makes a workdir's checkpoints and results meaningless.
-RUN_KEYS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
-            "width", "epochs", "batch_size", "lr", "seed", "preset", "dtype", "schedule")
+
+
+def alias_paths(tree: ml_collections.ConfigDict, path: str) -> list[str]:
+    """The tree fields an alias path stands for: `defense.NAME.FIELD` only when NAME is in
+    `defenses` (a shorthand never changes a defense that does not run, so a flag of
+    `experiments.table` suits every cell); `defense.*.FIELD`: each selected defense with FIELD."""
+    head, _, rest = path.partition(".")
+    if head != "defense":
+        return [path]
+    name, _, field = rest.partition(".")
+    selected = [n for n in comma_list(tree.defenses) if n in tree.defense]
+    if name == "*":
+        return [f"defense.{n}.{field}" for n in selected if field in tree.defense[n]]
+    return [path] if name in selected else []
+
+
+def config_tree(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
+    """The run's config tree from the command line: the config file (`--config`, or the one of
+    `--preset`) with its `--config.` overrides, the alias flags, then the `--set` items."""
+    tree = config_from_flags(get_config, FLAG_ALIASES, paths=alias_paths, flag_values=fv)
+    apply_set_items(tree, fv.set)
+    return tree
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings
+# Settings: the tree, validated and turned into typed settings once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,39 +195,19 @@ class Settings:
     eval_every: int
 
 
-def run_config() -> ml_collections.ConfigDict:
-    """The run's config tree (`cli.config_from_flags`) with the defense shorthands
-    (`--ftsam_recipe`, `--defense_epochs`, `--defense_batch_size`, `--rho`) applied."""
-    bs = FLAGS.defense_batch_size
-    if bs is not None and bs < 1:
-        raise InputError(f"--defense_batch_size must be >= 1, got {bs}")
-    if FLAGS.defense_epochs is not None and FLAGS.defense_epochs < 1:
-        raise InputError("--defense_epochs must be >= 1")
-    if FLAGS.rho is not None and FLAGS.rho < 0:
-        raise InputError("--rho must be >= 0")
-    cfg = config_from_flags(get_config, SHORTHANDS)
-    selected = comma_list(cfg.defenses)
-    preset_defaults = defense_defaults(cfg.preset)
-    if FLAGS["ftsam_recipe"].present:
-        if cfg.defense.ftsam.to_dict() != preset_defaults["ftsam"]:
-            raise InputError("--ftsam_recipe replaces defense.ftsam: do not also change its fields")
-        cfg.defense.ftsam = defense_defaults(cfg.preset, FLAGS.ftsam_recipe)["ftsam"]
-    for name in selected:
-        if name not in cfg.defense:
-            continue  # an unknown defense: reported by resolve_settings
-        fields = cfg.defense[name]
-        for flag, field in (("defense_epochs", "epochs"), ("defense_batch_size", "batch_size")):
-            if FLAGS[flag].value is not None and field in fields:
-                fields[field] = FLAGS[flag].value
-        if name == "ftsam" and FLAGS.rho is not None:
-            fields.rho = FLAGS.rho
-    return cfg
+def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
+    """The config tree -> typed settings (the tree is not modified); raises InputError for
+    anything invalid, including a changed setting that nothing would use."""
+    check_run_fields(cfg, num_devices)
+    names = selected_defenses(cfg)
+    return Settings(run=run_record(cfg), benign_ratio=cfg.benign_ratio, defenses=tuple(names),
+                    defense_configs=defense_settings(cfg, names, num_devices),
+                    eval_every=cfg.eval_every)
 
 
-def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int, set_items: list[str]
-                     ) -> Settings:
-    """The config tree (+ `--set` items) -> settings; raises InputError for anything invalid,
-    including a changed setting that nothing would use."""
+def check_run_fields(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    """InputError for a run-level field (data, attack, the backdoored model, logging) out of
+    its range."""
     if cfg.preset not in PRESETS:
         raise InputError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
     if cfg.attack not in ATTACKS:
@@ -216,58 +230,82 @@ def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int, set_items
     if cfg.eval_every < 1:
         raise InputError("--eval_every must be >= 1")
     compute_dtype(cfg.dtype)
+
+
+def selected_defenses(cfg: ml_collections.ConfigDict) -> list[str]:
     names = comma_list(cfg.defenses)
     unknown = [d for d in names if d not in DEFENSES]
     if unknown:
         raise InputError(f"unknown defenses {unknown}; choose from {sorted(DEFENSES)}")
     if len(set(names)) != len(names):
         raise InputError("--defenses lists a defense twice")
-    schedule = "cosine_epoch"
-    if cfg.preset == "paper" and cfg.attack in CONSTANT_LR_ATTACKS:
-        schedule = "constant"
-    run_cfg = {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "attack": cfg.attack,
-               "poison_ratio": cfg.poison_ratio, "target": cfg.target,
-               "trigger_path": cfg.trigger_path, "model": cfg.model, "width": cfg.width,
-               "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-               "seed": cfg.seed, "preset": cfg.preset, "dtype": cfg.dtype, "schedule": schedule}
+    return names
 
-    # Each defense's settings: the tree's, then --set; a change to a defense that does not run,
-    # or to a setting the defense fixes itself, is refused (it would be dropped).
-    recipe = cfg.defense.ftsam.get("recipe", "reference")
-    if recipe not in RECIPES:
-        raise InputError(f"defense.ftsam.recipe must be one of {RECIPES}, got {recipe!r}")
-    defaults = defense_defaults(cfg.preset, recipe)
-    if set(cfg.defense) != set(defaults):
-        extra = sorted(set(cfg.defense) - set(defaults))
-        raise InputError(f"config defense.{extra[0]}: no such defense; defenses: "
-                         f"{sorted(defaults)}")
-    for name, values in cfg.defense.items():
-        if name not in names and values.to_dict() != defaults[name]:
-            raise InputError(f"config defense.{name} is changed but {name} is not in "
-                             f"--defenses ({', '.join(names) or 'none'})")
-    defense_configs = {}
-    for name in names:
-        spec = DEFENSES[name]
-        template = (spec.default_config(cfg.preset, recipe) if name == "ftsam"
-                    else spec.default_config(cfg.preset))
-        try:
-            defense_configs[name] = settings_from_dict(template, cfg.defense[name].to_dict())
-        except (TypeError, ValueError) as e:
-            raise InputError(f"config defense.{name}: {e}") from None
-    defense_configs = apply_overrides(defense_configs, set_items)
-    for name, fixed in FIXED_DEFENSE_FIELDS.items():
-        for path, reason in fixed.items() if name in defense_configs else ():
-            get = lambda tree, path=path: functools.reduce(
-                lambda t, k: t[k], path.split("."), tree)
-            if get(dataclasses.asdict(defense_configs[name])) != get(defaults[name]):
-                raise InputError(f"{name}.{path} cannot be changed ({reason})")
-    for name, dcfg in defense_configs.items():
-        bs = getattr(dcfg, "batch_size", None)
+
+def run_record(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """config.json's "run": the backdoored model's settings (`RUN_KEYS` guard a workdir)."""
+    return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "attack": cfg.attack,
+            "poison_ratio": cfg.poison_ratio, "target": cfg.target,
+            "trigger_path": cfg.trigger_path, "model": cfg.model, "width": cfg.width,
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "seed": cfg.seed, "preset": cfg.preset, "dtype": cfg.dtype,
+            "schedule": backdoored_schedule(cfg.preset, cfg.attack)}
+
+
+def defense_settings(cfg: ml_collections.ConfigDict, names: list[str], num_devices: int
+                     ) -> dict[str, Any]:
+    """Each selected defense's settings (its dataclass, from the tree's `defense.NAME`); a
+    changed section of a defense that does not run is refused (it would be dropped)."""
+    unknown = sorted(set(cfg.defense) - set(DEFENSES))
+    if unknown:
+        raise InputError(f"config defense.{unknown[0]}: no such defense; defenses: "
+                         f"{sorted(DEFENSES)}")
+    missing = [name for name in names if name not in cfg.defense]
+    if missing:
+        raise InputError(f"config has no defense.{missing[0]} section")
+    configs = {}
+    for name, section in cfg.defense.items():
+        config = defense_config(name, section.to_dict(), cfg.preset, name in names)
+        if name not in names:
+            continue
+        bs = getattr(config, "batch_size", None)
         if bs is not None and bs % num_devices:
             raise InputError(f"defense {name}: batch size {bs} is not divisible by the number "
                              f"of devices ({num_devices}); set --defense_batch_size")
-        cfg.defense[name] = dataclasses.asdict(dcfg)  # the resolved tree says what runs
-    return Settings(run_cfg, cfg.benign_ratio, tuple(names), defense_configs, cfg.eval_every)
+        configs[name] = config
+    return {name: configs[name] for name in names}
+
+
+def defense_config(name: str, values: dict[str, Any], preset: str, selected: bool) -> Any:
+    """The settings of the tree's section `defense.NAME` (`DefenseSpec.config_from_dict`),
+    checked against the preset's (`DefenseSpec.preset_config`): a defense that does not run
+    must keep them, one that runs may not change what it fixes itself (`DefenseSpec.fixed`).
+    None when not selected."""
+    spec = DEFENSES[name]
+    try:
+        variant = values.get(spec.variant_field) if spec.variant_field else None
+        reference = spec.preset_config(preset, variant)
+    except ValueError as e:
+        raise InputError(f"config defense.{name}.{e}") from None
+    if not selected:
+        if values != dataclasses.asdict(reference):
+            raise InputError(f"config defense.{name} is changed but {name} is not in "
+                             "--defenses")
+        return None
+    try:
+        config = spec.config_from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"config defense.{name}: {e}") from None
+    changed = spec.changed_fixed_fields(config, reference)
+    if changed:
+        raise InputError(f"{name}.{changed[0]} cannot be changed ({spec.fixed[changed[0]]})")
+    return config
+
+
+def config_json(cfg: ml_collections.ConfigDict, settings: Settings) -> str:
+    """config.json: "run" guards resume (`RUN_KEYS`); "config" is the whole tree, as run."""
+    return json.dumps({"run": settings.run, "config": json.loads(cfg.to_json(sort_keys=True))},
+                      indent=2) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,13 +317,24 @@ def defense_record(cfg: Any, benign_ratio: float, defense_seed: int) -> dict[str
     return {"benign_ratio": benign_ratio, "defense_seed": defense_seed, **dataclasses.asdict(cfg)}
 
 
-def with_defaults(record: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """`record` with every key of `defaults` it lacks, nested records included."""
-    out = {**defaults, **record}
-    for key, value in defaults.items():
-        if isinstance(value, dict) and isinstance(record.get(key), dict):
-            out[key] = with_defaults(record[key], value)
-    return out
+def check_defense_record(workdir: Path, results: dict[str, Any], name: str,
+                         record: dict[str, Any], seed: int) -> None:
+    """A defense's checkpoints and result belong to its settings: InputError when the stored
+    record (results.json's, else its checkpoints' marker) differs from `record`. A record
+    written before a field existed is completed first (`DefenseSpec.complete_record`; before
+    --defense_seed existed, the defenses ran with the run's seed)."""
+    marker = workdir / "checkpoints" / f"{name}.settings.json"
+    previous = results["defenses"].get(name, {}).get("config")
+    if previous is None and marker.is_file():
+        previous = json.loads(marker.read_text())
+    if previous is None:
+        return
+    previous = DEFENSES[name].complete_record(with_defaults(previous, {"defense_seed": seed}))
+    if previous != record:
+        changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in record.items()
+                            if previous.get(k) != v)
+        raise InputError(f"defense {name} in {workdir} was run with other settings "
+                         f"({changed}); use another --workdir")
 
 
 def write_results(workdir: Path, results: dict[str, Any]) -> None:
@@ -321,29 +370,52 @@ def results_table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    mesh = make_mesh()
-    cfg = run_config()
-    workdir = Path(FLAGS.workdir or f"runs/{cfg.dataset.replace('/', '_').replace(':', '_')}"
-                   f"_{cfg.attack}_{cfg.preset}_s{cfg.seed}")
-    train_and_evaluate(cfg, workdir, mesh=mesh, set_items=FLAGS.set)
+    mesh = make_mesh()  # joins a multi-process launch first
+    config = config_tree()
+    workdir = Path(FLAGS.workdir or default_workdir(config))
+    results = train_and_evaluate(config, workdir, mesh=mesh)
+    print_summary(results, workdir)
+
+
+def default_workdir(cfg: ml_collections.ConfigDict) -> str:
+    dataset = cfg.dataset.replace("/", "_").replace(":", "_")
+    return f"runs/{dataset}_{cfg.attack}_{cfg.preset}_s{cfg.seed}"
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
-                       mesh: Mesh | None = None, set_items: list[str] | None = None
-                       ) -> dict[str, Any]:
+                       mesh: Mesh | None = None) -> dict[str, Any]:
     """Runs (or resumes) the config tree's run in `workdir`: poisoning, the backdoored model,
     each defense, the metrics; returns results.json's content. Bad settings raise InputError
-    before anything is written."""
-    workdir = Path(workdir)
-    mesh = mesh or parallel.make_mesh()
-    n_dev = mesh.devices.size
-    cfg = ml_collections.ConfigDict(cfg.to_dict())  # the caller's tree is not modified
-    settings = resolve_settings(cfg, n_dev, list(set_items or []))
-    run_cfg = settings.run
-    check_workdir(workdir, run_cfg, RUN_KEYS)
+    before anything is written; the tree is not modified."""
+    workdir, mesh = Path(workdir), mesh or parallel.make_mesh()
+    settings = resolve_settings(cfg, mesh.devices.size)
+    check_workdir(workdir, settings.run, RUN_KEYS)
+    ds, attack, model = load_inputs(cfg, settings)
 
+    # Everything is valid: from here on the workdir is ours.
+    lock_workdir(workdir)  # a second run on this workdir is refused
+    summary = {**settings.run, "benign_ratio": settings.benign_ratio,
+               "num_train": int(len(ds.y_train)), "num_test": int(len(ds.y_test)),
+               "attack_config": attack.config(), "devices": mesh.devices.size,
+               "device_kind": jax.devices()[0].device_kind}
+    atomic_write(workdir / "config.json", config_json(cfg, settings))
+    ctx = StageContext(mesh=mesh, seed=cfg.seed, workdir=workdir, progress=cfg.progress,
+                       checkpoint_every=cfg.checkpoint_every,
+                       log=MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard"),
+                       eval_every=settings.eval_every)
+    bd, bd_vars, results = backdoored_stage(cfg, settings, ds, attack, model, summary, ctx)
+    defense_seed = cfg.seed if cfg.defense_seed is None else cfg.defense_seed
+    for name in settings.defenses:
+        defense_stage(name, settings, ds, model, bd_vars, results, ctx, defense_seed)
+    if cfg.analysis and jax.process_index() == 0:
+        analysis_stage(model, attack, bd, bd_vars, settings.defenses, workdir)
+    return results
+
+
+def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dataset, Any, Any]:
+    """The data set, the attack and the model; InputError for settings the data refutes."""
     ds = load_dataset(cfg.dataset, cfg.data_dir)
-    check_batch_fits(run_cfg["batch_size"], len(ds.y_train))
+    check_batch_fits(cfg.batch_size, len(ds.y_train))
     if not 0 <= cfg.target < ds.num_classes:
         raise InputError(f"--target {cfg.target} is outside [0, {ds.num_classes})")
     if not ATTACKS[cfg.attack].always_all_to_all:  # ASR needs test images of other classes
@@ -360,42 +432,31 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     except ValueError as e:
         raise InputError(e) from None
     mean, std = normalization_for(ds)
-    dtype = compute_dtype(cfg.dtype)
-    model = create_model(run_cfg["model"], ds.num_classes, width=run_cfg["width"], mean=mean,
-                         std=std, dtype=dtype)
+    model = create_model(cfg.model, ds.num_classes, width=cfg.width, mean=mean, std=std,
+                         dtype=compute_dtype(cfg.dtype))
+    return ds, attack, model
 
-    # Everything is valid: from here on the workdir is ours.
-    lock_workdir(workdir)  # a second run on this workdir is refused
-    config = {**run_cfg, "benign_ratio": settings.benign_ratio,
-              "num_train": int(len(ds.y_train)), "num_test": int(len(ds.y_test)),
-              "attack_config": attack.config(), "devices": n_dev,
-              "device_kind": jax.devices()[0].device_kind}
-    # "run" guards resume (RUN_KEYS); "config" is the whole resolved tree.
-    atomic_write(workdir / "config.json", json.dumps(
-        {"run": run_cfg, "config": json.loads(cfg.to_json())}, indent=2) + "\n")
-    log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
-    ctx = StageContext(mesh=mesh, seed=cfg.seed, workdir=workdir, progress=cfg.progress,
-                       checkpoint_every=cfg.checkpoint_every, log=log,
-                       eval_every=settings.eval_every)
+
+def backdoored_stage(cfg: ml_collections.ConfigDict, settings: Settings, ds: Dataset,
+                     attack: Any, model: Any, summary: dict[str, Any], ctx: StageContext
+                     ) -> tuple[BackdoorData, Any, dict[str, Any]]:
+    """(1) Poisoning (and attacks that prepare triggers from data), (2) the backdoored model,
+    trained, resumed or (finished earlier) loaded; sets `ctx.evaluate`. Returns the poisoned
+    data, the backdoored variables and results.json's content (with its row)."""
+    run_cfg, workdir = settings.run, Path(ctx.workdir)
     fit_cfg = FitConfig(epochs=run_cfg["epochs"], batch_size=run_cfg["batch_size"],
                         lr=run_cfg["lr"], schedule=run_cfg["schedule"], drop_last=True)
-
-    # (1) Poisoning (and attacks that prepare triggers from data).
     t0 = start_timer(ctx)
     if attack.needs_fit:
         attack.fit(ds=ds, model=model, fit_config=fit_cfg, ratio=cfg.poison_ratio, ctx=ctx,
                    rng=stage_rng(cfg.seed, "attack"))
     bd = build_backdoor_data(ds, attack, cfg.poison_ratio, cfg.seed)
-    config["num_poisoned"] = bd.num_poisoned if bd.train_transform is None else None
-    evaluate = make_backdoor_evaluator(model, bd, mesh)
-    ctx.evaluate = evaluate
-
+    summary["num_poisoned"] = bd.num_poisoned if bd.train_transform is None else None
+    evaluate = ctx.evaluate = make_backdoor_evaluator(model, bd, ctx.mesh)
     results_path = workdir / "results.json"
-    results: dict[str, Any] = {}
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
-    # (2) The backdoored model (Input-aware trains it inside `attack.fit`, timed from there).
+    # Input-aware trains the backdoored model inside `attack.fit`, timed from there.
     if attack.trained_variables is None:
         t0 = start_timer(ctx)
     bd_path = workdir / "models" / "backdoored"
@@ -414,63 +475,51 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
         save_variables(bd_path, bd_vars)
     if "backdoored" not in results:
         results = {"dataset": ds.name, "attack": cfg.attack, "model": run_cfg["model"],
-                   "config": config,
-                   "backdoored": {**evaluate(bd_vars),
-                                  "seconds": elapsed(t0, ctx)},
+                   "config": summary,
+                   "backdoored": {**evaluate(bd_vars), "seconds": elapsed(t0, ctx)},
                    "defenses": {}}
         write_results(workdir, results)
+    return bd, bd_vars, results
 
-    # (3) Defenses, each from the backdoored weights, with its own random stream.
-    defense_seed = cfg.seed if cfg.defense_seed is None else cfg.defense_seed
-    for name in settings.defenses:
-        spec, dcfg = DEFENSES[name], settings.defense_configs[name]
-        record = json.loads(json.dumps(defense_record(dcfg, settings.benign_ratio,
-                                                      defense_seed)))
-        # A defense's checkpoints and result belong to its settings: refuse to mix.
-        marker = workdir / "checkpoints" / f"{name}.settings.json"
-        previous = results["defenses"].get(name, {}).get("config")
-        if previous is None and marker.is_file():
-            previous = json.loads(marker.read_text())
-        if previous is not None:  # records written before --defense_seed (or a field) existed
-            previous = with_defaults(previous, {"defense_seed": cfg.seed,
-                                                **ADDED_DEFENSE_FIELDS.get(name, {})})
-        if previous is not None and previous != record:
-            changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in record.items()
-                                if previous.get(k) != v)
-            raise InputError(f"defense {name} in {workdir} was run with other settings "
-                             f"({changed}); use another --workdir")
-        if name in results["defenses"]:
-            continue
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(marker, json.dumps(record) + "\n")
-        rng = stage_rng(defense_seed, f"defense/{name}")
-        benign_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
-        idx = select_benign(ds.y_train, settings.benign_ratio, benign_rng, spec.balanced)
-        if not spec.uses_data:  # data-free (CLP): no image, only the input shape
-            idx = idx[:0]
-        benign = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)
-        t0 = start_timer(ctx)
-        variables = spec.run(model, bd_vars, benign, dcfg, rng, ctx)
-        save_variables(workdir / "models" / name, variables)
-        r = evaluate(variables)
-        r["der"] = metrics.der(results["backdoored"], r)
-        r.update(seconds=elapsed(t0, ctx), benign_examples=int(len(idx)),
-                 config=record)
-        results["defenses"][name] = r
-        write_results(workdir, results)
 
-    # (4) Analysis: neuron norms and TAC of the last conv layer, before and after each defense.
-    if cfg.analysis and jax.process_index() == 0:
-        from ftsam_jax.analysis import run_analysis
+def defense_stage(name: str, settings: Settings, ds: Dataset, model: Any, bd_vars: Any,
+                  results: dict[str, Any], ctx: StageContext, defense_seed: int) -> None:
+    """(3) One defense from the backdoored weights, with its own random stream (from the
+    defense seed and its name); skipped when finished earlier. Adds its row to `results`."""
+    spec, dcfg, workdir = DEFENSES[name], settings.defense_configs[name], Path(ctx.workdir)
+    record = json.loads(json.dumps(defense_record(dcfg, settings.benign_ratio, defense_seed)))
+    check_defense_record(workdir, results, name, record, ctx.seed)
+    if name in results["defenses"]:
+        return
+    marker = workdir / "checkpoints" / f"{name}.settings.json"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(marker, json.dumps(record) + "\n")
+    rng = stage_rng(defense_seed, f"defense/{name}")
+    benign_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
+    idx = select_benign(ds.y_train, settings.benign_ratio, benign_rng, spec.balanced)
+    if not spec.uses_data:  # data-free (CLP): no image, only the input shape
+        idx = idx[:0]
+    benign = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)
+    t0 = start_timer(ctx)
+    variables = spec.run(model, bd_vars, benign, dcfg, rng, ctx)
+    save_variables(workdir / "models" / name, variables)
+    r = ctx.evaluate(variables)
+    r["der"] = metrics.der(results["backdoored"], r)
+    r.update(seconds=elapsed(t0, ctx), benign_examples=int(len(idx)), config=record)
+    results["defenses"][name] = r
+    write_results(workdir, results)
 
-        models = {"backdoored": bd_vars}
-        models.update({name: load_variables(workdir / "models" / name, bd_vars)
-                       for name in settings.defenses})
-        mask = attack.test_mask(bd.y_test)
-        run_analysis(model, models, bd.x_test[mask], bd.x_bd, workdir)
 
-    print_summary(results, workdir)
-    return results
+def analysis_stage(model: Any, attack: Any, bd: BackdoorData, bd_vars: Any,
+                   defenses: tuple[str, ...], workdir: Path) -> None:
+    """(4) Neuron norms and TAC of the last conv layer, before and after each defense."""
+    from ftsam_jax.analysis import run_analysis
+
+    models = {"backdoored": bd_vars}
+    models.update({name: load_variables(workdir / "models" / name, bd_vars)
+                   for name in defenses})
+    mask = attack.test_mask(bd.y_test)
+    run_analysis(model, models, bd.x_test[mask], bd.x_bd, workdir)
 
 
 def make_backdoor_evaluator(model: Any, bd: BackdoorData, mesh: Any):

@@ -1,5 +1,6 @@
 """A defense's stored settings record guards its resume: records written by earlier versions
-(the committed `results/table_cpu` cells) still match the settings they ran with."""
+(the committed `results/table_cpu` cells) still match the settings they ran with, once
+completed by the defense's own rule (`DefenseSpec.added_fields`)."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 
 from experiments import ftsam
 from ftsam_jax.defenses import DEFENSES, ftsam_config
+from ftsam_jax.defenses.base import with_defaults
 from tests.conftest import ROOT
 
 TABLE = ROOT / "results" / "table_cpu"
@@ -23,16 +25,27 @@ def test_committed_records_match_todays_settings(where, name, stored):
     cfg = DEFENSES[name].default_config("cpu")
     today = json.loads(json.dumps(ftsam.defense_record(cfg, stored["benign_ratio"],
                                                        stored["defense_seed"])))
-    completed = ftsam.with_defaults(stored, ftsam.ADDED_DEFENSE_FIELDS.get(name, {}))
-    assert completed == today, where
+    assert DEFENSES[name].complete_record(stored) == today, where
+
+
+@pytest.mark.parametrize("where,name,stored", list(_stored_records())[:3])
+def test_committed_records_pass_the_resume_guard(where, name, stored, tmp_path):
+    cfg = DEFENSES[name].default_config("cpu")
+    record = json.loads(json.dumps(ftsam.defense_record(cfg, stored["benign_ratio"],
+                                                        stored["defense_seed"])))
+    results = {"defenses": {name: {"config": stored}}}
+    ftsam.check_defense_record(tmp_path, results, name, record, stored["defense_seed"])
 
 
 def test_with_defaults_fills_nested_records_and_keeps_what_is_there():
     old = {"epochs": 3, "teacher": {"rho": 4.0}}
-    out = ftsam.with_defaults(old, {"epochs": 9, "sam": False,
-                                    "teacher": {"augment": True, "rho": 2.0}})
+    out = with_defaults(old, {"epochs": 9, "sam": False,
+                              "teacher": {"augment": True, "rho": 2.0}})
     assert out == {"epochs": 3, "sam": False, "teacher": {"rho": 4.0, "augment": True}}
     # A changed setting still differs after completion (the guard refuses it).
     changed = dict(ftsam.defense_record(ftsam_config("cpu"), 0.05, 0), rho=3.0)
     record = ftsam.defense_record(ftsam_config("cpu"), 0.05, 0)
-    assert ftsam.with_defaults(changed, ftsam.ADDED_DEFENSE_FIELDS["ftsam"]) != record
+    assert DEFENSES["ftsam"].complete_record(changed) != record
+    with pytest.raises(ftsam.InputError, match=r"rho: 3.0 -> 2.0"):
+        ftsam.check_defense_record(ROOT, {"defenses": {"ftsam": {"config": changed}}}, "ftsam",
+                                   record, 0)

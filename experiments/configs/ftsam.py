@@ -8,42 +8,49 @@ Presets: `paper` (the reference recipe: PreAct-ResNet18, SGD 0.01/0.9/5e-4, cosi
 batch 128), `cpu` (width 16, 60 epochs at lr 0.05: about 20 minutes on 2 CPU cores on the 5k
 CIFAR slice), `smoke` (a tiny net, seconds). The top level is the run (data, attack, the
 backdoored model's training, the defenders' share of data, logging); `defense.<name>` holds every
-defense's settings with its preset defaults (`ftsam_jax.defenses.<name>`), used when `<name>` is
-in `defenses`. The old flags (`--preset`, `--attack`, `--lr`, `--set=ikd.alpha_adv=0`, ...)
-are shorthands for the same fields.
+defense's settings with their preset values, used when `<name>` is in `defenses`.
+
+This file is the settings: every field is spelled out here with its value in each preset. The
+defense sections are the values of `ftsam_jax.defenses.<name>`'s settings dataclass (its schema;
+`DEFENSES[name].default_config(preset)` gives the same values, tests/test_ftsam_config.py keeps
+the two equal). The flags of `experiments.ftsam` (`--attack`, `--rho`, `--set=ikd.alpha_adv=0`,
+...) are aliases of fields of this tree (`experiments.ftsam.FLAG_ALIASES`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 from ml_collections import config_dict
 
-from ftsam_jax.defenses import DEFENSES
+PRESETS = ("paper", "cpu", "smoke")
 
-PRESETS = {
-    "paper": dict(model="preactresnet18", width=64, epochs=100, batch_size=128, lr=0.01,
-                  eval_every=5),
-    "cpu": dict(model="preactresnet18", width=16, epochs=60, batch_size=128, lr=0.05,
-                eval_every=5),
-    "smoke": dict(model="tiny_cnn", width=8, epochs=2, batch_size=64, lr=0.05, eval_every=1),
+# Settings whose change makes a workdir's checkpoints and results meaningless (config.json's
+# "run": the backdoored model's settings; a rerun with other values is refused).
+RUN_KEYS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
+            "width", "epochs", "batch_size", "lr", "seed", "preset", "dtype", "schedule")
+
+# BackdoorBench trains WaNet and Input-aware with a MultiStepLR whose milestones (100..400)
+# never fire in 100 epochs: a constant learning rate. The paper preset keeps that; everything
+# else trains the backdoored model with a cosine per epoch (the run's `schedule`).
+CONSTANT_LR_ATTACKS = ("wanet", "input_aware")
+
+# FT-SAM's two recipes: the fields of `defense.ftsam` in which they differ (`--ftsam_recipe`;
+# `reference` is the presets' own). The same table as `ftsam_jax.defenses.finetune.RECIPES`.
+FTSAM_RECIPES = {
+    "reference": {"recipe": "reference", "label_smoothing": 0.1, "schedule": "cosine_iter"},
+    "paper": {"recipe": "paper", "label_smoothing": 0.0, "schedule": "cosine_epoch"},
 }
 
 
-def defense_defaults(preset: str, ftsam_recipe: str = "reference") -> dict[str, dict]:
-    """Every registered defense's settings for `preset`, as plain nested dicts."""
-    out = {}
-    for name, spec in sorted(DEFENSES.items()):
-        cfg = (spec.default_config(preset, ftsam_recipe) if name == "ftsam"
-               else spec.default_config(preset))
-        out[name] = dataclasses.asdict(cfg)
-    return out
+def backdoored_schedule(preset: str, attack: str) -> str:
+    """The backdoored model's learning-rate schedule (`CONSTANT_LR_ATTACKS`)."""
+    return "constant" if preset == "paper" and attack in CONSTANT_LR_ATTACKS else "cosine_epoch"
 
 
 def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    smoke, cpu = preset == "smoke", preset == "cpu"
     c = ml_collections.ConfigDict()
     c.preset = preset
     # Data and attack.
@@ -53,21 +60,84 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     c.poison_ratio = 0.1
     c.target = 0
     c.trigger_path = config_dict.placeholder(str)
-    # The backdoored model and its training (SGD 0.9 / 5e-4, cosine per epoch; WaNet and
-    # Input-aware at a constant rate in the paper preset, as BackdoorBench).
-    p = PRESETS[preset]
-    c.model, c.width = p["model"], p["width"]
-    c.epochs, c.batch_size, c.lr = p["epochs"], p["batch_size"], p["lr"]
+    # The backdoored model and its training (SGD 0.9 / 5e-4, `backdoored_schedule`).
+    c.model = "tiny_cnn" if smoke else "preactresnet18"
+    c.width = 8 if smoke else 16 if cpu else 64
+    c.epochs = 2 if smoke else 60 if cpu else 100
+    c.batch_size = 64 if smoke else 128
+    c.lr = 0.01 if preset == "paper" else 0.05
     c.dtype = "float32"
     c.seed = 0
-    # The defenders: which defenses, their share of the training set, their seed.
+    # The defenders: which defenses, their share of the training set, their seed (None: seed).
     c.defenses = ""
     c.benign_ratio = 0.05
     c.defense_seed = config_dict.placeholder(int)
-    c.defense = defense_defaults(preset)
+    c.defense = defense_settings(preset)
     # Logging and checkpoints.
-    c.eval_every = p["eval_every"]
+    c.eval_every = 1 if smoke else 5
     c.checkpoint_every = 1
     c.analysis = False
     c.progress = True
     return c
+
+
+def defense_settings(preset: str) -> ml_collections.ConfigDict:
+    """Every defense's settings (`ftsam_jax.defenses`): `cpu` runs `paper`'s except ANP's
+    shorter mask optimisation; `smoke` shortens every training."""
+    smoke, cpu = preset == "smoke", preset == "cpu"
+    d = ml_collections.ConfigDict()
+    # FT (finetune.py): BackdoorBench's fine-tuning, plain CE, cosine per epoch.
+    d.ft = dict(
+        epochs=2 if smoke else 100, batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4,
+        schedule="cosine_epoch", t_max=100, label_smoothing=0.0, sam=False, rho=2.0,
+        adaptive=True, eta=0.0, group_size=config_dict.placeholder(int), augment=True,
+        drop_last=False, recipe="reference")
+    # FT-SAM (finetune.py): FT with adaptive SAM; the `reference` recipe (FTSAM_RECIPES).
+    d.ftsam = dict(
+        epochs=2 if smoke else 100, batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4,
+        schedule="cosine_iter", t_max=100, label_smoothing=0.1, sam=True, rho=2.0,
+        adaptive=True, eta=0.0, group_size=config_dict.placeholder(int), augment=True,
+        drop_last=False, recipe="reference")
+    # Fine-Pruning (fp.py): the pruning rule, then FT's fine-tuning.
+    d.fp = dict(
+        epochs=1 if smoke else 100, batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4,
+        schedule="cosine_epoch", t_max=100, label_smoothing=0.0, sam=False, rho=2.0,
+        adaptive=True, eta=0.0, group_size=config_dict.placeholder(int), augment=True,
+        drop_last=False, acc_ratio=0.1, prune_step_ratio=0.01, keep="first_beyond",
+        eval_batch_size=256)
+    # NAD (nad.py): a fine-tuned teacher, then attention distillation into the student.
+    d.nad = dict(
+        teacher_epochs=1 if smoke else 10, teacher_lr=0.01, teacher_schedule="cosine_epoch",
+        teacher_t_max=100, epochs=1 if smoke else 10, lr=0.01, schedule="constant",
+        batch_size=256, momentum=0.9, weight_decay=5e-4, betas=(500.0, 1000.0), p=2.0,
+        layers=config_dict.placeholder(tuple))
+    # ANP (anp.py): cpu runs a quarter of the mask optimisation, at batch 128.
+    d.anp = dict(
+        iterations=4 if smoke else 500 if cpu else 2000,
+        iterations_per_epoch=2 if smoke else 100 if cpu else 500,
+        batch_size=128 if cpu else 256, lr=0.2, momentum=0.9, eps=0.4, steps=1,
+        step_size=config_dict.placeholder(float), alpha=0.2, threshold=0.2, augment=True,
+        selection="threshold", sweep_max=0.9, sweep_step=0.05, acc_ratio=0.1)
+    # I-BAU (ibau.py).
+    d.ibau = dict(
+        rounds=1 if smoke else 5, K=2 if smoke else 5, batch_size=256, lr=1e-4, amsgrad=True,
+        inner_lr=0.1, pert_lr=10.0, reg=0.001, portion=0.01, augment=True,
+        delta_space="normalized")
+    # CLP (clp.py): data-free, no training.
+    d.clp = dict(u=3.0)
+    # IKD (ikd.py): an FT-SAM teacher (the reference recipe), then NAD + adversarial features.
+    d.ikd = dict(
+        teacher=dict(
+            epochs=1 if smoke else 100, batch_size=256, lr=0.01, momentum=0.9,
+            weight_decay=5e-4, schedule="cosine_iter", t_max=100, label_smoothing=0.1, sam=True,
+            rho=2.0, adaptive=True, eta=0.0, group_size=config_dict.placeholder(int),
+            augment=True, drop_last=False, recipe="reference"),
+        teacher_sam=True, epochs=2 if smoke else 20, batch_size=256, lr=0.01,
+        schedule="constant", momentum=0.9, weight_decay=1e-4, betas=(500.0, 1000.0, 1000.0),
+        p=2.0, layers=config_dict.placeholder(tuple), alpha_adv=1e-4,
+        afa_layers=config_dict.placeholder(tuple), ikd_fraction=2 / 3, adv_source="precomputed",
+        attack=dict(
+            eps=8 / 255, step_size=2 / 255, steps=5, decay=1.0, diversity_prob=0.5,
+            resize_rate=0.9, clip="image", pad_value=config_dict.placeholder(object)),
+        attack_batch_size=256, ssa=False, ssa_quantile=0.5, student_sam=False)
+    return d
