@@ -128,7 +128,7 @@ def _time_detection(name: str, cfg: Any, mesh: Any, dtype: Any) -> tuple[float, 
         holder = {"state": parallel.replicate(t_state, mesh)}
     else:
         student = FCOS(10, width=8, fpn_channels=32, dtype=dtype)
-        distill_cfg = DetectDistillConfig(alpha_adv=1e-5)
+        distill_cfg = DetectDistillConfig()  # FGD + AFA at their defaults
         state = StudentTeacherState(create_detect_distill_state(
             student, tx, jax.random.key(1), size, distill_cfg), t_state.params)
         fn = xla.jit(bind_teacher(make_detect_distill_step(

@@ -173,15 +173,14 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    mesh = make_mesh()
-    cfg = resolve(config_from_flags(get_config, SHORTHANDS), mesh.devices.size)
-    workdir = Path(FLAGS.workdir or f"runs/distill_{cfg['dataset'].replace('/', '_')}"
-                   f"_{cfg['preset']}".replace(":", "_"))
-    check_workdir(workdir, cfg, RUN_KEYS)
-    ds = load_dataset(cfg["dataset"], cfg["data_dir"])
-    check_batch_fits(cfg["batch_size"], len(ds.y_train))
+def ikd_steps(cfg: dict[str, Any], num_train: int) -> int:
+    """The IKD phase: the first 2/3 of the student's epochs, in steps."""
+    spe = steps_per_epoch(num_train, cfg["batch_size"], drop_last=True)
+    return int(round(2 / 3 * cfg["epochs"])) * spe
+
+
+def build_models(cfg: dict[str, Any], ds: Any) -> tuple[Any, Any]:
+    """(teacher, student) for the data set; InputError if an AFA level is not a feature."""
     mean, std = normalization_for(ds)
     dtype = compute_dtype(cfg["dtype"])
     teacher = create_model(cfg["teacher"], ds.num_classes, width=cfg["teacher_width"], mean=mean,
@@ -196,94 +195,128 @@ def main(argv: list[str]) -> None:
         if missing and any(m.startswith("kd_afa") for m in cfg["methods"]):
             raise InputError(f"--afa_levels {missing} are not features of the {role} "
                              f"({sorted(inter['intermediates'])})")
+    return teacher, student
 
-    lock_workdir(workdir)  # a second run on this workdir is refused
-    atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
-    log = MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard")
-    ctx = StageContext(mesh=mesh, seed=cfg["seeds"][0], workdir=workdir,
-                       progress=cfg["progress"], log=log, eval_every=cfg["eval_every"])
-    repl = parallel.replicated(mesh)
-    evaluator = make_evaluator(teacher.apply, mesh=mesh, batch_size=_eval_batch(mesh))
-    s_evaluator = make_evaluator(student.apply, mesh=mesh, batch_size=_eval_batch(mesh))
-    x_test, y_test = jax.device_put(ds.x_test, repl), jax.device_put(ds.y_test, repl)
-    results_path = workdir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 
-    # The teacher.
+def train_teacher(cfg: dict[str, Any], ds: Any, teacher: Any, ctx: StageContext,
+                  results: dict[str, Any], evaluate: Any, path: Path) -> tuple[Any, dict]:
+    """The teacher's variables (trained or resumed) and results with its row."""
     t0 = start_timer(ctx)
     t_cfg = FitConfig(epochs=cfg["teacher_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"])
-    ctx.evaluate = lambda v: {"clean_acc": float(evaluator(jax.device_put(v, repl), x_test,
-                                                            y_test)["accuracy"])}
+    ctx.evaluate = evaluate
     t_vars, _ = fit("teacher", teacher, None, ds.x_train, ds.y_train, t_cfg,
                     stage_rng(cfg["seeds"][0], "teacher"), ctx)
+    ctx.evaluate = None
     if "teacher" not in results:
-        results = {"teacher": {**ctx.evaluate(t_vars),
-                               "seconds": elapsed(t0, ctx)},
+        results = {"teacher": {**evaluate(t_vars), "seconds": elapsed(t0, ctx)},
                    "students": {}, "config": {**cfg, "num_train": int(len(ds.y_train)),
                                               "num_test": int(len(ds.y_test)),
-                                              "devices": mesh.devices.size,
+                                              "devices": ctx.mesh.devices.size,
                                               "device_kind": jax.devices()[0].device_kind}}
-        atomic_write(results_path, json.dumps(results, indent=2) + "\n")
-    t_vars = jax.device_put(t_vars, repl)
+        atomic_write(path, json.dumps(results, indent=2) + "\n")
+    return t_vars, results
 
-    # Adversarial images against the teacher, once (deterministic; recomputed on rerun).
-    adv = None
-    if any(m.startswith("kd_afa") for m in cfg["methods"]) and cfg["adv_source"] == "batch":
-        adv = distill.precompute_adversarial(
-            distill.eval_apply(teacher), t_vars, ds.x_train, ds.y_train,
-            stage_rng(cfg["seeds"][0], "adversarial"), mesh=mesh, batch_size=256)
-    ssa_threshold = distill.fourier_threshold(ds.x_train, cfg["ssa_quantile"])
 
-    # The students.
+def student_stage(cfg: dict[str, Any], ds: Any, models: tuple[Any, Any], t_vars: Any,
+                  method: str, seed: int, data: dict[str, Any], ssa_threshold: float,
+                  evaluate: Any) -> Stage:
+    """One method's student for one seed (SGD 0.9 / 5e-4, cosine per epoch; the IKD phase is
+    the first 2/3 of the epochs)."""
+    teacher, student = models
     spe = steps_per_epoch(len(ds.y_train), cfg["batch_size"], drop_last=True)
-    ikd_steps = int(round(2 / 3 * cfg["epochs"])) * spe
-    x_train, y_train = jax.device_put(ds.x_train, repl), jax.device_put(ds.y_train, repl)
-    if adv is not None:
-        adv = jax.device_put(adv, repl)
-    ctx.evaluate = None
+    d_cfg = method_config(method, cfg, ikd_steps(cfg, len(ds.y_train)), ssa_threshold)
+    schedule = make_schedule("cosine_epoch", cfg["lr"], spe, cfg["epochs"])
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
+    init_rng, run_rng = jax.random.split(stage_rng(seed, f"student/{method}"))
+    state = distill.StudentTeacherState(
+        distill.create_distill_state(student, tx, init_rng, ds.image_shape, model_t=teacher,
+                                     teacher_vars=t_vars, config=d_cfg), t_vars)
+    step = distill.bind_teacher(distill.make_distill_step(student, teacher, tx, d_cfg))
+    use_adv = "adv" in data and d_cfg.uses_afa and d_cfg.adv_source == "batch"
+    return Stage(f"student_{method}_s{seed}", state, cfg["epochs"], step=step,
+                 data={"image": data["image"], "label": data["label"],
+                       **({"adv": data["adv"]} if use_adv else {})},
+                 batch_size=cfg["batch_size"], preprocess=distill.joint_preprocess(),
+                 evaluate=evaluate, rng=run_rng)
+
+
+def train_students(cfg: dict[str, Any], ds: Any, models: tuple[Any, Any], t_vars: Any,
+                   ctx: StageContext, results: dict[str, Any], path: Path) -> None:
+    """Every method x seed not in results.json yet; each finished seed is written at once."""
+    teacher, student = models
+    repl = parallel.replicated(ctx.mesh)
+    s_evaluator = make_evaluator(student.apply, mesh=ctx.mesh, batch_size=_eval_batch(ctx.mesh))
+    x_test, y_test = jax.device_put(ds.x_test, repl), jax.device_put(ds.y_test, repl)
+    data = {"image": jax.device_put(ds.x_train, repl), "label": jax.device_put(ds.y_train, repl)}
+    if any(m.startswith("kd_afa") for m in cfg["methods"]) and cfg["adv_source"] == "batch":
+        # Adversarial images against the teacher, once (deterministic; recomputed on rerun).
+        data["adv"] = jax.device_put(distill.precompute_adversarial(
+            distill.eval_apply(teacher), t_vars, ds.x_train, ds.y_train,
+            stage_rng(cfg["seeds"][0], "adversarial"), mesh=ctx.mesh, batch_size=256), repl)
+    ssa_threshold = distill.fourier_threshold(ds.x_train, cfg["ssa_quantile"])
+    evaluate = lambda st: {"clean_acc": float(s_evaluator(st.variables, x_test,
+                                                          y_test)["accuracy"])}
     for method in cfg["methods"]:
         done = results["students"].get(method, {})
-        per_seed, seconds = dict(done.get("per_seed", {})), done.get("seconds_per_seed", {})
-        seconds = dict(seconds)
+        per_seed, seconds = dict(done.get("per_seed", {})), dict(done.get("seconds_per_seed", {}))
         for seed in cfg["seeds"]:
             if str(seed) in per_seed:
                 continue
             t0 = start_timer(ctx)
-            d_cfg = method_config(method, cfg, ikd_steps, ssa_threshold)
-            schedule = make_schedule("cosine_epoch", cfg["lr"], spe, cfg["epochs"])
-            tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
-            rng = stage_rng(seed, f"student/{method}")
-            init_rng, run_rng = jax.random.split(rng)
-            state = distill.StudentTeacherState(
-                distill.create_distill_state(student, tx, init_rng, ds.image_shape,
-                                             model_t=teacher, teacher_vars=t_vars,
-                                             config=d_cfg), t_vars)
-            step = distill.bind_teacher(distill.make_distill_step(student, teacher, tx, d_cfg))
-            use_adv = adv is not None and d_cfg.uses_afa and d_cfg.adv_source == "batch"
-
-            def eval_fn(st: Any) -> dict[str, float]:
-                out = s_evaluator(st.variables, x_test, y_test)
-                return {"clean_acc": float(out["accuracy"])}
-
-            state, _ = train_stage(Stage(
-                f"student_{method}_s{seed}", state, cfg["epochs"], step=step,
-                data={"image": x_train, "label": y_train, **({"adv": adv} if use_adv else {})},
-                batch_size=cfg["batch_size"], preprocess=distill.joint_preprocess(),
-                evaluate=eval_fn, rng=run_rng), ctx)
-            per_seed[str(seed)] = eval_fn(state)["clean_acc"]
+            stage = student_stage(cfg, ds, models, t_vars, method, seed, data, ssa_threshold,
+                                  evaluate)
+            state, _ = train_stage(stage, ctx)
+            per_seed[str(seed)] = evaluate(state)["clean_acc"]
             seconds[str(seed)] = elapsed(t0, ctx)
             m, s = metrics.mean_std(list(per_seed.values()))
+            d_cfg = method_config(method, cfg, ikd_steps(cfg, len(ds.y_train)), ssa_threshold)
             results["students"][method] = {
                 "clean_acc": m, "clean_acc_std": s, "per_seed": per_seed,
                 "seconds": round(float(np.mean(list(seconds.values()))), 1),
                 "seconds_per_seed": seconds,
                 "config": {k: v for k, v in dataclasses.asdict(d_cfg).items()
                            if k not in ("attack", "ssa_config")}}
-            atomic_write(results_path, json.dumps(results, indent=2) + "\n")
+            atomic_write(path, json.dumps(results, indent=2) + "\n")
+
+
+def train_and_evaluate(tree: ml_collections.ConfigDict, workdir: str | Path, *,
+                       mesh: Any = None) -> dict[str, Any]:
+    """Runs (or resumes) the config tree's distillation in `workdir`: the teacher, then every
+    method x seed's student; writes results.json / results.md and returns the results."""
+    workdir, mesh = Path(workdir), mesh or make_mesh()
+    cfg = resolve(tree, mesh.devices.size)
+    check_workdir(workdir, cfg, RUN_KEYS)
+    ds = load_dataset(cfg["dataset"], cfg["data_dir"])
+    check_batch_fits(cfg["batch_size"], len(ds.y_train))
+    models = build_models(cfg, ds)
+    lock_workdir(workdir)  # a second run on this workdir is refused
+    atomic_write(workdir / "config.json", json.dumps({"run": cfg}, indent=2) + "\n")
+    ctx = StageContext(mesh=mesh, seed=cfg["seeds"][0], workdir=workdir,
+                       progress=cfg["progress"], eval_every=cfg["eval_every"],
+                       log=MetricsLog(workdir / "metrics.jsonl", workdir / "tensorboard"))
+    repl = parallel.replicated(mesh)
+    t_evaluator = make_evaluator(models[0].apply, mesh=mesh, batch_size=_eval_batch(mesh))
+    x_test, y_test = jax.device_put(ds.x_test, repl), jax.device_put(ds.y_test, repl)
+    evaluate = lambda v: {"clean_acc": float(t_evaluator(jax.device_put(v, repl), x_test,
+                                                         y_test)["accuracy"])}
+    path = workdir / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    t_vars, results = train_teacher(cfg, ds, models[0], ctx, results, evaluate, path)
+    train_students(cfg, ds, models, jax.device_put(t_vars, repl), ctx, results, path)
     atomic_write(workdir / "results.md", results_table(results))
+    return results
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    mesh = make_mesh()
+    tree = config_from_flags(get_config, SHORTHANDS)
+    workdir = Path(FLAGS.workdir or f"runs/distill_{tree.dataset.replace('/', '_')}"
+                   f"_{tree.preset}".replace(":", "_"))
+    results = train_and_evaluate(tree, workdir, mesh=mesh)
     print()
     print(results_table(results))
-    print(f"results: {results_path}  table: {workdir / 'results.md'}")
+    print(f"results: {workdir / 'results.json'}  table: {workdir / 'results.md'}")
 
 
 def _eval_batch(mesh: Any) -> int:

@@ -102,9 +102,11 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str]) -> None:
+def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str],
+                  legacy: dict[str, Any] | None = None) -> None:
     """A workdir can be made (`check_workdir_path`) and belongs to one run configuration;
-    refuse to mix."""
+    refuse to mix. `legacy`: the value of each later-added key that an older config.json
+    lacks (what its run had)."""
     check_workdir_path(workdir)
     cfg_path = workdir / "config.json"
     if cfg_path.is_file():
@@ -112,6 +114,7 @@ def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str]) -
             old = json.loads(cfg_path.read_text())["run"]
         except (ValueError, KeyError):
             raise InputError(f"{cfg_path} is unreadable; use another --workdir") from None
+        old = {**(legacy or {}), **old}
         diff = [k for k in keys if old.get(k) != run_cfg.get(k)]
         if diff:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {run_cfg.get(k)!r}" for k in diff)

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["asr", "backdoor_metrics", "clean_acc", "der", "mean_std", "robust_acc"]
+__all__ = ["asr", "backdoor_metrics", "clean_acc", "der", "mean_std", "paired_difference",
+           "robust_acc"]
 
 
 def _accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
@@ -59,3 +60,23 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof 1; 0 for a single value) over seeds."""
     a = np.asarray(values, np.float64)
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95
+                      ) -> dict[str, float | int | bool]:
+    """The paired difference a - b over seeds (same seed, same index): mean, sample std, n,
+    the two-sided Student-t interval at `level` (mean +- t_{n-1} std / sqrt(n)), and
+    `resolved`: whether that interval excludes 0 (with one pair the interval is unbounded)."""
+    from scipy import stats
+
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError("paired_difference needs two equal-length, non-empty sequences")
+    mean, std = mean_std(d)
+    if d.size == 1:
+        low, high = -np.inf, np.inf
+    else:
+        half = float(stats.t.ppf(0.5 + level / 2, d.size - 1)) * std / np.sqrt(d.size)
+        low, high = mean - half, mean + half
+    return {"mean": mean, "std": std, "n": int(d.size), "ci_low": float(low),
+            "ci_high": float(high), "resolved": bool(low > 0 or high < 0)}

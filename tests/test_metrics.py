@@ -58,3 +58,21 @@ def test_table_average_der_is_computed_from_averaged_acc_and_asr():
     row = next(line for line in table_markdown(table).splitlines() if "| Average |" in line)
     # cells "C-Acc / ASR / DER"; the DER is 61.25 (from the averages), not 67.5 (mean of DERs)
     assert row == "| Average | 80.0 / 55.0 | 77.5 / 30.0 / 61.3 |"
+
+
+def test_paired_difference_interval_against_the_t_formula():
+    """mean +- t_{0.975, n-1} s / sqrt(n) with the tabulated t quantiles (4: 2.776, 9: 2.262)."""
+    from ftsam_jax.metrics import paired_difference
+
+    a, b = [1.0, 2.0, 3.0, 4.0, 6.0], [0.5, 1.0, 2.5, 3.0, 5.0]
+    d = np.array(a) - np.array(b)  # 0.5, 1, 0.5, 1, 1
+    r = paired_difference(a, b)
+    half = 2.776445 * d.std(ddof=1) / np.sqrt(5)
+    assert r["n"] == 5 and np.isclose(r["mean"], 0.8) and np.isclose(r["std"], d.std(ddof=1))
+    assert np.isclose(r["ci_low"], 0.8 - half, atol=1e-5)
+    assert np.isclose(r["ci_high"], 0.8 + half, atol=1e-5) and r["resolved"]
+    spans = paired_difference([1.0, -1.0] * 5, [0.0] * 10)
+    assert np.isclose(spans["ci_high"], 2.262157 * np.std([1, -1] * 5, ddof=1) / np.sqrt(10))
+    assert not spans["resolved"]
+    one = paired_difference([2.0], [1.0])
+    assert one["mean"] == 1.0 and not one["resolved"] and one["ci_low"] == -np.inf

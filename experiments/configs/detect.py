@@ -28,6 +28,14 @@ PRESETS = {
 }
 
 
+# Fields added after workdirs existed, with the value every older run had: an older
+# config.json without such a field is compared as if it held this value (so it still resumes).
+LEGACY_VALUES = {"fgd_scale": 1.0, "eval_split": "val", "warmup_epochs": 0.0,
+                 "teacher_extra_scenes": 0, "teacher_flip": False, "paired_streams": False,
+                 "ikd_fraction": 2 / 3, "ssa_small_area": 256.0, "noise_eps": 8.0,
+                 "weight_decay": 1e-4}
+
+
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -37,13 +45,22 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.data_dir = "../shared/data"        # holds fashion-mnist/ and cifar10-subset/
     c.methods = "student,fgd,fgd_ssa,fgd_afa,fgd_ikd,fgd_noise"
     c.seeds = "0"                        # the teacher and the scenes use the first
-    c.alpha_adv = 1e-5                   # AFA weight (sum over C*H*W per image and level)
-    c.fgd_scale = 1.0                    # multiplies FGD's loss weights (official RetinaNet's)
-    c.eval_split = "val"                 # or heldout: scenes of training objects, for tuning
+    # Optimisation (teacher and students): AdamW, cosine per epoch after the warm-up.
+    c.weight_decay = 1e-4
     c.warmup_epochs = 0.0                # linear lr warm-up (teacher and students), then cosine
-    c.teacher_eval_every = 0             # AP on the evaluation split every k teacher epochs
+    # The teacher.
     c.teacher_extra_scenes = 0           # more training scenes for the teacher only (scenes:)
     c.teacher_flip = False               # random horizontal flips of the teacher's batches
+    # The students' methods.
+    c.alpha_adv = 1e-5                   # AFA weight (sum over C*H*W per image and level)
+    c.fgd_scale = 1.0                    # multiplies FGD's loss weights (official RetinaNet's)
+    c.ikd_fraction = 2 / 3               # IKD phase: this share of the epochs (official 16/24)
+    c.ssa_small_area = 256.0             # SSA's "small" box area: 16² px on the 128 px canvas
+    c.noise_eps = 8.0                    # fgd_noise: uniform +-eps grey levels (AFA's eps 8/255)
+    c.paired_streams = False             # every method of a seed: same init and batch order
+    # Evaluation and output.
+    c.eval_split = "val"                 # or heldout: scenes of training objects, for tuning
+    c.teacher_eval_every = 0             # AP on the evaluation split every k teacher epochs
     c.student_eval_every = 0             # ... and student epochs (0: only the final numbers)
     c.progress = True
     return c

@@ -21,6 +21,7 @@ features (to be rescaled for the compact detector on a held-out split, as FGD's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,8 +37,8 @@ from ftsam_jax.detection.step import batch_targets
 from ftsam_jax.distill.augment import SSAConfig, ssa_boxes
 from ftsam_jax.loop import to_float
 
-__all__ = ["DetectDistillConfig", "DetectDistillState", "create_detect_distill_state",
-           "detection_objective", "make_detect_distill_step"]
+__all__ = ["DetectDistillConfig", "DetectDistillState", "adversarial_set",
+           "create_detect_distill_state", "detection_objective", "make_detect_distill_step"]
 
 Batch = dict[str, jax.Array]
 
@@ -175,3 +176,25 @@ def make_detect_distill_step(student: nn.Module, teacher: nn.Module | None,
                              opt_state=opt_state), metrics
 
     return step
+
+
+@functools.cache
+def _objective(num_classes: int, image_size: int) -> Callable[[Any, Batch], jax.Array]:
+    """One objective per (classes, size): every adversarial set of a run shares one compiled
+    attack."""
+    return detection_objective(num_classes, image_size)
+
+
+def adversarial_set(teacher: nn.Module, params: Any, data: Any, rng: jax.Array, mesh: Any,
+                    batch_size: int) -> Any:
+    """uint8 MI-DI-FGSM images of a detection split (`DetectionData`) against the teacher's
+    classification loss (`detection_objective`; `AttackConfig`'s eps 8/255, 5 steps): the
+    AFA inputs. Example i uses key fold_in(rng, i), so the set depends neither on the batch
+    size nor on the device count."""
+    from ftsam_jax.distill.adversarial import precompute_adversarial
+
+    gt = {"boxes": data.boxes, "labels": data.labels, "mask": data.mask}
+    return precompute_adversarial(
+        teacher.apply, {"params": params}, data.images, gt, rng, mesh=mesh,
+        batch_size=batch_size, objective=_objective(len(data.class_names),
+                                                    data.images.shape[1]))
