@@ -18,6 +18,7 @@ calls ended by `block_until_ready`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from functools import partial
@@ -166,101 +167,149 @@ def resolve(cfg: Any) -> list[str]:
     return rows
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    cfg = config_from_flags(get_config, SHORTHANDS)
+@dataclasses.dataclass
+class Bench:
+    """What every classification row of a sitting shares: the model, its loss, the optimisers
+    (SGD and FT-SAM's ASAM over it), one batch on the devices."""
+
+    cfg: Any
+    mesh: Any
+    model: Any
+    loss_fn: Any
+    sgd: Any
+    ftsam_tx: Any
+    batch: dict[str, jax.Array]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.cfg.image_size, self.cfg.image_size, 3)
+
+    def ftsam_state(self) -> Any:
+        return xla.jit(lambda: create_train_state(self.model, self.ftsam_tx, jax.random.key(0),
+                                                  self.shape))()
+
+
+def make_bench(cfg: Any, mesh: Any) -> Bench:
+    dtype = compute_dtype(cfg.dtype)
+    model = create_model(cfg.model, cfg.num_classes, width=cfg.width, dtype=dtype,
+                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    sgd = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
+    rng, b, side = np.random.default_rng(0), cfg.batch_size, cfg.image_size
+    batch = jax.device_put(
+        {"image": jnp.asarray(rng.random((b, side, side, 3)), jnp.float32),
+         "label": jnp.asarray(rng.integers(0, cfg.num_classes, b), jnp.int32)},
+        parallel.data_sharding(mesh))
+    return Bench(cfg, mesh, model, classification_loss(model.apply, label_smoothing=0.1), sgd,
+                 ftsam_jax.sam(sgd, 2.0, adaptive=True), batch)
+
+
+def _row(name: str, first: float, per_call: float, images: int, **extra: Any) -> dict:
+    return {"row": name, "compile_s": round(first, 3), "ms_per_call": round(per_call * 1e3, 3),
+            "img_per_s": round(images / per_call, 1), **extra}
+
+
+def time_step(bench: Bench, name: str) -> dict[str, Any]:
+    """`train_step` (SGD) or `sam_step` (FT-SAM's ASAM): one compiled, donated step."""
+    cfg = bench.cfg
+    if name == "train_step":
+        tx, step = bench.sgd, ftsam_jax.train_step
+        state = create_train_state(bench.model, tx, jax.random.key(0), bench.shape)
+    else:
+        tx, step, state = bench.ftsam_tx, ftsam_jax.sam_step, bench.ftsam_state()
+    fn = xla.jit(partial(step, tx=tx, loss_fn=bench.loss_fn), donate_argnums=0)
+    holder = {"state": parallel.replicate(state, bench.mesh)}
+
+    def call():
+        holder["state"], m = fn(holder["state"], bench.batch, jax.random.key(0))
+        return m
+
+    first, per = _time(call, tuple, cfg.steps, cfg.warmup)
+    return _row(name, first, per, cfg.batch_size)
+
+
+def time_eval(bench: Bench) -> dict[str, Any]:
+    variables = parallel.replicate(bench.ftsam_state().variables, bench.mesh)
+    fn = xla.jit(partial(ftsam_jax.eval_step, apply_fn=bench.model.apply))
+    first, per = _time(fn, lambda: (variables, bench.batch), bench.cfg.steps, bench.cfg.warmup)
+    return _row("eval_step", first, per, bench.cfg.batch_size)
+
+
+def time_ftsam_epoch(bench: Bench) -> dict[str, Any]:
+    """One FT-SAM epoch (the stage driver's epoch function) over `ftsam_examples` images,
+    extrapolated to `ftsam_epochs`."""
+    cfg, mesh = bench.cfg, bench.mesh
+    n, fb = cfg.ftsam_examples, cfg.ftsam_batch_size
+    rng, repl = np.random.default_rng(0), parallel.replicated(mesh)
+    images = jax.device_put(rng.integers(0, 256, (n, *bench.shape), dtype=np.uint8), repl)
+    labels = jax.device_put(rng.integers(0, cfg.num_classes, n).astype(np.int32), repl)
+    epoch = make_epoch_fn(partial(ftsam_jax.sam_step, tx=bench.ftsam_tx, loss_fn=bench.loss_fn),
+                          mesh=mesh, num_examples=n, batch_size=fb,
+                          preprocess=standard_preprocess(), drop_last=False)
+    holder = {"state": parallel.replicate(bench.ftsam_state(), mesh)}
+
+    def call():
+        holder["state"], m = epoch(holder["state"], images, labels, jax.random.key(0))
+        return m
+
+    first, per = _time(call, tuple, max(1, cfg.steps // 5), min(1, cfg.warmup))
+    spe = steps_per_epoch(n, fb, drop_last=False)
+    return _row("ftsam_epoch", first, per, spe * fb, steps_per_epoch=spe,
+                mode="scan" if jax.default_backend() != "cpu" else "python loop",
+                est_seconds_for_epochs=round(first + per * (cfg.ftsam_epochs - 1), 1),
+                epochs=cfg.ftsam_epochs, examples=n, batch_size=fb)
+
+
+def run_bench(cfg: Any, mesh: Any = None) -> dict[str, Any]:
+    """Times the config's rows; returns {"device", "platform", "devices", "jax", "preset",
+    "model", "width", "dtype", "batch_size", "rows": [{"row", "compile_s", "ms_per_call",
+    "img_per_s", ...}]} (what `--json` prints)."""
     rows = resolve(cfg)
-    mesh = make_mesh()
+    mesh = mesh or make_mesh()
     try:
         parallel.check_batch_size(cfg.batch_size, mesh)
         parallel.check_batch_size(cfg.ftsam_batch_size, mesh, "--ftsam_batch_size")
     except ValueError as e:
         raise InputError(e) from None
-    dtype = compute_dtype(cfg.dtype)
-    model = create_model(cfg.model, cfg.num_classes, width=cfg.width, dtype=dtype,
-                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    shape = (cfg.image_size, cfg.image_size, 3)
-    loss_fn = classification_loss(model.apply, label_smoothing=0.1)
-    sgd = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
-    ftsam_tx = ftsam_jax.sam(sgd, 2.0, adaptive=True)
-    rng = np.random.default_rng(0)
-    b = cfg.batch_size
-    batch = jax.device_put(
-        {"image": jnp.asarray(rng.random((b, *shape)), jnp.float32),
-         "label": jnp.asarray(rng.integers(0, cfg.num_classes, b), jnp.int32)},
-        parallel.data_sharding(mesh))
-    init = xla.jit(lambda: create_train_state(model, ftsam_tx, jax.random.key(0), shape))
+    bench = make_bench(cfg, mesh)
     results = []
-
-    def record(name: str, first: float, per_call: float, images: int, **extra) -> None:
-        results.append({"row": name, "compile_s": round(first, 3), "ms_per_call":
-                        round(per_call * 1e3, 3), "img_per_s": round(images / per_call, 1),
-                        **extra})
-
     for name in rows:
         if name in ("train_step", "sam_step"):
-            tx = sgd if name == "train_step" else ftsam_tx
-            state = parallel.replicate(create_train_state(model, tx, jax.random.key(0), shape)
-                                       if name == "train_step" else init(), mesh)
-            step = ftsam_jax.train_step if name == "train_step" else ftsam_jax.sam_step
-            fn = xla.jit(partial(step, tx=tx, loss_fn=loss_fn), donate_argnums=0)
-            holder = {"state": state}
-
-            def call(fn=fn, holder=holder):
-                holder["state"], m = fn(holder["state"], batch, jax.random.key(0))
-                return m
-
-            first, per = _time(call, tuple, cfg.steps, cfg.warmup)
-            record(name, first, per, b)
+            results.append(time_step(bench, name))
         elif name == "eval_step":
-            variables = parallel.replicate(init().variables, mesh)
-            fn = xla.jit(partial(ftsam_jax.eval_step, apply_fn=model.apply))
-            first, per = _time(fn, lambda v=variables: (v, batch), cfg.steps, cfg.warmup)
-            record(name, first, per, b)
+            results.append(time_eval(bench))
         elif name.startswith("detect_"):
-            first, per, db = _time_detection(name, cfg, mesh, dtype)
-            record(name, first, per, db, image_size=cfg.detect_image_size, batch_size=db)
+            first, per, db = _time_detection(name, cfg, mesh, compute_dtype(cfg.dtype))
+            results.append(_row(name, first, per, db, image_size=cfg.detect_image_size,
+                                batch_size=db))
         else:
-            n, fb = cfg.ftsam_examples, cfg.ftsam_batch_size
-            repl = parallel.replicated(mesh)
-            images = jax.device_put(rng.integers(0, 256, (n, *shape), dtype=np.uint8), repl)
-            labels = jax.device_put(rng.integers(0, cfg.num_classes, n).astype(np.int32), repl)
-            epoch = make_epoch_fn(partial(ftsam_jax.sam_step, tx=ftsam_tx, loss_fn=loss_fn),
-                                  mesh=mesh, num_examples=n, batch_size=fb,
-                                  preprocess=standard_preprocess(), drop_last=False)
-            holder = {"state": parallel.replicate(init(), mesh)}
+            results.append(time_ftsam_epoch(bench))
+    return {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+            "devices": jax.device_count(), "jax": jax.__version__, "preset": cfg.preset,
+            "model": cfg.model, "width": bench.model.width, "dtype": cfg.dtype,
+            "batch_size": cfg.batch_size, "rows": results}
 
-            def call_epoch(epoch=epoch, holder=holder, images=images, labels=labels):
-                holder["state"], m = epoch(holder["state"], images, labels, jax.random.key(0))
-                return m
 
-            steps = max(1, cfg.steps // 5)
-            first, per = _time(call_epoch, tuple, steps, min(1, cfg.warmup))
-            spe = steps_per_epoch(n, fb, drop_last=False)
-            record(name, first, per, spe * fb, steps_per_epoch=spe,
-                   mode="scan" if jax.default_backend() != "cpu" else "python loop",
-                   est_seconds_for_epochs=round(first + per * (cfg.ftsam_epochs - 1), 1),
-                   epochs=cfg.ftsam_epochs, examples=n, batch_size=fb)
-
-    info = {
-        "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-        "devices": jax.device_count(), "jax": jax.__version__, "preset": cfg.preset,
-        "model": cfg.model,
-        "width": model.width, "dtype": cfg.dtype, "batch_size": b, "rows": results,
-    }
-    if cfg.json:
-        print(json.dumps(info))
-        return
+def print_table(info: dict[str, Any]) -> None:
     print(f"{info['device']} x{info['devices']} ({info['platform']}, jax {info['jax']}) "
-          f"{cfg.model} width {model.width} {cfg.dtype} batch {b}")
+          f"{info['model']} width {info['width']} {info['dtype']} batch {info['batch_size']}")
     print(f"{'row':<20} {'compile s':>10} {'ms/call':>10} {'img/s':>10}  notes")
-    for r in results:
+    for r in info["rows"]:
         note = ""
         if r["row"] == "ftsam_epoch":
             note = (f"{r['steps_per_epoch']} SAM steps/epoch, batch {r['batch_size']}; "
                     f"{r['epochs']} epochs ~ {r['est_seconds_for_epochs']} s")
         print(f"{r['row']:<20} {r['compile_s']:>10.2f} {r['ms_per_call']:>10.1f} "
               f"{r['img_per_s']:>10.1f}  {note}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cfg = config_from_flags(get_config, SHORTHANDS)
+    info = run_bench(cfg)
+    if cfg.json:
+        print(json.dumps(info))
+    else:
+        print_table(info)
 
 
 if __name__ == "__main__":
