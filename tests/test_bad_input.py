@@ -47,6 +47,8 @@ ROWS: dict[str, list[tuple[str, str]]] = {
         (f"{SMOKE} --dataset={{npz:toy}} --defenses=ftsam --set=ftsam.magic=1", "magic"),
         (f"{SMOKE} --dataset={{npz:toy}} --set=magic.rho=1", "magic"),
         (f"{SMOKE} --dataset={{npz:toy}} --set=rho", "--set"),
+        (f"{SMOKE} --dataset={{npz:toy}} --defenses=ikd --set=ikd.afa_layers=layer3_1,layer4_1",
+         "write a tuple of names as a Python literal"),
         (f"{SMOKE} --dataset={{npz:toy}} --defenses=ftsam --rho=-1", "rho"),
         (f"{SMOKE} --dataset={{npz:toy}} --defense_epochs=0 --defenses=ft", "epochs"),
         (f"{SMOKE} --dataset={{npz:toy}} --trigger_path={{file}}", "not used by the badnets"),

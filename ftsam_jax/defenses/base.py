@@ -136,6 +136,12 @@ def _typed(name: str, current: Any, value: Any) -> Any:
         return settings_from_dict(type(current), value)
     if isinstance(value, list):
         value = tuple(value)
+    joined = [v for v in value if isinstance(v, str) and "," in v] if isinstance(
+        value, tuple) else []
+    if joined:  # "a,b" read as one name: ml_collections parses tuples as Python literals
+        parts = tuple(p.strip() for p in joined[0].split(","))
+        raise ValueError(f"{name!r} holds the name {joined[0]!r}; write a tuple of names as a "
+                         f"Python literal, e.g. {parts!r}")
     if isinstance(current, tuple) and current and isinstance(value, tuple):
         element = type(current[0])
         if element is float:
