@@ -51,10 +51,10 @@ from ftsam_jax.detection.distill import (
 from ftsam_jax.detection.step import detect_train_step, detection_loss_fn
 from ftsam_jax.distill.augment import SSAConfig
 from ftsam_jax.distill.step import StudentTeacherState, bind_teacher
-from ftsam_jax.loop import make_epoch_fn, standard_preprocess, steps_per_epoch
 from ftsam_jax.models import MODELS, create_model
 from ftsam_jax.models.fcos import FCOS
-from ftsam_jax.train import classification_loss, create_train_state
+from ftsam_jax.training.epoch import make_epoch_fn, standard_preprocess, steps_per_epoch
+from ftsam_jax.training.step import classification_loss, create_train_state
 
 
 def define_flags() -> None:

@@ -18,10 +18,11 @@ from absl import app, flags, logging
 from jax.sharding import Mesh
 from ml_collections.config_flags import config_path
 
-from ftsam_jax import parallel, runner
+from ftsam_jax import parallel
 from ftsam_jax.checkpoint import CheckpointError, wait_for_saves
 from ftsam_jax.data import DataError
-from ftsam_jax.runner import NonFiniteLossError
+from ftsam_jax.training import stage as runner
+from ftsam_jax.training.stage import NonFiniteLossError
 
 __all__ = ["DTYPES", "InputError", "check_batch_fits", "comma_list", "compute_dtype",
            "config_from_flags", "distinct_ints", "fail", "guarded", "interruptible", "make_mesh",

@@ -96,11 +96,11 @@ from ftsam_jax.detection.plot import plot_detections
 from ftsam_jax.detection.step import detect_train_step, detection_loss_fn, random_hflip
 from ftsam_jax.distill.augment import SSAConfig
 from ftsam_jax.distill.step import StudentTeacherState, bind_teacher
-from ftsam_jax.loop import steps_per_epoch
 from ftsam_jax.models.fcos import FCOS
-from ftsam_jax.runner import Stage, StageContext, stage_rng, train_stage
 from ftsam_jax.schedules import make_schedule
-from ftsam_jax.train import create_train_state
+from ftsam_jax.training.epoch import steps_per_epoch
+from ftsam_jax.training.stage import Stage, StageContext, stage_rng, train_stage
+from ftsam_jax.training.step import create_train_state
 
 FLAGS = flags.FLAGS
 METHODS = ("student", "fgd", "fgd_ssa", "fgd_afa", "fgd_ikd", "fgd_noise")

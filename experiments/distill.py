@@ -53,11 +53,11 @@ from experiments.workdir import (
 )
 from ftsam_jax import distill, metrics, parallel
 from ftsam_jax.data import load_dataset, normalization_for
-from ftsam_jax.fit import FitConfig, fit
-from ftsam_jax.loop import make_evaluator, steps_per_epoch
 from ftsam_jax.models import MODELS, create_model
-from ftsam_jax.runner import Stage, StageContext, stage_rng, train_stage
 from ftsam_jax.schedules import make_schedule
+from ftsam_jax.training.epoch import make_evaluator, steps_per_epoch
+from ftsam_jax.training.recipe import FitConfig, fit
+from ftsam_jax.training.stage import Stage, StageContext, stage_rng, train_stage
 
 FLAGS = flags.FLAGS
 

@@ -68,10 +68,10 @@ from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data import Dataset, check_backdoor_target, load_dataset, normalization_for
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
 from ftsam_jax.defenses.base import with_defaults
-from ftsam_jax.fit import FitConfig, fit
-from ftsam_jax.loop import make_evaluator
 from ftsam_jax.models import MODELS, create_model
-from ftsam_jax.runner import StageContext, stage_rng
+from ftsam_jax.training.epoch import make_evaluator
+from ftsam_jax.training.recipe import FitConfig, fit
+from ftsam_jax.training.stage import StageContext, stage_rng
 
 FLAGS = flags.FLAGS
 

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 
 from experiments.cli import InputError
-from ftsam_jax.runner import StageContext
+from ftsam_jax.training.stage import StageContext
 
 __all__ = ["MetricsLog", "atomic_write", "check_workdir", "check_workdir_path", "elapsed",
            "lock_workdir", "make_workdir", "start_timer"]
@@ -26,6 +26,7 @@ def check_workdir_path(workdir: Path) -> None:
     above it is a file, and the nearest existing one is writable. Creates nothing (a run that
     fails its input checks leaves no workdir behind); `make_workdir` creates it."""
     workdir = Path(workdir)
+    _refuse_if_busy(workdir)
     for path in (workdir, *workdir.absolute().parents):
         if not path.exists():
             continue
@@ -35,6 +36,27 @@ def check_workdir_path(workdir: Path) -> None:
         if not os.access(path, os.W_OK | os.X_OK):
             raise InputError(f"--workdir {workdir} cannot be written: {path} is read-only")
         return
+
+
+def _refuse_if_busy(workdir: Path) -> None:
+    """InputError if another process holds `workdir/.lock` (probed without creating it)."""
+    import fcntl
+
+    lock = workdir / ".lock"
+    if workdir.resolve() in _held_locks or not lock.is_file():
+        return
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        raise InputError(f"--workdir {workdir} is in use by another run (pid {holder}); wait "
+                         "for it to finish or use another --workdir") from None
+    finally:
+        os.close(fd)
 
 
 def make_workdir(workdir: Path, *subdirs: str) -> None:

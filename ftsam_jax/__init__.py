@@ -5,7 +5,7 @@ steps (`train_step`, `sam_step`, `eval_step`) and the data-parallel helpers.
 """
 
 from ftsam_jax.optim import SAMState, sam, sam_gradient, sam_perturbation
-from ftsam_jax.train import (
+from ftsam_jax.training.step import (
     TrainState,
     classification_loss,
     create_train_state,

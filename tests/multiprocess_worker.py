@@ -22,7 +22,7 @@ import optax  # noqa: E402
 import ftsam_jax  # noqa: E402
 from ftsam_jax import parallel, xla  # noqa: E402
 from ftsam_jax.models import create_model  # noqa: E402
-from ftsam_jax.train import classification_loss, create_train_state  # noqa: E402
+from ftsam_jax.training.step import classification_loss, create_train_state  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -17,9 +17,9 @@ from ftsam_jax.attacks.input_aware import TriggerNet, diversity_loss, threshold
 from ftsam_jax.attacks.lf import low_frequency_mask
 from ftsam_jax.attacks.wanet import bicubic_matrix, bilinear_grid_sample, identity_grid
 from ftsam_jax.data.datasets import Dataset
-from ftsam_jax.fit import FitConfig
 from ftsam_jax.models import TinyCNN
-from ftsam_jax.runner import StageContext
+from ftsam_jax.training.recipe import FitConfig
+from ftsam_jax.training.stage import StageContext
 
 SHAPES = [(28, 28, 1), (32, 32, 3)]
 

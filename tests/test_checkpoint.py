@@ -9,7 +9,7 @@ import ftsam_jax
 from ftsam_jax import parallel
 from ftsam_jax.checkpoint import Checkpointer, CheckpointError
 from ftsam_jax.models import TinyCNN
-from ftsam_jax.train import create_train_state
+from ftsam_jax.training.step import create_train_state
 
 
 def test_round_trip_keeps_values_types_and_sharding(tmp_path):

@@ -14,7 +14,7 @@ from ftsam_jax import xla
 from ftsam_jax.models import conv as conv_mod
 from ftsam_jax.models import create_model
 from ftsam_jax.models.conv import conv_general_dilated, use_matmul_wgrad, weight_gradient
-from ftsam_jax.train import classification_loss, create_train_state, init_variables
+from ftsam_jax.training.step import classification_loss, create_train_state, init_variables
 
 DN = ("NHWC", "HWIO", "NHWC")
 

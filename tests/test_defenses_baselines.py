@@ -17,9 +17,9 @@ from ftsam_jax.defenses import clp as clp_mod
 from ftsam_jax.defenses import fp as fp_mod
 from ftsam_jax.defenses import ibau as ibau_mod
 from ftsam_jax.defenses import nad as nad_mod
-from ftsam_jax.loop import evaluate
 from ftsam_jax.models import TinyCNN, create_model
-from ftsam_jax.runner import StageContext
+from ftsam_jax.training.epoch import evaluate
+from ftsam_jax.training.stage import StageContext
 
 NUM_CLASSES = 4
 MODEL = TinyCNN(num_classes=NUM_CLASSES, width=4)

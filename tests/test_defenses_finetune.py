@@ -5,13 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftsam_jax import parallel, runner
+from ftsam_jax import parallel
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
 from ftsam_jax.defenses.finetune import ftsam_config
-from ftsam_jax.fit import make_optimizer
 from ftsam_jax.models import TinyCNN
 from ftsam_jax.optim import SAMState
-from ftsam_jax.runner import StageContext
+from ftsam_jax.training import stage as runner
+from ftsam_jax.training.recipe import make_optimizer
+from ftsam_jax.training.stage import StageContext
 
 
 def test_balanced_and_random_benign_selection():

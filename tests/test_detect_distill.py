@@ -17,7 +17,7 @@ from ftsam_jax.detection.distill import (
 )
 from ftsam_jax.distill.adversarial import AttackConfig, mi_di_fgsm
 from ftsam_jax.models.fcos import FCOS
-from ftsam_jax.train import init_variables
+from ftsam_jax.training.step import init_variables
 from tests.test_detector import toy_scenes
 
 

@@ -17,7 +17,7 @@ from ftsam_jax.detection.decode import decode_topk, nms
 from ftsam_jax.detection.evaluate import SCENE_AREAS, coco_metrics
 from ftsam_jax.detection.step import detect_train_step, detection_loss_fn
 from ftsam_jax.models.fcos import FCOS
-from ftsam_jax.train import create_train_state
+from ftsam_jax.training.step import create_train_state
 
 
 def toy_scenes(n, seed=0, size=64):

@@ -20,7 +20,7 @@ from ftsam_jax.defenses import nad as nad_mod
 from ftsam_jax.distill import adversarial, augment, losses
 from ftsam_jax.distill import step as distill_step_module
 from ftsam_jax.models import TinyCNN
-from ftsam_jax.runner import StageContext
+from ftsam_jax.training.stage import StageContext
 
 NUM_CLASSES = 4
 STUDENT = TinyCNN(num_classes=NUM_CLASSES, width=4)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from ftsam_jax.models import create_model
-from ftsam_jax.train import classification_loss, create_train_state, train_step
+from ftsam_jax.training.step import classification_loss, create_train_state, train_step
 
 
 def param_count(model, shape=(32, 32, 3)):

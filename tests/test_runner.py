@@ -8,8 +8,8 @@ import pytest
 
 from ftsam_jax import parallel
 from ftsam_jax.checkpoint import Checkpointer
-from ftsam_jax.loop import epoch_indices
-from ftsam_jax.runner import (
+from ftsam_jax.training.epoch import epoch_indices
+from ftsam_jax.training.stage import (
     NonFiniteLossError,
     Stage,
     StageContext,

@@ -10,10 +10,15 @@ import pytest
 
 import ftsam_jax
 from ftsam_jax import parallel
-from ftsam_jax.loop import epoch_indices, make_epoch_fn, make_evaluator, standard_preprocess
 from ftsam_jax.models import TinyCNN
 from ftsam_jax.optim import sam_perturbation
-from ftsam_jax.train import classification_loss, create_train_state, cross_entropy
+from ftsam_jax.training.epoch import (
+    epoch_indices,
+    make_epoch_fn,
+    make_evaluator,
+    standard_preprocess,
+)
+from ftsam_jax.training.step import classification_loss, create_train_state, cross_entropy
 
 MODEL = TinyCNN(num_classes=4, width=4)
 
@@ -206,7 +211,7 @@ def test_scanned_and_looped_epochs_agree():
 
 def test_init_variables_equals_eager_init_bit_for_bit():
     from ftsam_jax.models import create_model
-    from ftsam_jax.train import init_variables
+    from ftsam_jax.training.step import init_variables
 
     model = create_model("preactresnet18", 10, width=2)
     x = jnp.zeros((1, 8, 8, 3), jnp.float32)

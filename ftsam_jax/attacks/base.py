@@ -125,8 +125,8 @@ class Attack(abc.ABC):
         The pipeline calls it (only when `needs_fit`) as
         `fit(ds=Dataset, model=flax Module, fit_config=FitConfig of the backdoored stage,
         ratio=poison ratio, ctx=StageContext, rng=key)`; use `ctx` for resumable stages
-        (`ftsam_jax.fit.fit`, `ftsam_jax.runner.run_stage`) and cache artifacts under
-        `ctx.workdir` so a rerun does not redo them.
+        (`ftsam_jax.training.recipe.fit`, `ftsam_jax.training.stage.run_stage`) and cache
+        artifacts under `ctx.workdir` so a rerun does not redo them.
         """
 
     @abc.abstractmethod

@@ -82,10 +82,10 @@ from ftsam_jax import parallel, xla
 from ftsam_jax.attacks.base import Attack, to_uint8
 from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data.augment import crop_flip
-from ftsam_jax.loop import steps_per_epoch, to_float
 from ftsam_jax.models.common import Conv
-from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
-from ftsam_jax.train import cross_entropy
+from ftsam_jax.training.epoch import steps_per_epoch, to_float
+from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, train_stage
+from ftsam_jax.training.step import cross_entropy
 
 __all__ = ["InputAware", "TriggerNet", "diversity_loss", "threshold"]
 
@@ -285,7 +285,7 @@ class InputAware(Attack):
             ctx: StageContext, rng: jax.Array, **kwargs: Any) -> None:
         """Trains the mask network, then classifier + generator (resumable stages)."""
         del kwargs
-        from ftsam_jax.fit import make_optimizer
+        from ftsam_jax.training.recipe import make_optimizer
 
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"poison ratio must lie in (0, 1], got {ratio}")

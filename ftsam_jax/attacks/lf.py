@@ -14,7 +14,7 @@ is converted with ITU-R 601 luma).
 Without a file the attack generates its own pattern in `fit` (`needs_fit`):
 
 1. A clean surrogate is trained with the backdoored stage's recipe
-   (`ftsam_jax.fit.fit("lf_surrogate", ...)`, resumable).
+   (`ftsam_jax.training.recipe.fit("lf_surrogate", ...)`, resumable).
 2. A universal perturbation `d` (H, W, C, in [0, 1] pixel units) is found by projected,
    normalised gradient descent on the surrogate's cross-entropy towards the attacker's labels
    (target class for all-to-one, y + 1 mod C for all-to-all), averaged over `num_images`
@@ -158,7 +158,7 @@ class LowFrequency(Attack):
             self.pattern = load_lf_pattern(cache, self.image_shape)
             self.needs_fit = False
             return
-        from ftsam_jax.fit import fit as fit_classifier
+        from ftsam_jax.training.recipe import fit as fit_classifier
 
         surrogate_rng, uap_rng = jax.random.split(rng)
         variables, _ = fit_classifier("lf_surrogate", model, None, ds.x_train, ds.y_train,

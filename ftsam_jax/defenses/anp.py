@@ -61,9 +61,9 @@ from flax import traverse_util
 
 from ftsam_jax import parallel
 from ftsam_jax.defenses.base import BenignData
-from ftsam_jax.loop import standard_preprocess
-from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
-from ftsam_jax.train import cross_entropy
+from ftsam_jax.training.epoch import standard_preprocess
+from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, train_stage
+from ftsam_jax.training.step import cross_entropy
 
 __all__ = ["ANPConfig", "ANPState", "anp", "anp_config", "batchnorm_paths", "init_masks",
            "perturb_params", "prune_by_mask", "random_noise", "sweep_thresholds"]

@@ -1,10 +1,10 @@
 """The defense interface: `(model, backdoored variables, benign data, config, rng, ctx) ->
 defended variables`, plus benign-subset sampling.
 
-`ctx` (`ftsam_jax.runner.StageContext`) carries the mesh, the checkpoint folder (each defense
-resumes exactly), progress bars, per-epoch logging and the optional curve evaluator. A defense's
-random stream is the `rng` it is given; the pipeline derives it from the seed and the defense's
-name, so adding a defense to a command never changes another's numbers.
+`ctx` (`ftsam_jax.training.stage.StageContext`) carries the mesh, the checkpoint folder (each
+defense resumes exactly), progress bars, per-epoch logging and the optional curve evaluator. A
+defense's random stream is the `rng` it is given; the pipeline derives it from the seed and the
+defense's name, so adding a defense to a command never changes another's numbers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ftsam_jax.runner import StageContext
+from ftsam_jax.training.stage import StageContext
 
 __all__ = ["BenignData", "DefenseFn", "DefenseSpec", "select_benign", "settings_from_dict",
            "with_defaults"]

@@ -52,7 +52,7 @@ import numpy as np
 
 from ftsam_jax import parallel
 from ftsam_jax.defenses.base import BenignData
-from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
+from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, train_stage
 
 __all__ = ["CLPConfig", "channel_lipschitz", "clp", "clp_config", "clp_prune_variables",
            "conv_bn_pairs"]

@@ -41,8 +41,8 @@ import flax.linen as nn
 import jax
 
 from ftsam_jax.defenses.base import BenignData
-from ftsam_jax.fit import FitConfig, fit
-from ftsam_jax.runner import StageContext
+from ftsam_jax.training.recipe import FitConfig, fit
+from ftsam_jax.training.stage import StageContext
 
 __all__ = ["RECIPES", "FineTuneConfig", "ft", "ft_config", "ftsam", "ftsam_config"]
 

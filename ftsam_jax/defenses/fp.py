@@ -53,10 +53,10 @@ import numpy as np
 
 from ftsam_jax import parallel, xla
 from ftsam_jax.defenses.base import BenignData
-from ftsam_jax.fit import FitConfig, fit
-from ftsam_jax.loop import to_float
-from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
-from ftsam_jax.train import classification_loss
+from ftsam_jax.training.epoch import to_float
+from ftsam_jax.training.recipe import FitConfig, fit
+from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, train_stage
+from ftsam_jax.training.step import classification_loss
 
 __all__ = ["FinePruningConfig", "apply_channel_mask", "benign_features", "channel_mask", "fp",
            "fp_config", "pruning_order", "select_pruning"]

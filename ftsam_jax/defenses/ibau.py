@@ -69,9 +69,9 @@ import optax
 
 from ftsam_jax import parallel, xla
 from ftsam_jax.defenses.base import BenignData
-from ftsam_jax.loop import epoch_indices, standard_preprocess, steps_per_epoch
-from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
-from ftsam_jax.train import cross_entropy
+from ftsam_jax.training.epoch import epoch_indices, standard_preprocess, steps_per_epoch
+from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, train_stage
+from ftsam_jax.training.step import cross_entropy
 
 __all__ = ["IBAUConfig", "IBAUState", "delta_scale", "fixed_point_hypergradient", "ibau",
            "ibau_config"]

@@ -59,9 +59,9 @@ from ftsam_jax.distill.step import (
     create_distill_state,
     make_distill_step,
 )
-from ftsam_jax.fit import FitConfig, fit, make_optimizer
-from ftsam_jax.loop import steps_per_epoch
-from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
+from ftsam_jax.training.epoch import steps_per_epoch
+from ftsam_jax.training.recipe import FitConfig, fit, make_optimizer
+from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, train_stage
 
 __all__ = ["IKDConfig", "ikd", "ikd_config"]
 

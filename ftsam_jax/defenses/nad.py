@@ -56,10 +56,10 @@ import optax
 
 from ftsam_jax.defenses.base import BenignData
 from ftsam_jax.distill.losses import attention_loss, attention_map
-from ftsam_jax.fit import FitConfig, fit, make_optimizer
-from ftsam_jax.loop import standard_preprocess
-from ftsam_jax.runner import Stage, StageContext, evaluate_variables, train_stage
-from ftsam_jax.train import cross_entropy, train_step
+from ftsam_jax.training.epoch import standard_preprocess
+from ftsam_jax.training.recipe import FitConfig, fit, make_optimizer
+from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, train_stage
+from ftsam_jax.training.step import cross_entropy, train_step
 
 __all__ = ["NADConfig", "NADState", "attention_loss", "attention_map", "nad", "nad_config",
            "nad_layers", "nad_loss"]

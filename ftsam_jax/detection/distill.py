@@ -35,7 +35,7 @@ from ftsam_jax.detection.fgd import FGDConfig, FGDRelation, fgd_loss
 from ftsam_jax.detection.losses import detection_loss, focal_sum
 from ftsam_jax.detection.step import batch_targets
 from ftsam_jax.distill.augment import SSAConfig, ssa_boxes
-from ftsam_jax.loop import to_float
+from ftsam_jax.training.epoch import to_float
 
 __all__ = ["DetectDistillConfig", "DetectDistillState", "adversarial_set",
            "create_detect_distill_state", "detection_objective", "make_detect_distill_step"]

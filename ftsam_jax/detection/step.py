@@ -10,7 +10,7 @@ import optax
 
 from ftsam_jax.detection.losses import detection_loss
 from ftsam_jax.detection.targets import DEFAULT_RANGES, DEFAULT_STRIDES, fcos_targets
-from ftsam_jax.train import TrainState
+from ftsam_jax.training.step import TrainState
 
 __all__ = ["batch_targets", "detect_train_step", "detection_loss_fn", "random_hflip"]
 

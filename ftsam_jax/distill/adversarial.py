@@ -55,8 +55,8 @@ from jax.sharding import Mesh
 
 from ftsam_jax import parallel, xla
 from ftsam_jax.distill.augment import bilinear_matrix, resize_window
-from ftsam_jax.loop import to_float
-from ftsam_jax.train import cross_entropy
+from ftsam_jax.training.epoch import to_float
+from ftsam_jax.training.step import cross_entropy
 
 __all__ = ["AttackConfig", "diversity_from_uniforms", "eval_apply", "input_diversity",
            "mi_di_fgsm", "precompute_adversarial", "to_uint8"]

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftsam_jax.data.augment import crop_flip
-from ftsam_jax.loop import to_float
+from ftsam_jax.training.epoch import to_float
 
 __all__ = [
     "SSAConfig",

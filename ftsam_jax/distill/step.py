@@ -29,7 +29,7 @@ built by `make_distill_step(model_s, model_t, tx, config)`. Per step:
 3. The optimizer: any optax transformation over the trainable tree. A chain with
    `ftsam_jax.sam_gradient` (any `GradientTransformationExtraArgs`) also gets
    `grad_fn(p)`, the gradient of the same loss at p on the same prepared inputs (a SAM student;
-   the perturbed pass's BN statistics are dropped, as in `ftsam_jax.train.sam_step`).
+   the perturbed pass's BN statistics are dropped, as in `ftsam_jax.training.step.sam_step`).
 
 Batch keys: "image" (NHWC, uint8 or float [0, 1]; after the epoch's preprocessing), "label"
 (int32), optional "adv" (same shape as "image"; needed with AFA and `adv_source="batch"`),
@@ -57,8 +57,8 @@ import optax
 from ftsam_jax.distill.adversarial import AttackConfig, eval_apply, mi_di_fgsm
 from ftsam_jax.distill.augment import SSAConfig, ssa_classification
 from ftsam_jax.distill.losses import afa_loss, feature_kd_loss, init_align, kd_loss
-from ftsam_jax.loop import to_float
-from ftsam_jax.train import cross_entropy, init_variables
+from ftsam_jax.training.epoch import to_float
+from ftsam_jax.training.step import cross_entropy, init_variables
 
 __all__ = ["DistillConfig", "DistillState", "StudentTeacherState", "bind_teacher",
            "create_distill_state", "init_alignment", "make_distill_fns", "make_distill_step"]
