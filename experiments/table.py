@@ -37,11 +37,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import flags
+from ml_collections import config_flags
 
 from experiments import cli
-from experiments.cli import InputError, distinct_ints, fail, run
+from experiments.cli import InputError, comma_list, config_from_flags, distinct_ints, fail, run
+from experiments.configs.table import get_config
 from experiments.paper import PAPER_TABLE1_SETTING, TABLE1
 from experiments.workdir import atomic_write, check_workdir_path, lock_workdir
 from ftsam_jax import metrics
@@ -54,26 +57,33 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command line of `python -m experiments.table` (defined only when it runs as
-    the program, so that modules can be imported side by side, e.g. by tests)."""
-    flags.DEFINE_string("dataset", "cifar10", "As in experiments.ftsam.")
+    the program, so that modules can be imported side by side, e.g. by tests); every flag but
+    --workdir is a shorthand of `experiments/configs/table.py`'s field of the same name."""
+    flags.DEFINE_string("dataset", None, "As in experiments.ftsam.")
     flags.DEFINE_string("data_dir", None, "As in experiments.ftsam.")
     flags.DEFINE_enum("preset", "cpu", ["paper", "cpu", "smoke"], "As in experiments.ftsam.")
-    flags.DEFINE_list("attacks", ["badnets", "badnets_a2a", "blended", "sig", "wanet", "lf",
-                                  "input_aware"], "Rows of the table.")
-    flags.DEFINE_list("defenses", ["ft", "ftsam", "fp", "nad", "anp", "ibau", "clp", "ikd"],
-                      "Column groups of the table.")
-    flags.DEFINE_list("defense_seeds", ["0"], "Defense seeds (benign subset and random streams).")
+    flags.DEFINE_list("attacks", None, "Rows of the table (default: the 7 attacks).")
+    flags.DEFINE_list("defenses", None, "Column groups of the table (default: the 8 defenses).")
+    flags.DEFINE_list("defense_seeds", None, "Defense seeds (benign subset and random streams).")
     flags.DEFINE_list("seeded_defenses", None, "Defenses run with every --defense_seeds seed "
                       "(default: all); the others run with the first seed only.")
-    flags.DEFINE_integer("seed", 0, "Seed of the backdoored models (poisoning, init, order).")
+    flags.DEFINE_integer("seed", None, "Seed of the backdoored models (poisoning, init, order).")
     flags.DEFINE_multi_string("ftsam_flag", [], "A flag passed to every experiments.ftsam cell, "
                               "e.g. --ftsam_flag=--epochs=30 (repeatable).")
     flags.DEFINE_string("workdir", "runs/table", "Output folder.")
-    flags.DEFINE_bool("plot", True, "Write table.png.")
+    flags.DEFINE_bool("plot", None, "Write table.png.")
     flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compilation "
                         "cache shared by the cells (default: $JAX_COMPILATION_CACHE_DIR, else "
                         "WORKDIR/jax_cache; 'off': every cell compiles afresh). A cached "
                         "program is the same program: the numbers do not change.")
+    config_flags.DEFINE_config_file(
+        "config", None, "A config file of the whole table, e.g. experiments/configs/table.py:cpu "
+        "(instead of --preset); override any field with --config.FIELD=VALUE.", lock_config=True)
+
+
+SHORTHANDS = ("dataset", "data_dir", "attacks", "defenses", "defense_seeds", "seeded_defenses",
+              "seed", "plot", "compilation_cache")
+
 
 NO_DEFENSE = "No defense"
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
@@ -159,19 +169,22 @@ def cell_env(root: Path, cache: str | None) -> dict[str, str]:
 
 
 def run_cell(root: Path, cell: tuple[str, str | None, int], first_seed: int,
-             extra: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Runs one cell as `python -m experiments.ftsam` (in `env`, default this process's);
-    returns (exit code, last stderr line)."""
+             extra: list[str], env: dict[str, str] | None = None,
+             run: dict[str, Any] | None = None) -> tuple[int, str]:
+    """Runs one cell as `python -m experiments.ftsam` (in `env`, default this process's) with
+    the table's `run` settings (dataset, data_dir, preset, seed; default: the flags'); returns
+    (exit code, last stderr line)."""
+    run = run or {k: FLAGS[k].value for k in ("dataset", "data_dir", "preset", "seed")}
     attack, defense, seed = cell
     folder = cell_dir(root, attack, seed)
     if seed != first_seed:
         _share_backdoored(root, attack, first_seed, seed)
-    cmd = [sys.executable, "-m", "experiments.ftsam", f"--dataset={FLAGS.dataset}",
-           f"--attack={attack}", f"--preset={FLAGS.preset}", f"--seed={FLAGS.seed}",
+    cmd = [sys.executable, "-m", "experiments.ftsam", f"--dataset={run['dataset']}",
+           f"--attack={attack}", f"--preset={run['preset']}", f"--seed={run['seed']}",
            f"--defense_seed={seed}", f"--defenses={defense or ''}", f"--workdir={folder}",
            "--progress=false", *extra]
-    if FLAGS.data_dir:
-        cmd.append(f"--data_dir={FLAGS.data_dir}")
+    if run["data_dir"]:
+        cmd.append(f"--data_dir={run['data_dir']}")
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{attack}_{defense or 'backdoored'}_ds{seed}.log"
@@ -353,28 +366,33 @@ def table_plot(table: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    attacks = _names(FLAGS.attacks, ATTACKS, "attacks")
-    defenses = _names(FLAGS.defenses, DEFENSES, "defenses")
-    seeds = distinct_ints(",".join(FLAGS.defense_seeds), "defense_seeds")
-    seeded = set(defenses if FLAGS.seeded_defenses is None else
-                 _names(FLAGS.seeded_defenses, DEFENSES, "seeded_defenses"))
+def resolve(tree: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config tree -> the table's settings; InputError for anything invalid."""
+    attacks = _names(comma_list(tree.attacks), ATTACKS, "attacks")
+    defenses = _names(comma_list(tree.defenses), DEFENSES, "defenses")
+    seeds = distinct_ints(tree.defense_seeds, "defense_seeds")
+    seeded = set(defenses if tree.seeded_defenses is None else
+                 _names(comma_list(tree.seeded_defenses), DEFENSES, "seeded_defenses"))
     if seeded - set(defenses):
         raise InputError(f"--seeded_defenses {sorted(seeded - set(defenses))} are not in "
                          "--defenses")
-    for f in FLAGS.ftsam_flag:
+    for f in tree.ftsam_flags:
         name = f.lstrip("-").split("=", 1)[0]
         if not f.startswith("--") or name in ("dataset", "data_dir", "attack", "preset", "seed",
                                               "defense_seed", "defenses", "workdir"):
             raise InputError(f"--ftsam_flag={f}: pass a flag (--name=value) that the table "
                              "does not set itself")
-    root = Path(FLAGS.workdir)
-    check_workdir_path(root)
-    load_dataset(FLAGS.dataset, FLAGS.data_dir)  # bad data: one message, before any cell
-    lock_workdir(root, "logs")  # a second table on this workdir is refused
-    env = cell_env(root, FLAGS.compilation_cache)
-    cells = plan_cells(attacks, defenses, seeds, seeded)
+    return {"dataset": tree.dataset, "data_dir": tree.data_dir, "preset": tree.preset,
+            "seed": tree.seed, "attacks": attacks, "defenses": defenses, "seeds": seeds,
+            "seeded": seeded, "ftsam_flags": list(tree.ftsam_flags), "plot": tree.plot,
+            "compilation_cache": tree.compilation_cache}
+
+
+def run_cells(cfg: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+    """Runs every cell not done yet (a cell that fails is recorded, the others go on; a
+    backdoored model that fails skips its attack's cells); returns the failures."""
+    env = cell_env(root, cfg["compilation_cache"])
+    cells = plan_cells(cfg["attacks"], cfg["defenses"], cfg["seeds"], cfg["seeded"])
     failures: list[dict[str, Any]] = []
     failed_attacks: set[str] = set()
     ran_any = False
@@ -392,7 +410,7 @@ def main(argv: list[str]) -> None:
         print(f"{label}: running ({len(cells) - k} after it)", flush=True)
         cli.current_task = f"in cell {label} (its log: {root / 'logs'})"
         t0 = time.perf_counter()
-        code, error = run_cell(root, cell, seeds[0], list(FLAGS.ftsam_flag), env)
+        code, error = run_cell(root, cell, cfg["seeds"][0], cfg["ftsam_flags"], env, cfg)
         if code == 2 and not ran_any:  # bad input (flags, data): every cell would say the same
             fail(error.removeprefix("error: ") or "experiments.ftsam refused its input")
         ran_any = True
@@ -404,21 +422,41 @@ def main(argv: list[str]) -> None:
             print(f"{label}: FAILED (exit {code}): {error}", flush=True)
             continue
         print(f"{label}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
+    return failures
 
-    table = {"dataset": FLAGS.dataset, "preset": FLAGS.preset, "seed": FLAGS.seed,
-             "attacks": attacks, "defenses": defenses, "defense_seeds": seeds,
-             "seeded_defenses": sorted(seeded), "ftsam_flags": list(FLAGS.ftsam_flag),
-             "cells": collect(root, attacks, defenses, seeds, seeded), "failures": failures,
-             "paper": paper_cells(FLAGS.dataset, attacks, defenses)}
+
+def train_and_evaluate(tree: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Runs (or resumes) the table's cells in `workdir` and writes table.json, table.md and
+    table.png; returns the table (its "failures" list the cells that failed)."""
+    cfg, root = resolve(tree), Path(workdir)
+    check_workdir_path(root)
+    load_dataset(cfg["dataset"], cfg["data_dir"])  # bad data: one message, before any cell
+    lock_workdir(root, "logs")  # a second table on this workdir is refused
+    failures = run_cells(cfg, root)
+    a, d, s = cfg["attacks"], cfg["defenses"], cfg["seeds"]
+    table = {"dataset": cfg["dataset"], "preset": cfg["preset"], "seed": cfg["seed"],
+             "attacks": a, "defenses": d, "defense_seeds": s,
+             "seeded_defenses": sorted(cfg["seeded"]), "ftsam_flags": cfg["ftsam_flags"],
+             "cells": collect(root, a, d, s, cfg["seeded"]), "failures": failures,
+             "paper": paper_cells(cfg["dataset"], a, d)}
     atomic_write(root / "table.json", json.dumps(table, indent=2) + "\n")
-    md = table_markdown(table)
-    atomic_write(root / "table.md", md)
-    if FLAGS.plot:
+    atomic_write(root / "table.md", table_markdown(table))
+    if cfg["plot"]:
         table_plot(table, root / "table.png")
+    return table
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    tree = config_from_flags(get_config, SHORTHANDS)
+    if FLAGS.ftsam_flag:
+        tree.ftsam_flags = tuple(FLAGS.ftsam_flag)
+    table = train_and_evaluate(tree, FLAGS.workdir)
+    root = Path(FLAGS.workdir)
     print()
-    print(md)
+    print(table_markdown(table))
     print(f"table: {root / 'table.md'}  numbers: {root / 'table.json'}")
-    if failures:
+    if table["failures"]:
         sys.exit(1)
 
 
