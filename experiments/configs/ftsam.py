@@ -125,8 +125,14 @@ def defense_settings(preset: str) -> ml_collections.ConfigDict:
         delta_space="normalized")
     # CLP (clp.py): data-free, no training.
     d.clp = dict(u=3.0)
-    # IKD (ikd.py): an FT-SAM teacher (the reference recipe), then NAD + adversarial features.
-    d.ikd = dict(
+    d.ikd = ikd_settings(smoke)
+    return d
+
+
+def ikd_settings(smoke: bool) -> dict:
+    """IKD (ikd.py): an FT-SAM teacher (the reference recipe), then NAD + adversarial features;
+    `smoke` shortens both trainings."""
+    return dict(
         teacher=dict(
             epochs=1 if smoke else 100, batch_size=256, lr=0.01, momentum=0.9,
             weight_decay=5e-4, schedule="cosine_iter", t_max=100, label_smoothing=0.1, sam=True,
@@ -140,4 +146,3 @@ def defense_settings(preset: str) -> ml_collections.ConfigDict:
             eps=8 / 255, step_size=2 / 255, steps=5, decay=1.0, diversity_prob=0.5,
             resize_rate=0.9, clip="image", pad_value=config_dict.placeholder(object)),
         attack_batch_size=256, ssa=False, ssa_quantile=0.5, student_sam=False)
-    return d
