@@ -422,8 +422,10 @@ def train_teacher(run: Run, extra: DetectionData | None) -> Any:
 
 def evaluate_teacher(run: Run, t_params: Any, t0: float) -> None:
     """The teacher's row of results.json (clean metrics, AP on adversarial evaluation images),
-    once."""
-    if "teacher" in run.results:
+    once; results.json's "config" is always this run's settings."""
+    if "teacher" in run.results:  # finished earlier: the config is this run's
+        run.results["config"] = {**run.cfg, "train_images": len(run.train),
+                                 "val_images": len(run.val)}
         return
     evaluate = run.evaluator(run.teacher)
     val_adv = adversarial_set(run.teacher, t_params, run.val, jax.random.fold_in(

@@ -50,6 +50,7 @@ def test_smoke_run_results_and_rerun(data_dir, tmp_path):
     assert more["teacher"] == res["teacher"] and set(more["students"]) == {
         "student", "fgd_ikd", "fgd"}
     assert more["students"]["fgd_ikd"] == res["students"]["fgd_ikd"]
+    assert more["config"]["methods"] == ["student", "fgd_ikd", "fgd"]  # this run's settings
     assert (tmp_path / "w" / "data" / "adversarial.npy").is_file()
 
 
