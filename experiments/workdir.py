@@ -39,11 +39,12 @@ def check_workdir_path(workdir: Path) -> None:
 
 
 def _refuse_if_busy(workdir: Path) -> None:
-    """InputError if another process holds `workdir/.lock` (probed without creating it)."""
+    """InputError if another run holds `workdir/.lock` (probed without creating it). Multi-host:
+    only process 0 probes (the others share its workdir, and its lock)."""
     import fcntl
 
     lock = workdir / ".lock"
-    if workdir.resolve() in _held_locks or not lock.is_file():
+    if jax.process_index() != 0 or workdir.resolve() in _held_locks or not lock.is_file():
         return
     try:
         fd = os.open(lock, os.O_RDONLY)
