@@ -77,7 +77,7 @@ def run_interrupted_twice_then_resume(module, args, workdir, stage):
 
 def test_ftsam_defense_stage_sigterm_sigint_resume(toy_npz, tmp_path):
     args = [f"--dataset=npz:{toy_npz}", "--attack=badnets", "--preset=smoke", "--defenses=ft",
-            "--defense_epochs=12"]
+            "--defense_epochs=30"]
     run_module("experiments.ftsam", *args, f"--workdir={tmp_path / 'full'}")
     full = json.loads((tmp_path / "full" / "results.json").read_text())
     resumed = run_interrupted_twice_then_resume("experiments.ftsam", args, tmp_path / "part",
@@ -89,7 +89,7 @@ def test_ftsam_defense_stage_sigterm_sigint_resume(toy_npz, tmp_path):
 def test_detect_student_sigterm_sigint_resume(tmp_path):
     if not (DATA / "fashion-mnist").is_dir() or not (DATA / "cifar10-subset").is_dir():
         pytest.skip("../shared/data is not present")
-    args = [f"--data_dir={DATA}", "--preset=smoke", "--methods=student", "--epochs=8"]
+    args = [f"--data_dir={DATA}", "--preset=smoke", "--methods=student", "--epochs=12"]
     run_module("experiments.detect", *args, f"--workdir={tmp_path / 'full'}")
     full = json.loads((tmp_path / "full" / "results.json").read_text())
     resumed = run_interrupted_twice_then_resume("experiments.detect", args, tmp_path / "part",
