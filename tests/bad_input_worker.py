@@ -4,7 +4,8 @@
 
 stdin: a JSON list of argument lists. Each row is parsed by the entry point's own flag parser
 and run by `experiments.cli.guarded`, the body of `experiments.cli.run` (what `python -m
-experiments.NAME` runs), in a fork of this process; stdout: one JSON object a row,
+experiments.NAME` runs), in a fork of this process that defines the flags with the row as its
+sys.argv; stdout: one JSON object a row,
 {"code": exit code, "stderr": what it printed there}. A row that raises instead of exiting
 gets code "traceback" and the traceback as its stderr. One process (one JAX import) serves
 all the rows of an entry point, so the bad-input suite stays in the fast tier's budget.
@@ -44,6 +45,10 @@ def run_forked(module, args: list[str]) -> dict[str, object]:
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
+        # As `python -m`: the flags are defined with this row as sys.argv (ml_collections
+        # registers the --config.FIELD overrides it finds there when --config is defined).
+        sys.argv = [module.__name__, *args]
+        module.define_flags()
         with os.fdopen(write_fd, "w") as out:
             out.write(json.dumps(run_row(module, args)))
         os._exit(0)
@@ -58,7 +63,6 @@ def run_forked(module, args: list[str]) -> dict[str, object]:
 
 def main() -> None:
     module = importlib.import_module(f"experiments.{sys.argv[1]}")
-    module.define_flags()
     rows = json.load(sys.stdin)
     print(json.dumps([run_forked(module, args) for args in rows]))
 

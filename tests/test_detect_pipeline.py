@@ -54,24 +54,7 @@ def test_smoke_run_results_and_rerun(data_dir, tmp_path):
     assert (tmp_path / "w" / "data" / "adversarial.npy").is_file()
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--methods=student,magic", "--methods must list"),
-    ("--seeds=0,0", "distinct"),
-    ("--dataset=voc:/nowhere", "not supported"),
-    ("--dataset=coco:/nowhere", "COCO folder not found"),
-    ("--batch_size=12", "not divisible"),
-    ("--batch_size=1024", "larger than the training set"),
-    ("--config.num_val=0", "must be >= 1"),
-])
-def test_bad_input_is_one_line(tmp_path, flag, message):
-    chosen = (["--config=experiments/configs/detect.py:smoke"] if flag.startswith("--config.")
-              else ["--preset=smoke"])
-    proc = run_module("experiments.detect", *chosen, flag,
-                      f"--workdir={tmp_path / 'w'}", check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().startswith("error:") and message in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    assert not (tmp_path / "w").exists()
+# The bad-input rows of this entry point are in tests/test_bad_input.py (one process).
 
 
 def test_missing_data_folder_is_one_line(tmp_path):

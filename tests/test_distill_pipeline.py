@@ -65,21 +65,4 @@ def test_distill_results_and_exact_resume(npz_data, tmp_path):
     assert strip(again["teacher"]) == strip(res["teacher"])
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--methods=ce,magic"], "unknown methods ['magic']"),
-    (["--seeds=0,x"], "--seeds must be integers"),
-    (["--afa_levels=stage9"], "--afa_levels ['stage9'] are not features"),
-    (["--batch_size=20"], "not divisible by the number of devices"),
-    (["--preset=paper", "--epochs=0"], "epochs, widths and --eval_every must be >= 1"),
-    (["--config=experiments/configs/distill.py:smoke", "--config.adv_source=disk"],
-     "--adv_source must be batch or online"),
-    (["--config=experiments/configs/distill.py:smoke", "--config.kd_alpha=x"],
-     "--config.kd_alpha=x"),
-])
-def test_distill_bad_input(npz_data, tmp_path, args, message):
-    proc = run_distill(f"--dataset=npz:{npz_data}", f"--workdir={tmp_path / 'w'}", *args,
-                       check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-    assert not (tmp_path / "w").exists()
+# The bad-input rows of this entry point are in tests/test_bad_input.py (one process).

@@ -115,35 +115,7 @@ def test_cifar_slice_backdoored_stage(cifar_dir, tmp_path):
     assert results["defenses"] == {}
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--attack=nope"], "unknown attack 'nope'"),
-    (["--poison_ratio=0"], "--poison_ratio must lie in (0, 1]"),
-    (["--target=7"], "--target 7 is outside [0, 4)"),
-    (["--model=resnet9000"], "unknown model"),
-    (["--batch_size=12"], "not divisible by the number of devices (8)"),
-    (["--batch_size=100000"], "larger than the training set (320 images)"),
-    (["--defenses=ft,magic"], "unknown defenses ['magic']"),
-    (["--defenses=ft", "--set=ft.epochz=3"], "no setting 'epochz'"),
-    (["--defenses=ft", "--set=ft.sam=true"], "ft.sam cannot be changed"),
-    (["--defenses=ikd", "--set=ikd.teacher.sam=false"], "ikd.teacher_sam"),
-    (["--defenses=ikd", "--set=ikd.teacher.batch_size=64"], "ikd.batch_size"),
-    (["--dataset=npz:/no/such/file.npz"], "npz file not found"),
-    (["--config=experiments/configs/ftsam.py:smoke", "--config.nope=1"], "no config field"),
-    (["--config=experiments/configs/ftsam.py:tiny"], "unknown preset 'tiny'"),
-    (["--config=/no/such/config.py"], "cannot load --config=/no/such/config.py"),
-    (["--config=experiments/configs/ftsam.py:smoke", "--config.lr=fast"], "--config.lr=fast"),
-    (["--config=experiments/configs/ftsam.py:smoke", "--preset=cpu"], "not both"),
-])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(npz_data, tmp_path, args, message):
-    base = [f"--dataset=npz:{npz_data}", f"--workdir={tmp_path / 'w'}"]
-    if not any(a.startswith("--config=") for a in args):
-        base.append("--preset=smoke")
-    proc = run_ftsam(*base, *args, check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "w").exists()
+# The bad-input rows of this entry point are in tests/test_bad_input.py (one process).
 
 
 def test_malformed_cifar_folder_is_a_clear_error(tmp_path):
