@@ -372,7 +372,12 @@ class Run:
         return steps_per_epoch(len(self.train), self.cfg["batch_size"], drop_last=True)
 
     def evaluator(self, model: FCOS) -> DetectionEvaluator:
-        return DetectionEvaluator(model, self.val, self.ctx.mesh, self.cfg["batch_size"])
+        """One evaluator (one compiled decoding) per model for the whole run."""
+        cache = self.__dict__.setdefault("_evaluators", {})
+        if id(model) not in cache:
+            cache[id(model)] = DetectionEvaluator(model, self.val, self.ctx.mesh,
+                                                  self.cfg["batch_size"])
+        return cache[id(model)]
 
     def save_results(self) -> None:
         atomic_write(self.workdir / "results.json", json.dumps(self.results, indent=2) + "\n")
@@ -383,11 +388,6 @@ def _curve(evaluate: DetectionEvaluator, params: Any) -> Any:
     TensorBoard), `params(state)` picking the detector's params."""
     return lambda state: {f"val_{k}": v for k, v in evaluate(params(state)).items()
                           if k in ("ap", "ap50", "ap_s")}
-
-
-def _no_preprocess(batch: dict[str, Any], rng: jax.Array) -> dict[str, Any]:
-    del rng
-    return batch
 
 
 def train_teacher(run: Run, extra: DetectionData | None) -> Any:
@@ -412,7 +412,7 @@ def train_teacher(run: Run, extra: DetectionData | None) -> Any:
     state, _ = train_stage(Stage(
         "teacher", state, cfg["teacher_epochs"], step=step, data=data,
         batch_size=cfg["batch_size"],
-        preprocess=random_hflip if cfg["teacher_flip"] else _no_preprocess,
+        **({"preprocess": random_hflip} if cfg["teacher_flip"] else {}),
         evaluate=_curve(run.evaluator(run.teacher), lambda s: s.params) if every else None), ctx)
     run.ctx.restored_seconds = ctx.restored_seconds
     if jax.process_index() == 0:
