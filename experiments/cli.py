@@ -61,8 +61,16 @@ def check_batch_fits(batch_size: int, num_examples: int, unit: str = "images") -
 
 
 def comma_list(text: str) -> list[str]:
-    """The items of a comma-separated config field (`"ft, ftsam"` -> ["ft", "ftsam"])."""
-    return [item.strip() for item in text.split(",") if item.strip()]
+    """The items of a comma-separated config field (`"ft, ftsam"` -> ["ft", "ftsam"]); a comma
+    inside brackets belongs to its item (`"ft,ftsam[rho=0,adaptive=false]"`: two items)."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
 
 
 def distinct_ints(text: str, name: str) -> list[int]:

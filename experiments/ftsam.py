@@ -54,6 +54,7 @@ from experiments.configs.ftsam import (
     get_config,
 )
 from experiments.overrides import apply_set_items
+from experiments.variants import DefenseColumn, column_base, column_section, parse_columns
 from experiments.workdir import (
     MetricsLog,
     atomic_write,
@@ -67,7 +68,7 @@ from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create
 from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data import Dataset, check_backdoor_target, load_dataset, normalization_for
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
-from ftsam_jax.defenses.base import with_defaults
+from ftsam_jax.defenses.base import BENIGN_SELECTIONS, benign_fingerprint, with_defaults
 from ftsam_jax.models import MODELS, create_model
 from ftsam_jax.training.epoch import make_evaluator
 from ftsam_jax.training.recipe import FitConfig, fit
@@ -108,6 +109,10 @@ def define_flags(fv: flags.FlagValues = FLAGS, sys_argv: list[str] | None = None
                       "ft,ftsam: " + "; ".join(f"{n}: {s.summary}" for n, s in
                                                sorted(DEFENSES.items())) + ".", flag_values=fv)
     real("benign_ratio", None, "Share of the training set the defender holds.")
+    enum("benign_selection", None, list(BENIGN_SELECTIONS), "reference: each defense draws its "
+         "benign subset by its own rule (FT-SAM class-balanced, the others uniformly) from its "
+         "own stream; shared: one class-balanced subset per defense seed, used by every "
+         "defense of the run (paired comparisons).")
     real("rho", None, "FT-SAM neighbourhood radius.", lower_bound=0.0)
     enum("ftsam_recipe", None, list(FTSAM_RECIPES), "reference: BackdoorBench's (label "
          "smoothing 0.1, cyclic per-iteration cosine); paper: plain CE, cosine per epoch.")
@@ -150,8 +155,9 @@ def alias_note(alias: Any) -> str:
 FLAG_ALIASES: dict[str, Any] = {
     **{name: name for name in (
         "dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
-        "width", "epochs", "batch_size", "lr", "seed", "defense_seed", "benign_ratio", "dtype",
-        "eval_every", "checkpoint_every", "analysis", "progress", "defenses")},
+        "width", "epochs", "batch_size", "lr", "seed", "defense_seed", "benign_ratio",
+        "benign_selection", "dtype", "eval_every", "checkpoint_every", "analysis", "progress",
+        "defenses")},
     "ftsam_recipe": {recipe: {f"defense.ftsam.{k}": v for k, v in fields.items()}
                      for recipe, fields in FTSAM_RECIPES.items()},
     "rho": "defense.ftsam.rho",
@@ -163,12 +169,14 @@ FLAG_ALIASES: dict[str, Any] = {
 def alias_paths(tree: ml_collections.ConfigDict, path: str) -> list[str]:
     """The tree fields an alias path stands for: `defense.NAME.FIELD` only when NAME is in
     `defenses` (a shorthand never changes a defense that does not run, so a flag of
-    `experiments.table` suits every cell); `defense.*.FIELD`: each selected defense with FIELD."""
+    `experiments.table` suits every cell; a variant column `NAME[...]` selects NAME's section);
+    `defense.*.FIELD`: each selected defense with FIELD."""
     head, _, rest = path.partition(".")
     if head != "defense":
         return [path]
     name, _, field = rest.partition(".")
-    selected = [n for n in comma_list(tree.defenses) if n in tree.defense]
+    selected = [n for n in dict.fromkeys(column_base(c) for c in comma_list(tree.defenses))
+                if n in tree.defense]
     if name == "*":
         return [f"defense.{n}.{field}" for n in selected if field in tree.defense[n]]
     return [path] if name in selected else []
@@ -188,9 +196,14 @@ def config_tree(fv: flags.FlagValues = FLAGS) -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """The run's typed settings. `defenses` are the columns' names as written, `columns` and
+    `defense_configs` are keyed by them."""
+
     run: dict[str, Any]
     benign_ratio: float
+    benign_selection: str
     defenses: tuple[str, ...]
+    columns: dict[str, DefenseColumn]
     defense_configs: dict[str, Any]
     eval_every: int
 
@@ -199,9 +212,12 @@ def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int) -> Settin
     """The config tree -> typed settings (the tree is not modified); raises InputError for
     anything invalid, including a changed setting that nothing would use."""
     check_run_fields(cfg, num_devices)
-    names = selected_defenses(cfg)
-    return Settings(run=run_record(cfg), benign_ratio=cfg.benign_ratio, defenses=tuple(names),
-                    defense_configs=defense_settings(cfg, names, num_devices),
+    columns = selected_defenses(cfg)
+    return Settings(run=run_record(cfg), benign_ratio=cfg.benign_ratio,
+                    benign_selection=cfg.benign_selection,
+                    defenses=tuple(c.name for c in columns),
+                    columns={c.name: c for c in columns},
+                    defense_configs=defense_settings(cfg, columns, num_devices),
                     eval_every=cfg.eval_every)
 
 
@@ -218,6 +234,9 @@ def check_run_fields(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         raise InputError(f"--poison_ratio must lie in (0, 1], got {cfg.poison_ratio}")
     if not 0.0 < cfg.benign_ratio <= 1.0:
         raise InputError(f"--benign_ratio must lie in (0, 1], got {cfg.benign_ratio}")
+    if cfg.benign_selection not in BENIGN_SELECTIONS:
+        raise InputError(f"--benign_selection must be one of {list(BENIGN_SELECTIONS)}, got "
+                         f"{cfg.benign_selection!r}")
     if cfg.width < 1 or cfg.epochs < 1 or cfg.lr <= 0:
         raise InputError("--width and --epochs must be >= 1 and --lr > 0")
     if cfg.batch_size < 1:
@@ -232,14 +251,9 @@ def check_run_fields(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     compute_dtype(cfg.dtype)
 
 
-def selected_defenses(cfg: ml_collections.ConfigDict) -> list[str]:
-    names = comma_list(cfg.defenses)
-    unknown = [d for d in names if d not in DEFENSES]
-    if unknown:
-        raise InputError(f"unknown defenses {unknown}; choose from {sorted(DEFENSES)}")
-    if len(set(names)) != len(names):
-        raise InputError("--defenses lists a defense twice")
-    return names
+def selected_defenses(cfg: ml_collections.ConfigDict) -> list[DefenseColumn]:
+    """The columns of `defenses`: defenses and variants `NAME[FIELD=VALUE,...]`."""
+    return parse_columns(cfg.defenses, DEFENSES)
 
 
 def run_record(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -252,31 +266,35 @@ def run_record(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             "schedule": backdoored_schedule(cfg.preset, cfg.attack)}
 
 
-def defense_settings(cfg: ml_collections.ConfigDict, names: list[str], num_devices: int
-                     ) -> dict[str, Any]:
-    """Each selected defense's settings (its dataclass, from the tree's `defense.NAME`); a
-    changed section of a defense that does not run is refused (it would be dropped)."""
+def defense_settings(cfg: ml_collections.ConfigDict, columns: list[DefenseColumn],
+                     num_devices: int) -> dict[str, Any]:
+    """Each column's settings (its defense's dataclass, from the tree's `defense.NAME`, with a
+    variant's overrides); a changed section of a defense that no column runs is refused (it
+    would be dropped)."""
     unknown = sorted(set(cfg.defense) - set(DEFENSES))
     if unknown:
         raise InputError(f"config defense.{unknown[0]}: no such defense; defenses: "
                          f"{sorted(DEFENSES)}")
-    missing = [name for name in names if name not in cfg.defense]
+    bases = {c.base for c in columns}
+    missing = sorted(bases - set(cfg.defense))
     if missing:
         raise InputError(f"config has no defense.{missing[0]} section")
-    configs = {}
     for name, section in cfg.defense.items():
-        config = defense_config(name, section.to_dict(), cfg.preset, name in names)
-        if name not in names:
-            continue
+        defense_config(name, section.to_dict(), cfg.preset, name in bases)
+    configs = {}
+    for column in columns:
+        values = column_section(cfg.defense, column)
+        config = defense_config(column.base, values, cfg.preset, True, column.name)
         bs = getattr(config, "batch_size", None)
         if bs is not None and bs % num_devices:
-            raise InputError(f"defense {name}: batch size {bs} is not divisible by the number "
-                             f"of devices ({num_devices}); set --defense_batch_size")
-        configs[name] = config
-    return {name: configs[name] for name in names}
+            raise InputError(f"defense {column.name}: batch size {bs} is not divisible by the "
+                             f"number of devices ({num_devices}); set --defense_batch_size")
+        configs[column.name] = config
+    return configs
 
 
-def defense_config(name: str, values: dict[str, Any], preset: str, selected: bool) -> Any:
+def defense_config(name: str, values: dict[str, Any], preset: str, selected: bool,
+                   column: str | None = None) -> Any:
     """The settings of the tree's section `defense.NAME` (`DefenseSpec.config_from_dict`),
     checked against the preset's (`DefenseSpec.preset_config`): a defense that does not run
     must keep them, one that runs may not change what it fixes itself (`DefenseSpec.fixed`).
@@ -298,7 +316,8 @@ def defense_config(name: str, values: dict[str, Any], preset: str, selected: boo
         raise InputError(f"config defense.{name}: {e}") from None
     changed = spec.changed_fixed_fields(config, reference)
     if changed:
-        raise InputError(f"{name}.{changed[0]} cannot be changed ({spec.fixed[changed[0]]})")
+        where = f"{column or name}: {name}" if column != name and column else name
+        raise InputError(f"{where}.{changed[0]} cannot be changed ({spec.fixed[changed[0]]})")
     return config
 
 
@@ -312,24 +331,29 @@ def config_json(cfg: ml_collections.ConfigDict, settings: Settings) -> str:
 # Files
 
 
-def defense_record(cfg: Any, benign_ratio: float, defense_seed: int) -> dict[str, Any]:
+def defense_record(cfg: Any, benign_ratio: float, defense_seed: int,
+                   benign_selection: str) -> dict[str, Any]:
     """A defense's settings as stored in results.json (and compared on rerun)."""
-    return {"benign_ratio": benign_ratio, "defense_seed": defense_seed, **dataclasses.asdict(cfg)}
+    return {"benign_ratio": benign_ratio, "benign_selection": benign_selection,
+            "defense_seed": defense_seed, **dataclasses.asdict(cfg)}
 
 
-def check_defense_record(workdir: Path, results: dict[str, Any], name: str,
+def check_defense_record(workdir: Path, results: dict[str, Any], column: DefenseColumn,
                          record: dict[str, Any], seed: int) -> None:
-    """A defense's checkpoints and result belong to its settings: InputError when the stored
+    """A column's checkpoints and result belong to its settings: InputError when the stored
     record (results.json's, else its checkpoints' marker) differs from `record`. A record
     written before a field existed is completed first (`DefenseSpec.complete_record`; before
-    --defense_seed existed, the defenses ran with the run's seed)."""
-    marker = workdir / "checkpoints" / f"{name}.settings.json"
+    --defense_seed existed, the defenses ran with the run's seed; before --benign_selection,
+    each drew its own subset: `reference`)."""
+    name = column.name
+    marker = workdir / "checkpoints" / f"{column.folder}.settings.json"
     previous = results["defenses"].get(name, {}).get("config")
     if previous is None and marker.is_file():
         previous = json.loads(marker.read_text())
     if previous is None:
         return
-    previous = DEFENSES[name].complete_record(with_defaults(previous, {"defense_seed": seed}))
+    previous = DEFENSES[column.base].complete_record(with_defaults(
+        previous, {"defense_seed": seed, "benign_selection": "reference"}))
     if previous != record:
         changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in record.items()
                             if previous.get(k) != v)
@@ -408,7 +432,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     for name in settings.defenses:
         defense_stage(name, settings, ds, model, bd_vars, results, ctx, defense_seed)
     if cfg.analysis and jax.process_index() == 0:
-        analysis_stage(model, attack, bd, bd_vars, settings.defenses, workdir)
+        analysis_stage(model, attack, bd, bd_vars, settings, workdir)
     return results
 
 
@@ -484,40 +508,59 @@ def backdoored_stage(cfg: ml_collections.ConfigDict, settings: Settings, ds: Dat
 
 def defense_stage(name: str, settings: Settings, ds: Dataset, model: Any, bd_vars: Any,
                   results: dict[str, Any], ctx: StageContext, defense_seed: int) -> None:
-    """(3) One defense from the backdoored weights, with its own random stream (from the
-    defense seed and its name); skipped when finished earlier. Adds its row to `results`."""
-    spec, dcfg, workdir = DEFENSES[name], settings.defense_configs[name], Path(ctx.workdir)
-    record = json.loads(json.dumps(defense_record(dcfg, settings.benign_ratio, defense_seed)))
-    check_defense_record(workdir, results, name, record, ctx.seed)
+    """(3) One column (a defense or a variant of one) from the backdoored weights, with its own
+    random stream (from the defense seed and its name) and files (`DefenseColumn.folder`);
+    skipped when finished earlier. Adds its row to `results`, with the benign subset's
+    fingerprint ("benign": selection, count, sha256 of the sorted indices)."""
+    column, dcfg = settings.columns[name], settings.defense_configs[name]
+    spec, workdir = DEFENSES[column.base], Path(ctx.workdir)
+    record = json.loads(json.dumps(defense_record(
+        dcfg, settings.benign_ratio, defense_seed, settings.benign_selection)))
+    check_defense_record(workdir, results, column, record, ctx.seed)
     if name in results["defenses"]:
         return
-    marker = workdir / "checkpoints" / f"{name}.settings.json"
+    marker = workdir / "checkpoints" / f"{column.folder}.settings.json"
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(marker, json.dumps(record) + "\n")
     rng = stage_rng(defense_seed, f"defense/{name}")
-    benign_rng = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
-    idx = select_benign(ds.y_train, settings.benign_ratio, benign_rng, spec.balanced)
+    idx = benign_indices(ds.y_train, settings, spec.balanced, rng, defense_seed, ctx.seed)
     if not spec.uses_data:  # data-free (CLP): no image, only the input shape
         idx = idx[:0]
     benign = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)
+    # A variant's stages keep their own checkpoints (checkpoints/FOLDER/STAGE).
+    ctx = dataclasses.replace(ctx, scope=column.folder if column.is_variant else None)
     t0 = start_timer(ctx)
     variables = spec.run(model, bd_vars, benign, dcfg, rng, ctx)
-    save_variables(workdir / "models" / name, variables)
+    save_variables(workdir / "models" / column.folder, variables)
     r = ctx.evaluate(variables)
     r["der"] = metrics.der(results["backdoored"], r)
-    r.update(seconds=elapsed(t0, ctx), benign_examples=int(len(idx)), config=record)
+    r.update(seconds=elapsed(t0, ctx), benign_examples=int(len(idx)),
+             benign={"selection": settings.benign_selection, **benign_fingerprint(idx)},
+             config=record)
     results["defenses"][name] = r
     write_results(workdir, results)
 
 
+def benign_indices(labels: np.ndarray, settings: Settings, balanced: bool, rng: jax.Array,
+                   defense_seed: int, run_seed: int) -> np.ndarray:
+    """The defender's benign subset. `reference`: the defense's own rule (`balanced`) from its
+    own stream `rng`; `shared`: one class-balanced subset drawn from the defense seed and the
+    run seed only, the same for every defense of the run."""
+    if settings.benign_selection == "shared":
+        rng = stage_rng(defense_seed, f"benign/shared/seed{run_seed}")
+        balanced = True
+    generator = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
+    return select_benign(labels, settings.benign_ratio, generator, balanced)
+
+
 def analysis_stage(model: Any, attack: Any, bd: BackdoorData, bd_vars: Any,
-                   defenses: tuple[str, ...], workdir: Path) -> None:
+                   settings: Settings, workdir: Path) -> None:
     """(4) Neuron norms and TAC of the last conv layer, before and after each defense."""
     from ftsam_jax.analysis import run_analysis
 
     models = {"backdoored": bd_vars}
-    models.update({name: load_variables(workdir / "models" / name, bd_vars)
-                   for name in defenses})
+    models.update({name: load_variables(workdir / "models" / settings.columns[name].folder,
+                                        bd_vars) for name in settings.defenses})
     mask = attack.test_mask(bd.y_test)
     run_analysis(model, models, bd.x_test[mask], bd.x_bd, workdir)
 

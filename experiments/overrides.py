@@ -40,7 +40,7 @@ def set_from_text(tree: ml_collections.ConfigDict, path: str, text: str, where: 
 def apply_set_items(tree: ml_collections.ConfigDict, items: Sequence[str]) -> None:
     """Applies every `NAME.FIELD=VALUE` of `items` to `tree.defense` (in place); NAME must be
     in the tree's `defenses` (a setting of a defense that does not run would be dropped)."""
-    selected = comma_list(tree.defenses)
+    selected = [c.split("[", 1)[0].strip() for c in comma_list(tree.defenses)]  # variants too
     for item in items:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")

@@ -15,8 +15,23 @@ whose results.json has the backdoored row and `models/backdoored` (for LF also i
 needs no checkpoint: committing those (a few MB at `cpu` width) lets a table go on later, on
 another machine.
 Defenses in `--seeded_defenses` run with every seed of `--defense_seeds`, the others with the
-first. Rerunning the command skips finished cells and resumes interrupted ones from
-their checkpoints. Writes `table.md` (rows: attacks and their average; column groups: No
+first.
+
+A column of `--defenses` is a defense or a variant of one, `NAME[FIELD=VALUE,...]`
+(`experiments.variants`): `--defenses=ft,ftsam,ftsam[rho=0],ftsam[adaptive=false]` sets FT-SAM
+beside its SAM-off control and plain SAM; a variant's cells are ordinary columns, named as
+written. `--benign_selection` (passed to every cell) is `shared` for a new table: every defense
+of a defense seed fine-tunes on the same class-balanced subset, so the columns are paired; a
+table made before the setting existed keeps `reference` (each defense its own subset) and
+resumes. `--benign_ratios=0.01,0.05,0.1` makes one block per ratio (the paper's Table 3), each
+in `WORKDIR/ATTACK/ratioR/ds{s}`, the backdoored model still trained once per attack.
+`--differences=ftsam:ft,ftsam:ftsam[rho=0]` adds the paired differences A - B per attack (mean
++- std over defense seeds and the 95% t interval; "not resolved" when it spans 0). When columns
+of one defense differ in one numeric setting (`ftsam[rho=1]`, `ftsam`, `ftsam[rho=4]`),
+`table_FIELD.png` draws ASR and C-Acc against it (mean +- std over seeds).
+
+Rerunning the command skips finished cells and resumes interrupted ones from their
+checkpoints. Writes `table.md` (rows: attacks and their average; column groups: No
 defense and each defense with C-Acc / ASR / DER in %, mean +- std over seeds), `table.json`
 (every number, per seed, and the failed cells), `table.png` (ASR and C-Acc heat maps) and
 `logs/` (each cell's output).
@@ -34,23 +49,34 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
 from experiments.cli import InputError, comma_list, config_from_flags, distinct_ints, fail, run
 from experiments.configs.table import get_config
-from experiments.paper import PAPER_TABLE1_SETTING, TABLE1
+from experiments.table_render import (
+    METRICS,
+    NO_DEFENSE,
+    axis_plot,
+    differences,
+    paper_cells,
+    table_markdown,
+    table_plot,
+    variant_axis,
+)
+from experiments.variants import DefenseColumn, parse_column, parse_columns
 from experiments.workdir import atomic_write, check_workdir_path, lock_workdir
 from ftsam_jax import metrics
 from ftsam_jax.attacks import ATTACKS
 from ftsam_jax.data import load_dataset
 from ftsam_jax.defenses import DEFENSES
+from ftsam_jax.defenses.base import BENIGN_SELECTIONS
 
 FLAGS = flags.FLAGS
 
@@ -63,10 +89,18 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "As in experiments.ftsam.")
     flags.DEFINE_enum("preset", "cpu", ["paper", "cpu", "smoke"], "As in experiments.ftsam.")
     flags.DEFINE_list("attacks", None, "Rows of the table (default: the 7 attacks).")
-    flags.DEFINE_list("defenses", None, "Column groups of the table (default: the 8 defenses).")
+    flags.DEFINE_list("defenses", None, "Columns of the table (default: the 8 defenses): "
+                      "defenses or variants NAME[FIELD=VALUE,...], e.g. ftsam[rho=0].")
     flags.DEFINE_list("defense_seeds", None, "Defense seeds (benign subset and random streams).")
     flags.DEFINE_list("seeded_defenses", None, "Defenses run with every --defense_seeds seed "
                       "(default: all); the others run with the first seed only.")
+    flags.DEFINE_enum("benign_selection", None, list(BENIGN_SELECTIONS), "Passed to every "
+                      "cell (default: shared for a new table, the table's own for an existing "
+                      "one; see experiments.ftsam).")
+    flags.DEFINE_list("benign_ratios", None, "One block of the table per benign ratio, e.g. "
+                      "0.01,0.05,0.1 (the paper's Table 3); default: the cells' own ratio.")
+    flags.DEFINE_list("differences", None, "Paired differences A:B (A - B over the defense "
+                      "seeds, per attack) written under the table, e.g. ftsam:ft.")
     flags.DEFINE_integer("seed", None, "Seed of the backdoored models (poisoning, init, order).")
     flags.DEFINE_multi_string("ftsam_flag", [], "A flag passed to every experiments.ftsam cell, "
                               "e.g. --ftsam_flag=--epochs=30 (repeatable).")
@@ -82,14 +116,25 @@ def define_flags() -> None:
 
 
 SHORTHANDS = ("dataset", "data_dir", "attacks", "defenses", "defense_seeds", "seeded_defenses",
-              "seed", "plot", "compilation_cache")
+              "benign_selection", "benign_ratios", "differences", "seed", "plot",
+              "compilation_cache")
 
 
-NO_DEFENSE = "No defense"
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 
-def _names(values: list[str], known: dict[str, Any], name: str) -> list[str]:
+class Cell(NamedTuple):
+    """One run of the table: an attack's backdoored model (defense None) or one column with one
+    defense seed, at one benign ratio (None: the cells' preset's, the single-block layout)."""
+
+    attack: str
+    defense: str | None
+    seed: int
+    ratio: float | None = None
+
+
+def _names(values: list[str], known: Iterable[str], name: str) -> list[str]:
+    known = list(known)
     unknown = [v for v in values if v not in known]
     if unknown:
         raise InputError(f"unknown --{name} {unknown}; choose from {sorted(known)}")
@@ -98,19 +143,23 @@ def _names(values: list[str], known: dict[str, Any], name: str) -> list[str]:
     return list(values)
 
 
-def plan_cells(attacks: list[str], defenses: list[str], seeds: list[int],
-               seeded: set[str]) -> list[tuple[str, str | None, int]]:
-    """(attack, defense or None for the backdoored model, seed), in running order."""
-    cells: list[tuple[str, str | None, int]] = []
+def plan_cells(attacks: list[str], defenses: list[str], seeds: list[int], seeded: set[str],
+               ratios: Sequence[float | None] = (None,)) -> list[Cell]:
+    """The cells in running order: per attack its backdoored model (first ratio, first seed),
+    then per ratio every column with its seeds."""
+    cells: list[Cell] = []
     for a in attacks:
-        cells.append((a, None, seeds[0]))
-        for d in defenses:
-            cells.extend((a, d, s) for s in (seeds if d in seeded else seeds[:1]))
+        cells.append(Cell(a, None, seeds[0], ratios[0]))
+        for r in ratios:
+            for d in defenses:
+                cells.extend(Cell(a, d, s, r) for s in (seeds if d in seeded else seeds[:1]))
     return cells
 
 
-def cell_dir(root: Path, attack: str, seed: int) -> Path:
-    return root / attack / f"ds{seed}"
+def cell_dir(root: Path, attack: str, seed: int, ratio: float | None = None) -> Path:
+    """`ROOT/ATTACK/ds{seed}`, or `ROOT/ATTACK/ratio{r}/ds{seed}` in a table of benign ratios."""
+    folder = root / attack if ratio is None else root / attack / f"ratio{ratio:g}"
+    return folder / f"ds{seed}"
 
 
 def _results(folder: Path) -> dict[str, Any]:
@@ -118,19 +167,25 @@ def _results(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _done(root: Path, cell: tuple[str, str | None, int]) -> bool:
-    attack, defense, seed = cell
-    res = _results(cell_dir(root, attack, seed))
-    return ("backdoored" in res) if defense is None else defense in res.get("defenses", {})
+def _done(root: Path, cell: Cell) -> bool:
+    res = _results(cell_dir(root, cell.attack, cell.seed, cell.ratio))
+    return ("backdoored" in res) if cell.defense is None else cell.defense in res.get(
+        "defenses", {})
 
 
-def _share_backdoored(root: Path, attack: str, first: int, seed: int) -> None:
+def _is_defense_entry(name: str) -> bool:
+    """Whether a checkpoint folder or marker belongs to a defense: its stages are named after
+    it (`ft`, `nad_teacher`, ...) and a variant's files after the variant (`ftsam_rho=0`)."""
+    stem = name.removesuffix(".settings.json")
+    return any(stem == d or stem.startswith(d + "_") for d in DEFENSES)
+
+
+def _share_backdoored(origin: Path, dst: Path) -> None:
     """Copies the backdoored model's final variables (Input-aware's: `models/input_aware`), its
     row of results.json, an attack's cached trigger (LF's `lf_pattern.npy`) and the attack's
-    stages' checkpoints (not the defenses') into seed's folder. The row and the variables
-    suffice: a first seed's folder holding no checkpoints (a committed table) trains nothing
+    stages' checkpoints (not the defenses') from the folder `origin` into `dst`. The row and
+    the variables suffice: an origin holding no checkpoints (a committed table) trains nothing
     again in the others."""
-    origin, dst = cell_dir(root, attack, first), cell_dir(root, attack, seed)
     src = origin / "checkpoints"
     (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
     first_results = _results(origin)
@@ -148,9 +203,8 @@ def _share_backdoored(root: Path, attack: str, first: int, seed: int) -> None:
     if not src.is_dir():
         return
     for entry in src.iterdir():
-        stem = entry.name.removesuffix(".settings.json")
         target = dst / "checkpoints" / entry.name
-        if stem in DEFENSES or target.exists() or not entry.is_dir():
+        if _is_defense_entry(entry.name) or target.exists() or not entry.is_dir():
             continue
         shutil.copytree(entry, target)
 
@@ -168,28 +222,44 @@ def cell_env(root: Path, cache: str | None) -> dict[str, str]:
     return env
 
 
-def run_cell(root: Path, cell: tuple[str, str | None, int], first_seed: int,
-             extra: list[str], env: dict[str, str] | None = None,
-             run: dict[str, Any] | None = None) -> tuple[int, str]:
-    """Runs one cell as `python -m experiments.ftsam` (in `env`, default this process's) with
-    the table's `run` settings (dataset, data_dir, preset, seed; default: the flags'); returns
-    (exit code, last stderr line)."""
-    run = run or {k: FLAGS[k].value for k in ("dataset", "data_dir", "preset", "seed")}
-    attack, defense, seed = cell
-    folder = cell_dir(root, attack, seed)
-    if seed != first_seed:
-        _share_backdoored(root, attack, first_seed, seed)
+def cell_command(root: Path, cell: Cell, run: dict[str, Any], extra: list[str]) -> list[str]:
+    """`python -m experiments.ftsam ...` for one cell with the table's `run` settings."""
+    attack, defense, seed, ratio = cell
     cmd = [sys.executable, "-m", "experiments.ftsam", f"--dataset={run['dataset']}",
            f"--attack={attack}", f"--preset={run['preset']}", f"--seed={run['seed']}",
-           f"--defense_seed={seed}", f"--defenses={defense or ''}", f"--workdir={folder}",
-           "--progress=false", *extra]
+           f"--defense_seed={seed}", f"--defenses={defense or ''}",
+           f"--workdir={cell_dir(root, attack, seed, ratio)}", "--progress=false", *extra]
+    if run.get("benign_selection"):
+        cmd.append(f"--benign_selection={run['benign_selection']}")
+    if ratio is not None:
+        cmd.append(f"--benign_ratio={ratio:g}")
     if run["data_dir"]:
         cmd.append(f"--data_dir={run['data_dir']}")
+    return cmd
+
+
+def run_cell(root: Path, cell: Cell, origin: Cell, extra: list[str],
+             env: dict[str, str] | None = None, run: dict[str, Any] | None = None
+             ) -> tuple[int, str]:
+    """Runs one cell as `python -m experiments.ftsam` (in `env`, default this process's) with
+    the table's `run` settings (dataset, data_dir, preset, seed, benign_selection; default:
+    the flags'); a cell outside `origin`'s folder (the attack's backdoored cell) gets its
+    backdoored model from there first. Returns (exit code, last stderr line)."""
+    run = run or {k: FLAGS[k].value for k in ("dataset", "data_dir", "preset", "seed",
+                                             "benign_selection")}
+    folder = cell_dir(root, cell.attack, cell.seed, cell.ratio)
+    home = cell_dir(root, origin.attack, origin.seed, origin.ratio)
+    if folder != home:
+        _share_backdoored(home, folder)
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{attack}_{defense or 'backdoored'}_ds{seed}.log"
+    label = ("backdoored" if cell.defense is None else
+             parse_column(cell.defense, DEFENSES).folder)
+    ratio = "" if cell.ratio is None else f"_ratio{cell.ratio:g}"
+    log = logs / f"{cell.attack}_{label}{ratio}_ds{cell.seed}.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(cell_command(root, cell, run, extra), stdout=fh,
+                                stderr=subprocess.PIPE, text=True, env=env)
         cli.children.add(proc)  # an interrupted table passes the signal on
         try:
             _, stderr = proc.communicate()
@@ -206,243 +276,213 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def collect(root: Path, attacks: list[str], defenses: list[str], seeds: list[int],
-            seeded: set[str]) -> dict[str, Any]:
-    """table.json's "cells": per attack, the backdoored model and each defense per seed."""
+            seeded: set[str], ratio: float | None = None, home_ratio: float | None = None
+            ) -> dict[str, Any]:
+    """One block's "cells": per attack the backdoored model (from its folder at `home_ratio`,
+    the first ratio) and each column per seed, at benign ratio `ratio`."""
     cells: dict[str, Any] = {}
     for a in attacks:
-        base = _results(cell_dir(root, a, seeds[0])).get("backdoored")
+        base = _results(cell_dir(root, a, seeds[0], home_ratio)).get("backdoored")
         row: dict[str, Any] = {NO_DEFENSE: None if base is None else {
             k: base[k] for k in ("clean_acc", "asr", "robust_acc")}}
         for d in defenses:
             per_seed = []
             for s in (seeds if d in seeded else seeds[:1]):
-                r = _results(cell_dir(root, a, s)).get("defenses", {}).get(d)
+                r = _results(cell_dir(root, a, s, ratio)).get("defenses", {}).get(d)
                 if r is not None:
-                    per_seed.append({"seed": s, **{k: r[k] for k in
-                                                   ("clean_acc", "asr", "robust_acc", "der")},
-                                     "seconds": r.get("seconds")})
+                    per_seed.append({"seed": s, **{k: r[k] for k in METRICS},
+                                     "seconds": r.get("seconds"),
+                                     **({"benign": r["benign"]} if "benign" in r else {})})
             row[d] = {"per_seed": per_seed, **({k: _mean_std([p[k] for p in per_seed])
-                                                for k in ("clean_acc", "asr", "robust_acc",
-                                                          "der")} if per_seed else {})}
+                                                for k in METRICS} if per_seed else {})}
         cells[a] = row
     return cells
 
 
-def _fmt(stat: dict[str, float] | None, n: int) -> str:
-    if not stat:
-        return "-"
-    text = f"{100 * stat['mean']:.1f}"
-    return text + (f" ± {100 * stat['std']:.1f}" if n > 1 else "")
+def column_records(root: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """table.json's "columns": each column's defense, overrides, and the values it ran with of
+    every field a column of the same defense overrides (from its first finished cell)."""
+    fields: dict[str, set[str]] = {}
+    for c in cfg["columns"]:
+        fields.setdefault(c.base, set()).update(f for f, _ in c.overrides)
+    out = {}
+    for c in cfg["columns"]:
+        record = next((r["config"] for a in cfg["attacks"] for ratio in cfg["ratios"]
+                       for s in cfg["seeds"]
+                       if (r := _results(cell_dir(root, a, s, ratio)).get("defenses", {})
+                           .get(c.name)) and "config" in r), {})
+        settings = {}
+        for f in sorted(fields[c.base]):
+            value: Any = record
+            for part in f.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            settings[f] = value
+        out[c.name] = {"base": c.base, "overrides": dict(c.overrides), "settings": settings}
+    return out
 
 
-def _average_der(no_defense: tuple[float, float], defended: tuple[float, float]) -> float:
-    """The paper's Average-row DER: the DER of the attack-averaged (C-Acc, ASR) pairs
-    (fractions), not the mean of the per-attack DERs."""
-    return metrics.der({"clean_acc": no_defense[0], "asr": no_defense[1]},
-                       {"clean_acc": defended[0], "asr": defended[1]})
+def _differences(text: str, defenses: list[str]) -> list[tuple[str, str]]:
+    """`A:B,C:D` -> [(A, B), (C, D)] (columns of the table); InputError else."""
+    pairs = []
+    for item in comma_list(text):
+        left, sep, right = item.partition(":")
+        pair = (left.strip(), right.strip())
+        if not sep or not all(pair):
+            raise InputError(f"--differences {item!r}: expected A:B (A - B), e.g. ftsam:ft")
+        missing = [c for c in pair if c not in defenses]
+        if missing:
+            raise InputError(f"--differences {item!r}: {missing[0]!r} is not a column of "
+                             f"--defenses")
+        pairs.append(pair)
+    return pairs
 
 
-def _grid(defenses: list[str], rows: list[list[str]]) -> list[str]:
-    """A markdown table in the paper's layout: one column per defense, cells "a / b / c"."""
-    head = ["Attack", "No defense", *defenses]
-    return ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1),
-            *("| " + " | ".join(r) + " |" for r in rows)]
+def _ratios(text: str) -> list[float | None]:
+    """`--benign_ratios` -> the blocks' ratios ([None]: one block at the cells' own ratio)."""
+    if not comma_list(text):
+        return [None]
+    try:
+        ratios = [float(item) for item in comma_list(text)]
+    except ValueError:
+        raise InputError(f"--benign_ratios must be numbers, got {text!r}") from None
+    if any(not 0.0 < r <= 1.0 for r in ratios) or len({f"{r:g}" for r in ratios}) != len(ratios):
+        raise InputError(f"--benign_ratios must be distinct numbers in (0, 1], got {text!r}")
+    return ratios
 
 
-def table_markdown(table: dict[str, Any]) -> str:
-    """The paper's Table 1 layout: attacks x (No defense, each defense), each cell
-    C-Acc / ASR / DER (No defense: C-Acc / ASR), then the paper's numbers for the same cells."""
-    defenses, cells = table["defenses"], table["cells"]
-    lines = [f"# Backdoor defenses on {table['dataset']} (preset {table['preset']})", "",
-             f"Each cell: C-Acc / ASR / DER in % (No defense: C-Acc / ASR), mean ± std over "
-             f"defense seeds (seeds {table['defense_seeds']} for "
-             f"{sorted(table['seeded_defenses'])}, the first for the others). The Average row's "
-             "DER is computed from the averaged C-Acc and ASR, as the paper's is.", ""]
-    averages: dict[str, list[float]] = {}
+def check_columns(preset: str, columns: list[DefenseColumn]) -> None:
+    """InputError for a column whose settings experiments.ftsam would refuse (a variant's
+    unknown or fixed field, a value of the wrong type), before any cell runs."""
+    from experiments import ftsam
 
-    def add_avg(key: str, value: float | None) -> None:
-        if value is not None:
-            averages.setdefault(key, []).append(value)
-
-    rows = []
-    for a, row in cells.items():
-        base = row[NO_DEFENSE]
-        out = [a, "-" if base is None else
-               f"{100 * base['clean_acc']:.1f} / {100 * base['asr']:.1f}"]
-        if base is not None:
-            add_avg("nd/clean_acc", base["clean_acc"])
-            add_avg("nd/asr", base["asr"])
-        for d in defenses:
-            r, n = row[d], len(row[d]["per_seed"])
-            out.append(" / ".join(_fmt(r.get(k), n) for k in ("clean_acc", "asr", "der"))
-                       if r["per_seed"] else "-")
-            for k in ("clean_acc", "asr"):
-                add_avg(f"{d}/{k}", r[k]["mean"] if k in r else None)
-        rows.append(out)
-    full = lambda key: len(averages.get(key, [])) == len(cells)
-    mean = lambda key: float(np.mean(averages[key]))
-    out = ["Average", f"{100 * mean('nd/clean_acc'):.1f} / {100 * mean('nd/asr'):.1f}"
-           if full("nd/clean_acc") else "-"]
-    for d in defenses:
-        keys = ("nd/clean_acc", "nd/asr", f"{d}/clean_acc", f"{d}/asr")
-        if all(full(k) for k in keys):
-            m = [mean(k) for k in keys]
-            der = _average_der((m[0], m[1]), (m[2], m[3]))
-            out.append(f"{100 * m[2]:.1f} / {100 * m[3]:.1f} / {100 * der:.1f}")
-        else:
-            out.append("-")
-    lines += _grid(defenses, [*rows, out])
-    if table.get("paper"):
-        lines += ["", paper_markdown(table["paper"], list(cells), defenses)]
-    if table["failures"]:
-        lines += ["", "Failed cells (see logs/):"]
-        lines += [f"- {f['attack']} / {f['defense'] or 'backdoored'} / seed {f['seed']}: "
-                  f"exit {f['exit_code']}: {f['error']}" for f in table["failures"]]
-    return "\n".join(lines) + "\n"
-
-
-def paper_cells(dataset: str, attacks: list[str], defenses: list[str]) -> dict[str, Any]:
-    """table.json's "paper": the FT-SAM paper's Table 1 numbers (%) for these cells, CIFAR-10
-    only (the paper's full-scale setting: compare directions, not values, with `cpu` cells)."""
-    if dataset != "cifar10":
-        return {}
-    return {a: {c: list(v) for c, v in TABLE1[a].items() if c == "none" or c in defenses}
-            for a in attacks if a in TABLE1}
-
-
-def paper_markdown(paper: dict[str, Any], attacks: list[str], defenses: list[str]) -> str:
-    """The paper's numbers in table.md's layout ("n/a": a defense not in the paper)."""
-    join = lambda values: " / ".join(f"{v:.2f}" for v in values)
-    rows = [[a, join(paper[a]["none"]),
-             *(join(paper[a][d]) if d in paper[a] else "n/a" for d in defenses)]
-            for a in attacks if a in paper]
-    names = [r[0] for r in rows]
-    if names:
-        mean = lambda c, i: float(np.mean([paper[a][c][i] for a in names]))
-        out = ["Average", join((mean("none", 0), mean("none", 1)))]
-        for d in defenses:
-            if all(d in paper[a] for a in names):
-                der = _average_der((mean("none", 0) / 100, mean("none", 1) / 100),
-                                   (mean(d, 0) / 100, mean(d, 1) / 100))
-                out.append(join((mean(d, 0), mean(d, 1), 100 * der)))
-            else:
-                out.append("n/a")
-        rows.append(out)
-    return "\n".join([f"For comparison, {PAPER_TABLE1_SETTING} (its Average row is over the "
-                      "attacks listed here):", "", *_grid(defenses, rows)])
-
-
-def table_plot(table: dict[str, Any], path: Path) -> None:
-    """Two heat maps (ASR, C-Acc) of attack x (No defense + defenses), seed means in %."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    attacks, cols = list(table["cells"]), [NO_DEFENSE, *table["defenses"]]
-    fig, axes = plt.subplots(1, 2, figsize=(1.2 * len(cols) * 2 + 2, 0.5 * len(attacks) + 2))
-    for ax, key, title, cmap in ((axes[0], "asr", "ASR (%)", "Reds"),
-                                 (axes[1], "clean_acc", "C-Acc (%)", "Greens")):
-        grid = np.full((len(attacks), len(cols)), np.nan)
-        for i, a in enumerate(attacks):
-            for j, c in enumerate(cols):
-                cell = table["cells"][a][c]
-                if c == NO_DEFENSE and cell is not None:
-                    grid[i, j] = 100 * cell[key]
-                elif c != NO_DEFENSE and key in cell:
-                    grid[i, j] = 100 * cell[key]["mean"]
-        ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
-        for i in range(len(attacks)):
-            for j in range(len(cols)):
-                text = "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}"
-                dark = not np.isnan(grid[i, j]) and grid[i, j] > 60
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="white" if dark else "black")
-        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-        ax.set_yticks(range(len(attacks)), attacks)
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    probe = ftsam.get_config(preset)
+    probe.defenses = ",".join(c.name for c in columns)
+    ftsam.defense_settings(probe, columns, 1)
 
 
 def resolve(tree: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config tree -> the table's settings; InputError for anything invalid."""
     attacks = _names(comma_list(tree.attacks), ATTACKS, "attacks")
-    defenses = _names(comma_list(tree.defenses), DEFENSES, "defenses")
+    columns = parse_columns(tree.defenses, DEFENSES)
+    if not columns:
+        raise InputError(f"--defenses must list distinct names, got {tree.defenses!r}")
+    check_columns(tree.preset, columns)
+    defenses = [c.name for c in columns]
     seeds = distinct_ints(tree.defense_seeds, "defense_seeds")
     seeded = set(defenses if tree.seeded_defenses is None else
-                 _names(comma_list(tree.seeded_defenses), DEFENSES, "seeded_defenses"))
+                 [c.name for c in parse_columns(tree.seeded_defenses, DEFENSES)])
     if seeded - set(defenses):
         raise InputError(f"--seeded_defenses {sorted(seeded - set(defenses))} are not in "
                          "--defenses")
+    ratios = _ratios(tree.benign_ratios)
+    if tree.benign_selection not in (None, *BENIGN_SELECTIONS):
+        raise InputError(f"--benign_selection must be one of {list(BENIGN_SELECTIONS)}, got "
+                         f"{tree.benign_selection!r}")
+    own = ["dataset", "data_dir", "attack", "preset", "seed", "defense_seed", "defenses",
+           "workdir", "benign_selection", *(["benign_ratio"] if ratios != [None] else [])]
     for f in tree.ftsam_flags:
-        name = f.lstrip("-").split("=", 1)[0]
-        if not f.startswith("--") or name in ("dataset", "data_dir", "attack", "preset", "seed",
-                                              "defense_seed", "defenses", "workdir"):
+        if not f.startswith("--") or f.lstrip("-").split("=", 1)[0] in own:
             raise InputError(f"--ftsam_flag={f}: pass a flag (--name=value) that the table "
                              "does not set itself")
     return {"dataset": tree.dataset, "data_dir": tree.data_dir, "preset": tree.preset,
-            "seed": tree.seed, "attacks": attacks, "defenses": defenses, "seeds": seeds,
-            "seeded": seeded, "ftsam_flags": list(tree.ftsam_flags), "plot": tree.plot,
+            "seed": tree.seed, "attacks": attacks, "columns": columns, "defenses": defenses,
+            "seeds": seeds, "seeded": seeded, "ratios": ratios,
+            "benign_selection": tree.benign_selection,
+            "differences": _differences(tree.differences, defenses),
+            "ftsam_flags": list(tree.ftsam_flags), "plot": tree.plot,
             "compilation_cache": tree.compilation_cache}
+
+
+def benign_selection(given: str | None, root: Path) -> str:
+    """The table's benign selection: the one given, else the one its table.json records
+    (`reference` for a table made before the setting existed), else `shared` for a new table.
+    InputError when given differs from what the table already ran with."""
+    path = root / "table.json"
+    recorded = (json.loads(path.read_text()).get("benign_selection", "reference")
+                if path.is_file() else None)
+    if given is not None and recorded is not None and given != recorded:
+        raise InputError(f"the table in {root} was run with --benign_selection={recorded}; "
+                         "use another --workdir")
+    return given or recorded or "shared"
 
 
 def run_cells(cfg: dict[str, Any], root: Path) -> list[dict[str, Any]]:
     """Runs every cell not done yet (a cell that fails is recorded, the others go on; a
     backdoored model that fails skips its attack's cells); returns the failures."""
     env = cell_env(root, cfg["compilation_cache"])
-    cells = plan_cells(cfg["attacks"], cfg["defenses"], cfg["seeds"], cfg["seeded"])
+    cells = plan_cells(cfg["attacks"], cfg["defenses"], cfg["seeds"], cfg["seeded"],
+                       cfg["ratios"])
     failures: list[dict[str, Any]] = []
     failed_attacks: set[str] = set()
     ran_any = False
     for k, cell in enumerate(cells, 1):
-        attack, defense, seed = cell
-        label = f"[{k}/{len(cells)}] {attack} / {defense or 'backdoored'} / seed {seed}"
+        ratio = "" if cell.ratio is None else f" / ratio {cell.ratio:g}"
+        label = (f"[{k}/{len(cells)}] {cell.attack} / {cell.defense or 'backdoored'} / seed "
+                 f"{cell.seed}{ratio}")
+        failure = {"attack": cell.attack, "defense": cell.defense, "seed": cell.seed,
+                   "benign_ratio": cell.ratio}
         if _done(root, cell):
             print(f"{label}: done earlier", flush=True)
             continue
-        if attack in failed_attacks:
-            failures.append({"attack": attack, "defense": defense, "seed": seed,
-                             "exit_code": None, "error": "backdoored model failed"})
+        if cell.attack in failed_attacks:
+            failures.append({**failure, "exit_code": None, "error": "backdoored model failed"})
             print(f"{label}: skipped (the backdoored model failed)", flush=True)
             continue
         print(f"{label}: running ({len(cells) - k} after it)", flush=True)
         cli.current_task = f"in cell {label} (its log: {root / 'logs'})"
         t0 = time.perf_counter()
-        code, error = run_cell(root, cell, cfg["seeds"][0], cfg["ftsam_flags"], env, cfg)
+        origin = Cell(cell.attack, None, cfg["seeds"][0], cfg["ratios"][0])
+        code, error = run_cell(root, cell, origin, cfg["ftsam_flags"], env, cfg)
         if code == 2 and not ran_any:  # bad input (flags, data): every cell would say the same
             fail(error.removeprefix("error: ") or "experiments.ftsam refused its input")
         ran_any = True
         if code != 0:
-            failures.append({"attack": attack, "defense": defense, "seed": seed,
-                             "exit_code": code, "error": error})
-            if defense is None:
-                failed_attacks.add(attack)
+            failures.append({**failure, "exit_code": code, "error": error})
+            if cell.defense is None:
+                failed_attacks.add(cell.attack)
             print(f"{label}: FAILED (exit {code}): {error}", flush=True)
             continue
         print(f"{label}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
     return failures
 
 
-def train_and_evaluate(tree: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Runs (or resumes) the table's cells in `workdir` and writes table.json, table.md and
-    table.png; returns the table (its "failures" list the cells that failed)."""
-    cfg, root = resolve(tree), Path(workdir)
-    check_workdir_path(root)
-    load_dataset(cfg["dataset"], cfg["data_dir"])  # bad data: one message, before any cell
-    lock_workdir(root, "logs")  # a second table on this workdir is refused
-    failures = run_cells(cfg, root)
-    a, d, s = cfg["attacks"], cfg["defenses"], cfg["seeds"]
+def make_table(cfg: dict[str, Any], root: Path, failures: list[dict[str, Any]]
+               ) -> dict[str, Any]:
+    """table.json's content from the cells' results.json files."""
+    a, d, s, ratios = cfg["attacks"], cfg["defenses"], cfg["seeds"], cfg["ratios"]
+    block_list = []
+    for r in ratios:
+        cells = collect(root, a, d, s, cfg["seeded"], r, ratios[0])
+        block_list.append({"benign_ratio": r, "cells": cells,
+                           "paper": paper_cells(cfg["dataset"], a, d, r),
+                           "differences": differences(cells, cfg["differences"])})
     table = {"dataset": cfg["dataset"], "preset": cfg["preset"], "seed": cfg["seed"],
              "attacks": a, "defenses": d, "defense_seeds": s,
              "seeded_defenses": sorted(cfg["seeded"]), "ftsam_flags": cfg["ftsam_flags"],
-             "cells": collect(root, a, d, s, cfg["seeded"]), "failures": failures,
-             "paper": paper_cells(cfg["dataset"], a, d)}
+             "benign_selection": cfg["benign_selection"],
+             "columns": column_records(root, cfg), "failures": failures}
+    if ratios == [None]:
+        return {**table, **{k: v for k, v in block_list[0].items() if k != "benign_ratio"}}
+    return {**table, "benign_ratios": ratios, "blocks": block_list}
+
+
+def train_and_evaluate(tree: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Runs (or resumes) the table's cells in `workdir` and writes table.json, table.md,
+    table.png (and `table_FIELD.png` for variants of one numeric field); returns the table
+    (its "failures" list the cells that failed)."""
+    cfg, root = resolve(tree), Path(workdir)
+    check_workdir_path(root)
+    cfg["benign_selection"] = benign_selection(cfg["benign_selection"], root)
+    load_dataset(cfg["dataset"], cfg["data_dir"])  # bad data: one message, before any cell
+    lock_workdir(root, "logs")  # a second table on this workdir is refused
+    table = make_table(cfg, root, run_cells(cfg, root))
     atomic_write(root / "table.json", json.dumps(table, indent=2) + "\n")
     atomic_write(root / "table.md", table_markdown(table))
     if cfg["plot"]:
         table_plot(table, root / "table.png")
+        axis = variant_axis(table)
+        if axis is not None:
+            axis_plot(table, axis, root / f"table_{axis['field'].replace('.', '_')}.png")
     return table
 
 

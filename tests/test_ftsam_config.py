@@ -96,6 +96,7 @@ ALIASES = {
     "seed": ("--seed=5", "--config.seed=5", None),
     "defense_seed": ("--defense_seed=7", "--config.defense_seed=7", None),
     "benign_ratio": ("--benign_ratio=0.1", "--config.benign_ratio=0.1", None),
+    "benign_selection": ("--benign_selection=shared", "--config.benign_selection=shared", None),
     "dtype": ("--dtype=bfloat16", "--config.dtype=bfloat16", None),
     "eval_every": ("--eval_every=2", "--config.eval_every=2", None),
     "checkpoint_every": ("--checkpoint_every=3", "--config.checkpoint_every=3", None),

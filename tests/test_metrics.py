@@ -46,7 +46,7 @@ def test_backdoor_metrics_bundle():
 
 def test_table_average_der_is_computed_from_averaged_acc_and_asr():
     """The paper's Avg DER (FT-SAM Table 1) is DER(mean ACC/ASR), not the mean of the DERs."""
-    from experiments.table import table_markdown
+    from experiments.table_render import table_markdown
 
     cell = lambda acc, asr, der: {"per_seed": [{}], "clean_acc": {"mean": acc, "std": 0.0},
                                   "asr": {"mean": asr, "std": 0.0}, "der": {"mean": der,

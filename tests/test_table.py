@@ -24,17 +24,20 @@ def run_module(module, *args, check=True):
 
 def test_smoke_table_two_attacks_three_defenses(toy_npz, tmp_path):
     args = [f"--dataset=npz:{toy_npz}", "--preset=smoke", "--attacks=badnets,blended",
-            "--defenses=ft,ftsam,clp", "--defense_seeds=0,1", "--seeded_defenses=ft",
-            "--ftsam_flag=--defense_epochs=2", f"--workdir={tmp_path / 't'}"]
+            "--defenses=ft,ftsam[rho=0],clp", "--defense_seeds=0,1", "--seeded_defenses=ft",
+            "--differences=ft:ftsam[rho=0]", "--ftsam_flag=--defense_epochs=2",
+            f"--workdir={tmp_path / 't'}"]
     out = run_module("experiments.table", *args).stdout
     assert "[10/10] blended / clp / seed 0: running" in out
     table = json.loads((tmp_path / "t" / "table.json").read_text())
-    assert table["failures"] == []
+    assert table["failures"] == [] and table["benign_selection"] == "shared"
+    assert table["columns"]["ftsam[rho=0]"] == {"base": "ftsam", "overrides": {"rho": "0"},
+                                                "settings": {"rho": 0.0}}
     for attack in ("badnets", "blended"):
         row = table["cells"][attack]
         assert 0 <= row["No defense"]["asr"] <= 1
         assert [p["seed"] for p in row["ft"]["per_seed"]] == [0, 1]
-        assert [p["seed"] for p in row["ftsam"]["per_seed"]] == [0]
+        assert [p["seed"] for p in row["ftsam[rho=0]"]["per_seed"]] == [0]
         ft = [p["asr"] for p in row["ft"]["per_seed"]]
         assert row["ft"]["asr"]["mean"] == pytest.approx(np.mean(ft))
         assert row["ft"]["asr"]["std"] == pytest.approx(np.std(ft, ddof=1))
@@ -43,8 +46,14 @@ def test_smoke_table_two_attacks_three_defenses(toy_npz, tmp_path):
         r1 = json.loads((tmp_path / "t" / attack / "ds1" / "results.json").read_text())
         assert r0["backdoored"]["asr"] == r1["backdoored"]["asr"]
         assert r0["defenses"]["clp"]["benign_examples"] == 0  # data-free: no image drawn
+        # A new table pairs its columns: FT and the variant fine-tuned on the same images.
+        prints = {d: r0["defenses"][d]["benign"] for d in ("ft", "ftsam[rho=0]")}
+        assert prints["ft"] == prints["ftsam[rho=0]"] and prints["ft"]["selection"] == "shared"
+        assert r0["defenses"]["ftsam[rho=0]"]["config"]["rho"] == 0.0
+        assert (tmp_path / "t" / "logs" / f"{attack}_ftsam_rho=0_ds0.log").is_file()
     md = (tmp_path / "t" / "table.md").read_text()
     assert "| badnets |" in md and "| blended |" in md and "| Average |" in md
+    assert "ftsam[rho=0]" in md and "| badnets | ft − ftsam[rho=0] | 1 |" in md
     assert (tmp_path / "t" / "table.png").stat().st_size > 0
     # Rerun: every cell is done, nothing runs again, same numbers.
     again = run_module("experiments.table", *args).stdout
@@ -53,7 +62,8 @@ def test_smoke_table_two_attacks_three_defenses(toy_npz, tmp_path):
     # A new seed next to a first folder without checkpoints (a committed table's): its cell
     # reads the backdoored model and row, and trains no backdoored model again.
     shutil.rmtree(tmp_path / "t" / "badnets" / "ds0" / "checkpoints")
-    kept = [a for a in args if not a.startswith(("--attacks", "--defenses", "--defense_seeds"))]
+    kept = [a for a in args if not a.startswith(("--attacks", "--defenses", "--defense_seeds",
+                                                "--differences"))]
     run_module("experiments.table", *kept, "--attacks=badnets", "--defenses=ft",
                "--defense_seeds=0,2")
     seed2 = tmp_path / "t" / "badnets" / "ds2"

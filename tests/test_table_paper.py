@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from experiments.paper import TABLE1
-from experiments.table import paper_cells, paper_markdown
+from experiments.table_render import paper_cells, paper_markdown
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ftsam-paper.md"
 COLUMNS = ["none", "ft", "fp", "nad", "ac", "nc", "anp", "abl", "ibau", "ftsam"]

@@ -71,6 +71,9 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     # The defenders: which defenses, their share of the training set, their seed (None: seed).
     c.defenses = ""
     c.benign_ratio = 0.05
+    # reference: each defense draws its subset by its own rule from its own stream; shared: one
+    # class-balanced subset per defense seed for every defense of the run (paired).
+    c.benign_selection = "reference"
     c.defense_seed = config_dict.placeholder(int)
     c.defense = defense_settings(preset)
     # Logging and checkpoints.

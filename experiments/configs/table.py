@@ -27,6 +27,9 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.defenses = "ft,ftsam,fp,nad,anp,ibau,clp,ikd"                      # column groups
     c.defense_seeds = "0"                 # benign subset and the defenses' random streams
     c.seeded_defenses = config_dict.placeholder(str)  # run with every seed (default: all)
+    c.benign_selection = config_dict.placeholder(str)  # shared (new tables) or reference
+    c.benign_ratios = ""                  # a block per ratio, e.g. "0.01,0.05,0.1" (Table 3)
+    c.differences = ""                    # paired differences "A:B,...", e.g. "ftsam:ft"
     c.seed = 0                            # the backdoored models' seed
     c.ftsam_flags = ()                    # flags passed to every cell, e.g. ("--epochs=30",)
     c.plot = True                         # table.png

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,8 +21,13 @@ import numpy as np
 
 from ftsam_jax.training.stage import StageContext
 
-__all__ = ["BenignData", "DefenseFn", "DefenseSpec", "select_benign", "settings_from_dict",
-           "with_defaults"]
+__all__ = ["BENIGN_SELECTIONS", "BenignData", "DefenseFn", "DefenseSpec", "benign_fingerprint",
+           "select_benign", "settings_from_dict", "with_defaults"]
+
+# How a run's defenses get their benign subsets: `reference`, each by its own rule
+# (`DefenseSpec.balanced`) from its own random stream, as BackdoorBench does; `shared`, one
+# class-balanced subset per defense seed for every defense (paired comparisons).
+BENIGN_SELECTIONS = ("reference", "shared")
 
 Variables = dict[str, Any]
 
@@ -155,6 +161,13 @@ def _typed(name: str, current: Any, value: Any) -> Any:
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ValueError(f"{name!r} must be {kind.__name__}, got {value!r}")
     return value
+
+
+def benign_fingerprint(indices: np.ndarray) -> dict[str, Any]:
+    """{"count", "sha256"} of a benign subset: the SHA-256 of its sorted indices as int64
+    bytes (little-endian), so two runs can be checked to have used the same images."""
+    ordered = np.sort(np.asarray(indices, np.int64)).astype("<i8")
+    return {"count": int(ordered.size), "sha256": hashlib.sha256(ordered.tobytes()).hexdigest()}
 
 
 def select_benign(labels: np.ndarray, ratio: float, rng: np.random.Generator,

@@ -32,7 +32,7 @@ from ftsam_jax.training.step import (
     train_step,
 )
 
-__all__ = ["FitConfig", "fit", "make_optimizer"]
+__all__ = ["FitConfig", "fit", "make_optimizer", "uses_sam"]
 
 Variables = dict[str, Any]
 Batch = dict[str, Any]
@@ -47,7 +47,8 @@ class FitConfig:
       schedule: "cosine_epoch", "cosine_iter" (cyclic past t_max) or "constant".
       t_max: cosine half-period (epochs or iterations); default: `epochs`.
       label_smoothing: 0 for plain cross-entropy.
-      sam: put `sam_gradient(rho, adaptive, eta)` in front of the optimizer.
+      sam: put `sam_gradient(rho, adaptive, eta)` in front of the optimizer (at rho = 0 the
+        steps are plain ones: `uses_sam`).
       group_size: m-sharpness group size for SAM (None: the whole batch).
       augment: random crop (4-px padding) + horizontal flip.
       drop_last: drop the last partial batch (else fill it from a second permutation).
@@ -74,6 +75,15 @@ class FitConfig:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and lr >= 0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.rho < 0:
+            raise ValueError(f"rho must be >= 0, got {self.rho}")
+
+
+def uses_sam(config: FitConfig) -> bool:
+    """Whether the recipe takes SAM steps: `sam` with a radius above 0. At rho = 0 the
+    perturbation is zero and the second gradient equals the first, so the step is a plain one
+    (FT-SAM's SAM-off control, `ftsam[rho=0]`) and skips the second pass."""
+    return config.sam and config.rho > 0
 
 
 def make_optimizer(config: FitConfig, num_examples: int) -> optax.GradientTransformation:
@@ -83,7 +93,7 @@ def make_optimizer(config: FitConfig, num_examples: int) -> optax.GradientTransf
     schedule = make_schedule(config.schedule, config.lr, spe, t_max)
     stages = [optax.add_decayed_weights(config.weight_decay),
               optax.sgd(schedule, momentum=config.momentum or None)]
-    if config.sam:
+    if uses_sam(config):
         stages.insert(0, sam_gradient(config.rho, adaptive=config.adaptive, eta=config.eta))
     return optax.chain(*stages)
 
@@ -118,7 +128,7 @@ def fit(
     init_rng, run_rng = jax.random.split(rng)
     state = create_train_state(model, tx, init_rng, tuple(x.shape[1:]), variables=variables)
     loss_fn = loss_fn or classification_loss(model.apply, config.label_smoothing)
-    if config.sam:
+    if uses_sam(config):
         step = partial(sam_step, tx=tx, loss_fn=loss_fn, group_size=config.group_size)
     else:
         step = partial(train_step, tx=tx, loss_fn=loss_fn)

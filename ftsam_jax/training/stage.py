@@ -58,6 +58,9 @@ class StageContext:
       restored_seconds: incremented by the recorded epoch times of every stage resumed from a
         checkpoint, so a caller can report a resumed stage's full time (this process's wall
         time + the epochs earlier, interrupted processes ran; not their start-up).
+      scope: a prefix of every stage name ("SCOPE/STAGE": checkpoints, log tags, the default
+        random stream), so that two runs of the same stages (a defense and a variant of it)
+        keep apart in one workdir; None: the names as given.
     """
 
     mesh: Mesh
@@ -69,6 +72,10 @@ class StageContext:
     evaluate: Callable[[dict[str, Any]], dict[str, float]] | None = None
     eval_every: int = 1
     restored_seconds: float = 0.0
+    scope: str | None = None
+
+    def stage_name(self, name: str) -> str:
+        return name if self.scope is None else f"{self.scope}/{name}"
 
     def checkpoint_dir(self, stage: str) -> Path | None:
         return None if self.workdir is None else Path(self.workdir) / "checkpoints" / stage
@@ -141,6 +148,7 @@ def run_stage(
     Raises:
       NonFiniteLossError: the loss became NaN/inf; the previous checkpoint stays the latest.
     """
+    name = ctx.stage_name(name)
     rng = stage_rng(ctx.seed, name) if rng is None else rng
     ckpt_dir = ctx.checkpoint_dir(name)
     ckpt = Checkpointer(ckpt_dir) if ckpt_dir is not None else None

@@ -1,0 +1,186 @@
+r"""REPRODUCTION.md's tables, generated from the committed files under `results/`.
+
+    python -m experiments.report --check    # exit 1 when a generated table differs (CI runs it)
+    python -m experiments.report --write    # rewrite the generated tables in place
+
+A generated table sits between `<!-- report:NAME -->` and `<!-- /report:NAME -->` in the
+document; `BLOCKS[NAME]` makes its text from files under `results/` only (table.json,
+results.json, results.md), so every number in it comes from a committed result, and a result
+changed without its document (or the reverse) fails the check. Prose around the tables is
+written by hand; a number in it should be one of a table's.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from absl import flags
+
+from experiments.cli import InputError, run
+from experiments.table_render import (
+    NO_DEFENSE,
+    block_markdown,
+    blocks,
+    differences_markdown,
+    paper_markdown,
+)
+
+FLAGS = flags.FLAGS
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = re.compile(r"<!-- report:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->",
+                    re.DOTALL)
+
+
+def define_flags() -> None:
+    flags.DEFINE_bool("check", False, "Exit 1 when a generated table differs from its results.")
+    flags.DEFINE_bool("write", False, "Rewrite the generated tables in place.")
+    flags.DEFINE_string("document", str(ROOT / "REPRODUCTION.md"), "The document.")
+    flags.DEFINE_string("results", str(ROOT / "results"), "The results folder.")
+
+
+def _json(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"{path} is missing")
+    return json.loads(path.read_text())
+
+
+def table_grid(folder: str, *, paper: bool = True, diffs: bool = True
+               ) -> Callable[[Path], str]:
+    """An `experiments.table` folder's grid (every block), with the paper's numbers and the
+    paired differences it recorded."""
+    def make(results: Path) -> str:
+        table = _json(results / folder / "table.json")
+        lines: list[str] = []
+        for block in blocks(table):
+            if block["benign_ratio"] is not None:
+                lines += [f"Benign ratio {block['benign_ratio']:g}:", ""]
+            lines += [*block_markdown(block["cells"], table["defenses"]), ""]
+            if paper and block.get("paper"):
+                lines += [paper_markdown(block["paper"], list(block["cells"]),
+                                         table["defenses"], block["benign_ratio"]), ""]
+            if diffs and block.get("differences"):
+                lines += [*differences_markdown(block["differences"]), ""]
+        return "\n".join(lines).rstrip("\n") + "\n"
+    return make
+
+
+def table_per_seed(folder: str, key: str = "asr") -> Callable[[Path], str]:
+    """Per attack and seeded column, the per-seed values of `key` (%) and the benign subsets'
+    fingerprints where recorded."""
+    def make(results: Path) -> str:
+        table = _json(results / folder / "table.json")
+        lines = [f"| Attack | Column | {key} per seed (%) |", "|---|---|---|"]
+        for block in blocks(table):
+            for attack, row in block["cells"].items():
+                for column in table["defenses"]:
+                    per_seed = row[column]["per_seed"]
+                    if len(per_seed) < 2:
+                        continue
+                    values = " / ".join(f"{100 * p[key]:.2f} (s{p['seed']})" for p in per_seed)
+                    name = attack if block["benign_ratio"] is None else (
+                        f"{attack} ({block['benign_ratio']:g})")
+                    lines.append(f"| {name} | {column} | {values} |")
+        return "\n".join(lines) + "\n"
+    return make
+
+
+def workdirs_grid(folder: str) -> Callable[[Path], str]:
+    """`experiments.ftsam` workdirs `FOLDER/*/results.json` (one per defense seed): a row per
+    workdir with the backdoored model and every defense (C-Acc / ASR / DER, %)."""
+    def make(results: Path) -> str:
+        runs = sorted((results / folder).glob("*/results.json"))
+        if not runs:
+            raise InputError(f"{results / folder} holds no */results.json")
+        loaded = {path.parent.name: json.loads(path.read_text()) for path in runs}
+        columns = list(dict.fromkeys(d for r in loaded.values() for d in r["defenses"]))
+        lines = ["| Run | " + " | ".join([NO_DEFENSE, *columns]) + " |",
+                 "|---|" + "---:|" * (len(columns) + 1)]
+        for name, r in loaded.items():
+            bd = r["backdoored"]
+            cells = [f"{100 * bd['clean_acc']:.2f} / {100 * bd['asr']:.2f}"]
+            for d in columns:
+                x = r["defenses"].get(d)
+                cells.append("-" if x is None else " / ".join(
+                    f"{100 * x[k]:.2f}" for k in ("clean_acc", "asr", "der")))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+    return make
+
+
+def results_md_table(folder: str) -> Callable[[Path], str]:
+    """The tables of an experiment's results.md (what `experiments.detect` wrote), verbatim."""
+    def make(results: Path) -> str:
+        path = results / folder / "results.md"
+        if not path.is_file():
+            raise InputError(f"{path} is missing")
+        lines = [line for line in path.read_text().splitlines() if not line.startswith("# ")]
+        return "\n".join(lines).strip("\n") + "\n"
+    return make
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "table_cpu": table_grid("table_cpu"),
+    "table_cpu_per_seed": table_per_seed("table_cpu"),
+    "table_cpu_benign2500": table_grid("table_cpu_benign2500", paper=False),
+    "table_paper_gpu": table_grid("table_paper_gpu", paper=False),
+    "lf_backdoorbench": workdirs_grid("lf_backdoorbench"),
+    "detect_powered": results_md_table("detect_powered"),
+    "detect_pilot_e12": results_md_table("detect_pilot/e12"),
+    "detect_pilot_e24": results_md_table("detect_pilot/e24"),
+    "detect_teacher": results_md_table("detect_teacher_study/scenes16k_flip_e20"),
+    "detect_cpu": results_md_table("detect_cpu"),
+    "ftsam_isolation": table_grid("ftsam_isolation", paper=False),
+    "ftsam_isolation_per_seed": table_per_seed("ftsam_isolation"),
+    "ftsam_table3": table_grid("ftsam_table3"),
+    "ftsam_rho": table_grid("ftsam_rho", paper=False),
+}
+
+
+def render(document: str, results: Path) -> str:
+    """The document with every generated block made again from `results`."""
+    def fill(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name not in BLOCKS:
+            raise InputError(f"unknown generated block {name!r}; known: {sorted(BLOCKS)}")
+        return f"<!-- report:{name} -->\n{BLOCKS[name](results)}<!-- /report:{name} -->"
+
+    return MARKER.sub(fill, document)
+
+
+def check(path: Path, results: Path) -> list[str]:
+    """The unified diff between the document and its regeneration (empty: up to date)."""
+    current = path.read_text()
+    return list(difflib.unified_diff(current.splitlines(), render(current, results).splitlines(),
+                                     str(path), "regenerated from results/", lineterm=""))
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    path, results = Path(FLAGS.document), Path(FLAGS.results)
+    if not path.is_file():
+        raise InputError(f"--document {path} is not a file")
+    if FLAGS.check == FLAGS.write:
+        raise InputError("give one of --check and --write")
+    names = [m.group("name") for m in MARKER.finditer(path.read_text())]
+    if FLAGS.write:
+        path.write_text(render(path.read_text(), results))
+        print(f"{path}: {len(names)} generated tables written")
+        return
+    diff = check(path, results)
+    if diff:
+        print("\n".join(diff[:200]))
+        print(f"\n{path} differs from what results/ gives: run python -m experiments.report "
+              "--write and commit", file=sys.stderr)
+        sys.exit(1)
+    print(f"{path}: {len(names)} generated tables match results/")
+
+
+if __name__ == "__main__":
+    define_flags()
+    run(main)
