@@ -1,0 +1,141 @@
+"""experiments.table's layout pieces in process (benign-ratio blocks, paired differences, the
+variant axis figure, the benign selection of a table) and experiments.report's check, on
+results files written by the test."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import report, table
+from experiments.cli import InputError
+from experiments.configs.table import get_config
+from experiments.table_render import axis_plot, differences, table_markdown, variant_axis
+
+SEEDS = (0, 1, 2)
+COLUMNS = ("ft", "ftsam", "ftsam[rho=0]", "ftsam[rho=4]")
+
+
+def fake_cell(folder, defenses, seed, with_backdoored):
+    """A cell folder's results.json with made-up numbers that depend on column and seed."""
+    rows = {}
+    for k, d in enumerate(defenses):
+        asr = 0.9 - 0.2 * k + 0.01 * seed ** 2
+        rows[d] = {"clean_acc": 0.7 - 0.01 * k, "asr": asr, "robust_acc": 0.1, "der": 0.5 + k / 10,
+                   "seconds": 1.0, "benign": {"selection": "shared", "count": 50,
+                                              "sha256": f"s{seed}"},
+                   "config": {"rho": [2.0, 2.0, 0.0, 4.0][k] if d.startswith("ftsam") else 2.0}}
+    results = {"defenses": rows}
+    if with_backdoored:
+        results["backdoored"] = {"clean_acc": 0.72, "asr": 0.95, "robust_acc": 0.02}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def resolved(**fields):
+    tree = get_config("smoke")
+    tree.attacks, tree.defenses, tree.defense_seeds = "badnets,blended", ",".join(COLUMNS), "0,1,2"
+    for key, value in fields.items():
+        tree[key] = value
+    return table.resolve(tree)
+
+
+def test_ratio_blocks_layout_differences_and_the_axis(tmp_path):
+    cfg = resolved(benign_ratios="0.01,0.1", differences="ftsam:ft,ftsam:ftsam[rho=0]")
+    cfg["benign_selection"] = "shared"
+    assert cfg["ratios"] == [0.01, 0.1]
+    cells = table.plan_cells(cfg["attacks"], cfg["defenses"], cfg["seeds"], cfg["seeded"],
+                             cfg["ratios"])
+    assert cells[0] == table.Cell("badnets", None, 0, 0.01)
+    assert len(cells) == 2 * (1 + 2 * len(COLUMNS) * len(SEEDS))
+    assert table.cell_dir(tmp_path, "badnets", 2, 0.1) == tmp_path / "badnets" / "ratio0.1" / "ds2"
+    cmd = table.cell_command(tmp_path, table.Cell("badnets", "ftsam[rho=0]", 1, 0.1),
+                             {**cfg, "data_dir": None}, [])
+    assert "--benign_ratio=0.1" in cmd and "--benign_selection=shared" in cmd
+    assert "--defenses=ftsam[rho=0]" in cmd
+    for a in cfg["attacks"]:
+        for r in cfg["ratios"]:
+            for s in SEEDS:
+                fake_cell(table.cell_dir(tmp_path, a, s, r), COLUMNS, s, r == 0.01 and s == 0)
+    made = table.make_table(cfg, tmp_path, [])
+    assert made["benign_ratios"] == [0.01, 0.1] and "cells" not in made
+    first = made["blocks"][0]
+    assert first["cells"]["badnets"]["No defense"]["asr"] == 0.95
+    assert first["paper"]["blended"]["ftsam"] == [90.83, 3.01, 96.05]  # Table 3, 1%
+    # Paired differences over seeds: mean, sample std and the t interval of the per-seed
+    # differences (here ftsam - ft: ASR -0.2 at every seed, std 0: resolved).
+    diff = {(d["attack"], d["b"]): d for d in first["differences"]}
+    asr = diff[("badnets", "ft")]["asr"]
+    assert asr["mean"] == pytest.approx(-0.2) and asr["n"] == 3 and asr["resolved"]
+    clean = diff[("badnets", "ftsam[rho=0]")]["clean_acc"]
+    assert clean["mean"] == pytest.approx(0.01) and clean["std"] == pytest.approx(0, abs=1e-12)
+    md = table_markdown(made)
+    assert "## Benign ratio 0.01" in md and "## Benign ratio 0.1" in md
+    assert "| badnets | ftsam − ft | 3 | " in md and "Table 3" in md
+    assert made["columns"]["ftsam[rho=4]"]["settings"] == {"rho": 4.0}
+    axis = variant_axis(made)
+    assert axis == {"field": "rho", "base": "ftsam",
+                    "values": {"ftsam": 2.0, "ftsam[rho=0]": 0.0, "ftsam[rho=4]": 4.0}}
+    axis_plot(made, axis, tmp_path / "rho.png")
+    assert (tmp_path / "rho.png").stat().st_size > 0
+
+
+def test_a_difference_that_spans_zero_is_not_resolved():
+    cells = {"badnets": {c: {"per_seed": [{"seed": s, "clean_acc": 0.5, "asr": v, "der": 0.5}
+                                          for s, v in zip(SEEDS, values, strict=True)]}
+                         for c, values in (("a", (0.5, 0.2, 0.6)), ("b", (0.4, 0.4, 0.4)))}}
+    d = differences(cells, [("a", "b")])[0]["asr"]
+    diffs = np.array([0.1, -0.2, 0.2])
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / math.sqrt(3)
+    assert d["ci_low"] == pytest.approx(diffs.mean() - half)
+    assert d["ci_high"] == pytest.approx(diffs.mean() + half) and not d["resolved"]
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(benign_ratios="0.05,x"), "--benign_ratios must be numbers"),
+    (dict(benign_ratios="0.05,0.050"), "distinct numbers in (0, 1]"),
+    (dict(benign_ratios="1.5"), "distinct numbers in (0, 1]"),
+    (dict(differences="ftsam"), "expected A:B"),
+    (dict(differences="ftsam:nad"), "'nad' is not a column"),
+    (dict(defenses="ft,ft[sam=true]"), "ft.sam cannot be changed"),
+    (dict(defenses="ft,ftsam[rho=x]"), "--defenses ftsam[rho=x]"),
+    (dict(benign_selection="half"), "--benign_selection must be one of"),
+    (dict(ftsam_flags=("--benign_selection=shared",)), "does not set itself"),
+    (dict(benign_ratios="0.1", ftsam_flags=("--benign_ratio=0.2",)), "does not set itself"),
+])
+def test_bad_table_settings_are_input_errors(fields, message):
+    with pytest.raises(InputError) as err:
+        resolved(**fields)
+    assert message in str(err.value)
+
+
+def test_a_new_table_is_shared_an_old_one_keeps_reference(tmp_path):
+    assert table.benign_selection(None, tmp_path) == "shared"
+    assert table.benign_selection("reference", tmp_path) == "reference"
+    (tmp_path / "table.json").write_text(json.dumps({"cells": {}}))  # before the setting
+    assert table.benign_selection(None, tmp_path) == "reference"
+    with pytest.raises(InputError, match="was run with --benign_selection=reference"):
+        table.benign_selection("shared", tmp_path)
+
+
+def test_report_check_finds_a_stale_table_and_write_fixes_it(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    fake_cell(results / "runs" / "ds0", ("ft", "ftsam"), 0, True)
+    fake_cell(results / "runs" / "ds1", ("ft", "ftsam"), 1, True)
+    monkeypatch.setitem(report.BLOCKS, "runs", report.workdirs_grid("runs"))
+    doc = tmp_path / "R.md"
+    doc.write_text("Intro 1.0\n\n<!-- report:runs -->\n| stale |\n<!-- /report:runs -->\n\nEnd\n")
+    assert report.check(doc, results)  # differs
+    doc.write_text(report.render(doc.read_text(), results))
+    assert report.check(doc, results) == []
+    text = doc.read_text()
+    assert text.startswith("Intro 1.0\n\n<!-- report:runs -->\n| Run | No defense | ft | ftsam |")
+    assert "| ds1 | 72.00 / 95.00 | 70.00 / 91.00 / 50.00 | 69.00 / 71.00 / 60.00 |" in text
+    assert text.endswith("<!-- /report:runs -->\n\nEnd\n")
+    fake_cell(results / "runs" / "ds1", ("ft", "ftsam"), 2, True)  # a result changed
+    assert report.check(doc, results)
+    doc.write_text("<!-- report:nope -->\nx\n<!-- /report:nope -->\n")
+    with pytest.raises(InputError, match="unknown generated block 'nope'"):
+        report.check(doc, results)
