@@ -1,7 +1,6 @@
 """experiments.detect end to end on the smoke preset (real scenes), resume, bad input."""
 
 import json
-import shutil
 
 import pytest
 
@@ -19,39 +18,8 @@ def data_dir():
     return DATA
 
 
-def test_smoke_run_results_and_rerun(data_dir, tmp_path):
-    args = [f"--data_dir={data_dir}", "--preset=smoke", "--methods=student,fgd_ikd",
-            "--seeds=0", f"--workdir={tmp_path / 'w'}"]
-    out = run_module("experiments.detect", *args).stdout
-    res = json.loads((tmp_path / "w" / "results.json").read_text())
-    keys = {"ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l", "ar100"}
-    assert keys <= set(res["teacher"]) and "ap_adv" in res["teacher"]
-    assert set(res["students"]) == {"student", "fgd_ikd"}
-    for r in res["students"].values():
-        assert keys <= set(r) and set(r["std"]) == keys and len(r["per_seed"]) == 1
-        assert all(-1 <= r[k] <= 1 for k in keys)
-    assert res["students"]["fgd_ikd"]["config"]["alpha_adv"] > 0
-    assert "| fgd_ikd |" in out and (tmp_path / "w" / "detections.png").stat().st_size > 0
-    assert (tmp_path / "w" / "data" / "adversarial.npy").is_file()
-    stages = {json.loads(line)["stage"] for line in
-              (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()}
-    assert stages == {"teacher", "student_student_s0", "student_fgd_ikd_s0"}
-    # Rerun: every stage is finished; the same numbers, nothing trained again.
-    run_module("experiments.detect", *args)
-    again = json.loads((tmp_path / "w" / "results.json").read_text())
-    assert again["students"] == res["students"] and again["teacher"] == res["teacher"]
-    # A committed run keeps no checkpoints: the teacher's final variables (models/teacher)
-    # suffice for a new student; the teacher is not trained again.
-    shutil.rmtree(tmp_path / "w" / "checkpoints")
-    (tmp_path / "w" / "data" / "adversarial.npy").unlink()
-    run_module("experiments.detect", *args[:2], "--methods=student,fgd_ikd,fgd", *args[3:])
-    more = json.loads((tmp_path / "w" / "results.json").read_text())
-    assert not (tmp_path / "w" / "checkpoints" / "teacher").exists()
-    assert more["teacher"] == res["teacher"] and set(more["students"]) == {
-        "student", "fgd_ikd", "fgd"}
-    assert more["students"]["fgd_ikd"] == res["students"]["fgd_ikd"]
-    assert more["config"]["methods"] == ["student", "fgd_ikd", "fgd"]  # this run's settings
-    assert (tmp_path / "w" / "data" / "adversarial.npy").is_file()
+# The smoke run, its resume and a committed run going on: in process in
+# tests/test_train_and_evaluate.py (nothing there needs a process of its own).
 
 
 # The bad-input rows of this entry point are in tests/test_bad_input.py (one process).

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -29,19 +30,50 @@ def test_distill_train_and_evaluate_in_process(toy_npz, tmp_path):
 
 
 def test_detect_train_and_evaluate_in_process(tmp_path):
+    """experiments.detect in process: results, resume, and a committed run (final variables,
+    no checkpoints) going on with a new method without training its teacher again."""
     if not (DATA / "fashion-mnist").is_dir() or not (DATA / "cifar10-subset").is_dir():
         pytest.skip("../shared/data is not present")
     from experiments.configs.detect import get_config
     from experiments.detect import train_and_evaluate
 
     tree = get_config("smoke")
-    tree.data_dir, tree.methods, tree.seeds, tree.progress = str(DATA), "student,fgd", "0,1", False
+    tree.data_dir, tree.methods, tree.seeds = str(DATA), "student,fgd_ikd", "0,1"
+    tree.progress = False
     tree.paired_streams, tree.epochs = True, 1
-    results = train_and_evaluate(tree, tmp_path / "w")
-    assert set(results["students"]) == {"student", "fgd"}
-    assert [p["seed"] for p in results["students"]["fgd"]["per_seed"]] == [0, 1]
-    assert results["config"]["paired_streams"] is True
-    md = (tmp_path / "w" / "results.md").read_text()
+    work = tmp_path / "w"
+    res = json.loads(json.dumps(train_and_evaluate(tree, work)))
+    keys = {"ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l", "ar100"}
+    assert keys <= set(res["teacher"]) and "ap_adv" in res["teacher"]
+    assert set(res["students"]) == {"student", "fgd_ikd"}
+    for r in res["students"].values():
+        assert keys <= set(r) and set(r["std"]) == keys and len(r["per_seed"]) == 2
+        assert all(-1 <= r[k] <= 1 for k in keys)
+    assert [p["seed"] for p in res["students"]["fgd_ikd"]["per_seed"]] == [0, 1]
+    assert res["students"]["fgd_ikd"]["config"]["alpha_adv"] > 0
+    assert res["config"]["paired_streams"] is True
+    assert (work / "detections.png").stat().st_size > 0
+    assert (work / "data" / "adversarial.npy").is_file()
+    assert (work / "models" / "teacher").is_dir()
+    assert (work / "models" / "student_fgd_ikd").is_dir()
+    log = (work / "metrics.jsonl").read_text().splitlines()
+    assert {json.loads(line)["stage"] for line in log} == {
+        "teacher", *(f"student_{m}_s{s}" for m in ("student", "fgd_ikd") for s in (0, 1))}
+    # Rerun: every stage is finished; the same numbers, nothing trained again.
+    again = json.loads(json.dumps(train_and_evaluate(tree, work)))
+    assert again["students"] == res["students"] and again["teacher"] == res["teacher"]
+    # A committed run keeps no checkpoints: the teacher's final variables (models/teacher)
+    # suffice for a new student; the teacher is not trained again.
+    shutil.rmtree(work / "checkpoints")
+    (work / "data" / "adversarial.npy").unlink()
+    tree.methods = "student,fgd_ikd,fgd"
+    more = json.loads(json.dumps(train_and_evaluate(tree, work)))
+    assert not (work / "checkpoints" / "teacher").exists()
+    assert more["teacher"] == res["teacher"] and set(more["students"]) == {
+        "student", "fgd_ikd", "fgd"}
+    assert more["students"]["fgd_ikd"] == res["students"]["fgd_ikd"]
+    assert more["config"]["methods"] == ["student", "fgd_ikd", "fgd"]  # this run's settings
+    assert (work / "data" / "adversarial.npy").is_file()
+    md = (work / "results.md").read_text()
     assert "same init and batch order" in md and "- student: AP" in md and "95% interval" in md
-    assert (tmp_path / "w" / "models" / "teacher").is_dir()
-    assert (tmp_path / "w" / "models" / "student_fgd").is_dir()
+    assert "- fgd_ikd: AP" in md and "| fgd_ikd |" in md
