@@ -352,13 +352,20 @@ def check_defense_record(workdir: Path, results: dict[str, Any], column: Defense
         previous = json.loads(marker.read_text())
     if previous is None:
         return
-    previous = DEFENSES[column.base].complete_record(with_defaults(
-        previous, {"defense_seed": seed, "benign_selection": "reference"}))
+    previous = completed_record(column.base, previous, seed)
     if previous != record:
         changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in record.items()
                             if previous.get(k) != v)
         raise InputError(f"defense {name} in {workdir} was run with other settings "
                          f"({changed}); use another --workdir")
+
+
+def completed_record(defense: str, record: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A stored settings record with every field added since it was written: before
+    --defense_seed existed the defenses ran with the run's `seed`, before --benign_selection
+    each drew its own subset (`reference`), and the defense's own `DefenseSpec.added_fields`."""
+    return DEFENSES[defense].complete_record(with_defaults(
+        record, {"defense_seed": seed, "benign_selection": "reference"}))
 
 
 def write_results(workdir: Path, results: dict[str, Any]) -> None:

@@ -136,8 +136,10 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "detect_pilot_e24": results_md_table("detect_pilot/e24"),
     "detect_teacher": results_md_table("detect_teacher_study/scenes16k_flip_e20"),
     "detect_cpu": results_md_table("detect_cpu"),
-    "ftsam_isolation": table_grid("ftsam_isolation", paper=False),
-    "ftsam_isolation_per_seed": table_per_seed("ftsam_isolation"),
+    # Issue 22's studies (`/work/runs/ftsam22.sh` in the closing notes: experiments.table runs).
+    "ftsam_iso": table_grid("ftsam_iso", paper=False),
+    "ftsam_iso_per_seed": table_per_seed("ftsam_iso"),
+    "ftsam_iso_lf": table_grid("ftsam_iso_lf", paper=False),
     "ftsam_table3": table_grid("ftsam_table3"),
     "ftsam_rho": table_grid("ftsam_rho", paper=False),
 }

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from experiments import ftsam
+from experiments.variants import DefenseColumn
 from ftsam_jax.defenses import DEFENSES, ftsam_config
 from ftsam_jax.defenses.base import with_defaults
 from tests.conftest import ROOT
@@ -24,17 +25,22 @@ def _stored_records():
 def test_committed_records_match_todays_settings(where, name, stored):
     cfg = DEFENSES[name].default_config("cpu")
     today = json.loads(json.dumps(ftsam.defense_record(cfg, stored["benign_ratio"],
-                                                       stored["defense_seed"])))
-    assert DEFENSES[name].complete_record(stored) == today, where
+                                                       stored["defense_seed"], "reference")))
+    assert ftsam.completed_record(name, stored, stored["defense_seed"]) == today, where
 
 
 @pytest.mark.parametrize("where,name,stored", list(_stored_records())[:3])
 def test_committed_records_pass_the_resume_guard(where, name, stored, tmp_path):
     cfg = DEFENSES[name].default_config("cpu")
     record = json.loads(json.dumps(ftsam.defense_record(cfg, stored["benign_ratio"],
-                                                        stored["defense_seed"])))
+                                                        stored["defense_seed"], "reference")))
     results = {"defenses": {name: {"config": stored}}}
-    ftsam.check_defense_record(tmp_path, results, name, record, stored["defense_seed"])
+    ftsam.check_defense_record(tmp_path, results, DefenseColumn(name, name), record,
+                               stored["defense_seed"])
+    shared = dict(record, benign_selection="shared")  # a shared subset is other images
+    with pytest.raises(ftsam.InputError, match="benign_selection: 'reference' -> 'shared'"):
+        ftsam.check_defense_record(tmp_path, results, DefenseColumn(name, name), shared,
+                                   stored["defense_seed"])
 
 
 def test_with_defaults_fills_nested_records_and_keeps_what_is_there():
@@ -43,9 +49,9 @@ def test_with_defaults_fills_nested_records_and_keeps_what_is_there():
                               "teacher": {"augment": True, "rho": 2.0}})
     assert out == {"epochs": 3, "sam": False, "teacher": {"rho": 4.0, "augment": True}}
     # A changed setting still differs after completion (the guard refuses it).
-    changed = dict(ftsam.defense_record(ftsam_config("cpu"), 0.05, 0), rho=3.0)
-    record = ftsam.defense_record(ftsam_config("cpu"), 0.05, 0)
+    changed = dict(ftsam.defense_record(ftsam_config("cpu"), 0.05, 0, "reference"), rho=3.0)
+    record = ftsam.defense_record(ftsam_config("cpu"), 0.05, 0, "reference")
     assert DEFENSES["ftsam"].complete_record(changed) != record
     with pytest.raises(ftsam.InputError, match=r"rho: 3.0 -> 2.0"):
-        ftsam.check_defense_record(ROOT, {"defenses": {"ftsam": {"config": changed}}}, "ftsam",
-                                   record, 0)
+        ftsam.check_defense_record(ROOT, {"defenses": {"ftsam": {"config": changed}}},
+                                   DefenseColumn("ftsam", "ftsam"), record, 0)
