@@ -13,6 +13,7 @@ from experiments import report, table
 from experiments.cli import InputError
 from experiments.configs.table import get_config
 from experiments.table_render import axis_plot, differences, table_markdown, variant_axis
+from tests.conftest import ROOT
 
 SEEDS = (0, 1, 2)
 COLUMNS = ("ft", "ftsam", "ftsam[rho=0]", "ftsam[rho=4]")
@@ -139,3 +140,25 @@ def test_report_check_finds_a_stale_table_and_write_fixes_it(tmp_path, monkeypat
     doc.write_text("<!-- report:nope -->\nx\n<!-- /report:nope -->\n")
     with pytest.raises(InputError, match="unknown generated block 'nope'"):
         report.check(doc, results)
+
+
+def test_the_committed_cpu_table_resumes_as_reference_with_the_same_cells(tmp_path):
+    """results/table_cpu (made before --benign_selection existed): rerunning its command with
+    today's code runs no cell, keeps `reference` and gives the committed cells back."""
+    committed = ROOT / "results" / "table_cpu"
+    data = ROOT.parent / "shared" / "data" / "cifar10-subset"
+    if not data.is_dir():
+        pytest.skip("../shared/data is not present")
+    for path in committed.glob("*/ds*/results.json"):
+        target = tmp_path / path.relative_to(committed)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    (tmp_path / "table.json").write_bytes((committed / "table.json").read_bytes())
+    old = json.loads((committed / "table.json").read_text())
+    tree = get_config("cpu")
+    tree.data_dir, tree.plot = str(data), False
+    tree.defense_seeds, tree.seeded_defenses = "0,1,2", "ft,ftsam"
+    made = table.train_and_evaluate(tree, tmp_path)
+    assert made["benign_selection"] == "reference" and made["failures"] == []
+    assert made["cells"] == old["cells"]
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
