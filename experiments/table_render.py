@@ -177,8 +177,9 @@ def paper_markdown(paper: dict[str, Any], attacks: list[str], defenses: list[str
 def differences(cells: dict[str, Any], pairs: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
     """Per attack and pair (A, B): the paired difference A - B of C-Acc, ASR and DER over the
     defense seeds both columns have (`ftsam_jax.metrics.paired_difference`: mean, std, n, the
-    95% t interval, `resolved`)."""
-    out = []
+    95% t interval, `resolved`); then, with more than one attack, a row "all" pooling every
+    (attack, seed) pair of the pair of columns."""
+    out, pooled = [], {}
     for a, row in cells.items():
         for left, right in pairs:
             by_seed = [{p["seed"]: p for p in row[c]["per_seed"]} for c in (left, right)]
@@ -187,9 +188,17 @@ def differences(cells: dict[str, Any], pairs: Iterable[tuple[str, str]]) -> list
                 continue
             entry: dict[str, Any] = {"attack": a, "a": left, "b": right, "seeds": seeds}
             for k in ("clean_acc", "asr", "der"):
-                entry[k] = metrics.paired_difference([by_seed[0][s][k] for s in seeds],
-                                                     [by_seed[1][s][k] for s in seeds])
+                values = ([by_seed[0][s][k] for s in seeds], [by_seed[1][s][k] for s in seeds])
+                entry[k] = metrics.paired_difference(*values)
+                lists = pooled.setdefault((left, right), {}).setdefault(k, ([], []))
+                lists[0].extend(values[0])
+                lists[1].extend(values[1])
             out.append(entry)
+    if len(cells) > 1:
+        for (left, right), by_key in pooled.items():
+            n = len(by_key["asr"][0])
+            out.append({"attack": "all", "a": left, "b": right, "pairs": n,
+                        **{k: metrics.paired_difference(*v) for k, v in by_key.items()}})
     return out
 
 
@@ -203,9 +212,10 @@ def differences_markdown(rows: list[dict[str, Any]]) -> list[str]:
         return f"{text} {interval}" + ("" if d["resolved"] else " not resolved")
 
     lines = ["Paired differences A − B over defense seeds (percentage points: mean ± std "
-             "[95% t interval]; \"not resolved\" when the interval spans 0):", "",
+             "[95% t interval]; \"not resolved\" when the interval spans 0; \"all\": every "
+             "(attack, seed) pair pooled, its count in the seeds column):", "",
              "| Attack | A − B | seeds | ΔC-Acc | ΔASR | ΔDER |", "|---|---|---:|---|---|---|"]
-    lines += [f"| {r['attack']} | {r['a']} − {r['b']} | {len(r['seeds'])} | "
+    lines += [f"| {r['attack']} | {r['a']} − {r['b']} | {r.get('pairs') or len(r['seeds'])} | "
               f"{cell(r['clean_acc'])} | {cell(r['asr'])} | {cell(r['der'])} |" for r in rows]
     return lines
 

@@ -72,9 +72,12 @@ def test_ratio_blocks_layout_differences_and_the_axis(tmp_path):
     assert asr["mean"] == pytest.approx(-0.2) and asr["n"] == 3 and asr["resolved"]
     clean = diff[("badnets", "ftsam[rho=0]")]["clean_acc"]
     assert clean["mean"] == pytest.approx(0.01) and clean["std"] == pytest.approx(0, abs=1e-12)
+    pooled = {d["b"]: d for d in first["differences"] if d["attack"] == "all"}
+    assert pooled["ft"]["asr"]["n"] == 6 and pooled["ft"]["asr"]["mean"] == pytest.approx(-0.2)
     md = table_markdown(made)
     assert "## Benign ratio 0.01" in md and "## Benign ratio 0.1" in md
     assert "| badnets | ftsam − ft | 3 | " in md and "Table 3" in md
+    assert "| all | ftsam − ft | 6 | " in md
     assert made["columns"]["ftsam[rho=4]"]["settings"] == {"rho": 4.0}
     axis = variant_axis(made)
     assert axis == {"field": "rho", "base": "ftsam",
