@@ -26,13 +26,17 @@ from ftsam_jax.training.stage import NonFiniteLossError
 
 __all__ = ["DTYPES", "InputError", "check_batch_fits", "comma_list", "compute_dtype",
            "config_from_flags", "distinct_ints", "fail", "guarded", "interruptible", "make_mesh",
-           "run"]
+           "run", "start_child", "wait_for_exit"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Child processes an entry point runs (experiments.table's cells): an interrupted parent
 # passes its signal on to them and waits for them to stop (they checkpoint and say where).
 children: set[subprocess.Popen] = set()
+# Set (under `children_lock`) when an interruption begins: a parent starts no child after it,
+# and one started before it is in `children` when the signal is passed on (`start_child`).
+stopping = threading.Event()
+children_lock = threading.Lock()
 # What a parent of such children is doing (e.g. "in cell [3/12] blended / ft / seed 0"), for
 # the interruption message of a process that runs no stage itself.
 current_task: str | None = None
@@ -188,10 +192,13 @@ def interruptible() -> Iterator[None]:
         if not data or data[0] == 0:  # the run ended normally
             return
         signum = data[0]
-        for child in list(children):
+        with children_lock:
+            stopping.set()
+            running = list(children)
+        for child in running:
             with contextlib.suppress(OSError):
                 child.send_signal(signum)
-        for child in list(children):
+        for child in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=30)
         wait_for_saves()
@@ -211,6 +218,26 @@ def interruptible() -> Iterator[None]:
         watcher.join()
         os.close(read_fd)
         os.close(write_fd)
+
+
+def start_child(cmd: list[str], **popen_kwargs: Any) -> subprocess.Popen:
+    """Starts a child process that an interruption of this one passes its signal on to
+    (`children`); once an interruption has begun, starts none and waits for the exit
+    `interruptible` makes (so no child outlives an interrupted parent)."""
+    with children_lock:
+        if not stopping.is_set():
+            proc = subprocess.Popen(cmd, **popen_kwargs)
+            children.add(proc)
+            return proc
+    wait_for_exit()
+    raise AssertionError("unreachable")
+
+
+def wait_for_exit() -> None:
+    """Blocks the main thread while an interruption (`interruptible`'s watcher) ends the
+    process; returns at once when none is under way."""
+    if stopping.is_set():
+        threading.Event().wait()
 
 
 def guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:

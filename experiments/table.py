@@ -49,7 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -258,9 +258,9 @@ def run_cell(root: Path, cell: Cell, origin: Cell, extra: list[str],
     ratio = "" if cell.ratio is None else f"_ratio{cell.ratio:g}"
     log = logs / f"{cell.attack}_{label}{ratio}_ds{cell.seed}.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cell_command(root, cell, run, extra), stdout=fh,
-                                stderr=subprocess.PIPE, text=True, env=env)
-        cli.children.add(proc)  # an interrupted table passes the signal on
+        # An interrupted table passes its signal on to the cell and starts no other.
+        proc = cli.start_child(cell_command(root, cell, run, extra), stdout=fh,
+                               stderr=subprocess.PIPE, text=True, env=env)
         try:
             _, stderr = proc.communicate()
         finally:
@@ -406,9 +406,12 @@ def benign_selection(given: str | None, root: Path) -> str:
     return given or recorded or "shared"
 
 
-def run_cells(cfg: dict[str, Any], root: Path) -> list[dict[str, Any]]:
+def run_cells(cfg: dict[str, Any], root: Path,
+              after_cell: Callable[[list[dict[str, Any]]], None] | None = None
+              ) -> list[dict[str, Any]]:
     """Runs every cell not done yet (a cell that fails is recorded, the others go on; a
-    backdoored model that fails skips its attack's cells); returns the failures."""
+    backdoored model that fails skips its attack's cells); calls `after_cell(failures)` after
+    each cell that ran; returns the failures."""
     env = cell_env(root, cfg["compilation_cache"])
     cells = plan_cells(cfg["attacks"], cfg["defenses"], cfg["seeds"], cfg["seeded"],
                        cfg["ratios"])
@@ -433,6 +436,7 @@ def run_cells(cfg: dict[str, Any], root: Path) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         origin = Cell(cell.attack, None, cfg["seeds"][0], cfg["ratios"][0])
         code, error = run_cell(root, cell, origin, cfg["ftsam_flags"], env, cfg)
+        cli.wait_for_exit()  # stopped by our own interruption: not a failed cell
         if code == 2 and not ran_any:  # bad input (flags, data): every cell would say the same
             fail(error.removeprefix("error: ") or "experiments.ftsam refused its input")
         ran_any = True
@@ -441,8 +445,10 @@ def run_cells(cfg: dict[str, Any], root: Path) -> list[dict[str, Any]]:
             if cell.defense is None:
                 failed_attacks.add(cell.attack)
             print(f"{label}: FAILED (exit {code}): {error}", flush=True)
-            continue
-        print(f"{label}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
+        else:
+            print(f"{label}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
+        if after_cell is not None:
+            after_cell(failures)
     return failures
 
 
@@ -467,17 +473,23 @@ def make_table(cfg: dict[str, Any], root: Path, failures: list[dict[str, Any]]
 
 
 def train_and_evaluate(tree: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Runs (or resumes) the table's cells in `workdir` and writes table.json, table.md,
-    table.png (and `table_FIELD.png` for variants of one numeric field); returns the table
-    (its "failures" list the cells that failed)."""
+    """Runs (or resumes) the table's cells in `workdir` and writes table.json and table.md
+    (after every cell, and at the end), table.png (and `table_FIELD.png` for variants of one
+    numeric field); returns the table (its "failures" list the cells that failed)."""
     cfg, root = resolve(tree), Path(workdir)
     check_workdir_path(root)
     cfg["benign_selection"] = benign_selection(cfg["benign_selection"], root)
     load_dataset(cfg["dataset"], cfg["data_dir"])  # bad data: one message, before any cell
     lock_workdir(root, "logs")  # a second table on this workdir is refused
-    table = make_table(cfg, root, run_cells(cfg, root))
-    atomic_write(root / "table.json", json.dumps(table, indent=2) + "\n")
-    atomic_write(root / "table.md", table_markdown(table))
+
+    def write(failures: list[dict[str, Any]]) -> dict[str, Any]:
+        table = make_table(cfg, root, failures)
+        atomic_write(root / "table.json", json.dumps(table, indent=2) + "\n")
+        atomic_write(root / "table.md", table_markdown(table))
+        return table
+
+    # table.json and table.md follow the cells (an interrupted table keeps what finished).
+    table = write(run_cells(cfg, root, after_cell=write))
     if cfg["plot"]:
         table_plot(table, root / "table.png")
         axis = variant_axis(table)

@@ -96,3 +96,42 @@ def test_detect_student_sigterm_sigint_resume(tmp_path):
                                                 "student_student_s0")
     assert strip_seconds(resumed["students"]) == strip_seconds(full["students"])
     assert strip_seconds(resumed["teacher"]) == strip_seconds(full["teacher"])
+
+
+PARENT = r'''
+import subprocess, sys, time
+from experiments import cli
+
+def main(argv):
+    for k in range(3):  # children one after another, as experiments.table runs its cells
+        with open(sys.argv[1], "a") as fh:
+            fh.write(f"start {k}\n")
+        proc = cli.start_child(["sleep", "30"] if k == 0 else ["sleep", "0.5"])
+        try:
+            proc.wait()
+        finally:
+            cli.children.discard(proc)
+        cli.wait_for_exit()
+        with open(sys.argv[1], "a") as fh:
+            fh.write(f"done {k} exit {proc.returncode}\n")
+
+cli.guarded(main, ["parent"])
+'''
+
+
+def test_an_interrupted_parent_passes_the_signal_on_and_starts_no_child_after(tmp_path):
+    """What experiments.table relies on: SIGTERM reaches the running child, the child's exit is
+    not taken for a finished (or failed) one, no further child starts, the parent exits 143."""
+    record = tmp_path / "record.txt"
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, str(record)], cwd=ROOT, env=ENV,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (record.is_file() and "start 0" in record.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # the child runs
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert record.read_text() == "start 0\n"  # neither "done 0" nor another child
+    assert "interrupted (SIGTERM)" in stderr and "Traceback" not in stderr
