@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 22's studies at `cpu` scale, paired (--benign_selection=shared), on the committed
+# backdoored models (REPRODUCTION.md, "FT-SAM's effect isolated"): (a) isolation on BadNets,
+# Blended, SIG; (a') isolation on LF with BackdoorBench's pattern; (c) rho (Figure 3);
+# (b) benign ratios (Table 3). About 7-9 hours on 2 cores; every table resumes where it stopped.
+#
+#   bash experiments/studies/ftsam_isolation_cpu.sh [RUNS]     (default RUNS=runs/ftsam22)
+#
+# Run it from a snapshot of the code (git worktree add /tmp/snap HEAD; cd /tmp/snap), so that
+# edits in the main tree never change a run halfway. The data path is the one the committed
+# backdoored models were trained with (their config.json guards it): run from a folder beside
+# `shared/`. LF needs BackdoorBench's pattern at LFPAT (the path its committed model recorded):
+#   git -C BackdoorBench show f02e353:resource/lowFrequency/cifar10_preactresnet18_0_255.npy > $LFPAT
+# Copy each finished table into results/ftsam_{iso,iso_lf,rho,table3} without checkpoints,
+# models or jax_cache, then `python -m experiments.report --write`.
+set -eu
+RUNS=${1:-runs/ftsam22}
+HERE=$(cd "$(dirname "$0")/../.." && pwd)
+R=$HERE/results
+PY=${PYTHON:-python}
+DATA=../shared/data/cifar10-subset
+LFPAT=${LFPAT:-/work/main/runs/lf_bb/backdoorbench_cifar10_preactresnet18_0_255.npy}
+seed_from() {  # seed_from SRC DST: the backdoored row, config.json and final variables
+  local src=$1 dst=$2
+  [ -f "$dst/results.json" ] && return 0
+  mkdir -p "$dst/models"
+  cp "$src/config.json" "$dst/"
+  cp -r "$src/models/backdoored" "$dst/models/"
+  if [ -f "$src/lf_pattern.npy" ]; then cp "$src/lf_pattern.npy" "$dst/"; fi
+  "$PY" - "$src/results.json" "$dst/results.json" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+row = {k: r[k] for k in ("dataset", "attack", "model", "config", "backdoored")}
+json.dump({**row, "defenses": {}}, open(sys.argv[2], "w"), indent=2)
+PYEOF
+}
+common=(--dataset=cifar10 --data_dir=$DATA --preset=cpu --benign_selection=shared)
+iso=(--defenses='ft,ftsam,ftsam[rho=0],ftsam[adaptive=false]' --defense_seeds=0,1,2
+     --differences='ftsam:ft,ftsam:ftsam[rho=0],ftsam[rho=0]:ft,ftsam:ftsam[adaptive=false]')
+mkdir -p "$RUNS"
+for a in badnets blended sig; do seed_from "$R/table_cpu/$a/ds0" "$RUNS/iso/$a/ds0"; done
+"$PY" -m experiments.table "${common[@]}" --attacks=badnets,blended,sig "${iso[@]}" \
+  --workdir="$RUNS/iso" > "$RUNS/iso.log" 2>&1 || true
+seed_from "$R/lf_backdoorbench/ds0" "$RUNS/iso_lf/lf/ds0"
+"$PY" -m experiments.table "${common[@]}" --attacks=lf --ftsam_flag=--trigger_path="$LFPAT" \
+  "${iso[@]}" --workdir="$RUNS/iso_lf" > "$RUNS/iso_lf.log" 2>&1 || true
+for a in badnets blended; do seed_from "$R/table_cpu/$a/ds0" "$RUNS/rho/$a/ds0"; done
+"$PY" -m experiments.table "${common[@]}" --attacks=badnets,blended \
+  --defenses='ftsam[rho=0.5],ftsam[rho=1],ftsam,ftsam[rho=4],ftsam[rho=8]' --defense_seeds=0,1 \
+  --workdir="$RUNS/rho" > "$RUNS/rho.log" 2>&1 || true
+for a in badnets blended; do seed_from "$R/table_cpu/$a/ds0" "$RUNS/table3/$a/ratio0.01/ds0"; done
+"$PY" -m experiments.table "${common[@]}" --attacks=badnets,blended --defenses=ft,ftsam \
+  --benign_ratios=0.01,0.05,0.1 --defense_seeds=0,1,2 --differences=ftsam:ft \
+  --workdir="$RUNS/table3" > "$RUNS/table3.log" 2>&1 || true
