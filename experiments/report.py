@@ -27,6 +27,7 @@ from experiments.table_render import (
     NO_DEFENSE,
     block_markdown,
     blocks,
+    differences,
     differences_markdown,
     paper_markdown,
 )
@@ -124,6 +125,27 @@ def results_md_table(folder: str) -> Callable[[Path], str]:
     return make
 
 
+def pooled_differences(folders: tuple[str, ...], pairs: tuple[tuple[str, str], ...]
+                       ) -> Callable[[Path], str]:
+    """Paired differences over the attacks of several `experiments.table` folders (one block,
+    no benign ratios, every attack in one folder only): per attack, then every (attack, seed)
+    pair pooled. A pair runs where both its columns are in every folder."""
+    def make(results: Path) -> str:
+        tables = [_json(results / folder / "table.json") for folder in folders]
+        cells: dict[str, Any] = {}
+        for folder, table in zip(folders, tables, strict=True):
+            if "cells" not in table:
+                raise InputError(f"{folder}: a table with benign-ratio blocks cannot be pooled")
+            for attack, row in table["cells"].items():
+                if attack in cells:
+                    raise InputError(f"attack {attack!r} is in more than one of {folders}")
+                cells[attack] = row
+        have = set.intersection(*(set(t["defenses"]) for t in tables))
+        present = [(a, b) for a, b in pairs if a in have and b in have]
+        return "\n".join(differences_markdown(differences(cells, present))) + "\n"
+    return make
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "table_cpu": table_grid("table_cpu"),
     "table_cpu_per_seed": table_per_seed("table_cpu"),
@@ -136,10 +158,15 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "detect_pilot_e24": results_md_table("detect_pilot/e24"),
     "detect_teacher": results_md_table("detect_teacher_study/scenes16k_flip_e20"),
     "detect_cpu": results_md_table("detect_cpu"),
-    # Issue 22's studies (`/work/runs/ftsam22.sh` in the closing notes: experiments.table runs).
+    # Issue 22's studies (experiments/studies/ftsam_isolation_cpu.sh: experiments.table runs).
     "ftsam_iso": table_grid("ftsam_iso", paper=False),
     "ftsam_iso_per_seed": table_per_seed("ftsam_iso"),
     "ftsam_iso_lf": table_grid("ftsam_iso_lf", paper=False),
+    "ftsam_iso_lf_per_seed": table_per_seed("ftsam_iso_lf"),
+    "ftsam_iso_pooled": pooled_differences(
+        ("ftsam_iso", "ftsam_iso_lf"),
+        (("ftsam", "ftsam[rho=0]"), ("ftsam", "ft"), ("ftsam[rho=0]", "ft"),
+         ("ftsam", "ftsam[adaptive=false]"))),
     "ftsam_table3": table_grid("ftsam_table3"),
     "ftsam_rho": table_grid("ftsam_rho", paper=False),
 }

@@ -165,3 +165,32 @@ def test_the_committed_cpu_table_resumes_as_reference_with_the_same_cells(tmp_pa
     assert made["benign_selection"] == "reference" and made["failures"] == []
     assert made["cells"] == old["cells"]
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+def test_report_pools_paired_differences_over_the_attacks_of_two_tables(tmp_path):
+    def write_table(folder, attacks, columns, asr):
+        cells = {a: {c: {"per_seed": [{"seed": s, "clean_acc": 0.6, "asr": asr(a, c, s),
+                                       "der": 0.5} for s in SEEDS]} for c in columns}
+                 for a in attacks}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "table.json").write_text(
+            json.dumps({"defenses": list(columns), "cells": cells}))
+
+    def asr(attack, column, seed):  # SAM lowers ASR by 0.1 + 0.05 * seed on every attack
+        return 0.8 - (0.1 + 0.05 * seed) * (column == "ftsam") - 0.01 * len(attack)
+
+    write_table("iso", ("badnets", "sig"), ("ft", "ftsam", "ftsam[rho=0]", "x"), asr)
+    write_table("lf", ("lf",), ("ft", "ftsam", "ftsam[rho=0]"), asr)
+    make = report.pooled_differences(("iso", "lf"), (("ftsam", "ftsam[rho=0]"), ("ftsam", "x")))
+    lines = make(tmp_path).splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| Attack")]
+    assert [r.split(" | ")[0:3] for r in rows] == [
+        ["| badnets", "ftsam − ftsam[rho=0]", "3"], ["| sig", "ftsam − ftsam[rho=0]", "3"],
+        ["| lf", "ftsam − ftsam[rho=0]", "3"], ["| all", "ftsam − ftsam[rho=0]", "9"]]
+    diffs = np.array([-(0.1 + 0.05 * s) for s in SEEDS] * 3)
+    half = stats.t.ppf(0.975, 8) * diffs.std(ddof=1) / 3
+    assert (f"{100 * diffs.mean():+.1f} ± {100 * diffs.std(ddof=1):.1f} "
+            f"[{100 * (diffs.mean() - half):+.1f}, {100 * (diffs.mean() + half):+.1f}]") in rows[-1]
+    write_table("again", ("lf",), ("ft", "ftsam"), asr)
+    with pytest.raises(InputError, match="more than one"):
+        report.pooled_differences(("lf", "again"), (("ftsam", "ft"),))(tmp_path)
