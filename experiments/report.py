@@ -146,6 +146,9 @@ def pooled_differences(folders: tuple[str, ...], pairs: tuple[tuple[str, str], .
     return make
 
 
+# SAM on FT's own recipe (no label smoothing, cosine per epoch): issue 22's 2x2 of recipe x SAM.
+FT_RECIPE_SAM = "ftsam[label_smoothing=0,schedule=cosine_epoch]"
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "table_cpu": table_grid("table_cpu"),
     "table_cpu_per_seed": table_per_seed("table_cpu"),
@@ -166,7 +169,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "ftsam_iso_pooled": pooled_differences(
         ("ftsam_iso", "ftsam_iso_lf"),
         (("ftsam", "ftsam[rho=0]"), ("ftsam", "ft"), ("ftsam[rho=0]", "ft"),
-         ("ftsam", "ftsam[adaptive=false]"))),
+         ("ftsam", "ftsam[adaptive=false]"), (FT_RECIPE_SAM, "ft"), ("ftsam", FT_RECIPE_SAM))),
     "ftsam_table3": table_grid("ftsam_table3"),
     "ftsam_rho": table_grid("ftsam_rho", paper=False),
 }

@@ -37,12 +37,15 @@ PYEOF
 common=(--dataset=cifar10 --data_dir=$DATA --preset=cpu --benign_selection=shared)
 lf=(--attacks=lf --ftsam_flag=--trigger_path="$LFPAT")
 # (a), (a') in two passes, so that a session that stops early has the pre-stated test first:
-# pass 1 the three columns it needs (36 cells, about 4-5 min each on 2 cores), pass 2 adds
-# plain SAM (a table takes new columns and keeps its finished cells).
+# pass 1 the three columns it needs (36 cells, about 2 min each on 2 idle cores), pass 2 two
+# more (a table takes new columns and keeps its finished cells).
 primary=(--defenses='ft,ftsam,ftsam[rho=0]' --defense_seeds=0,1,2
          --differences='ftsam:ft,ftsam:ftsam[rho=0],ftsam[rho=0]:ft')
-iso=(--defenses='ft,ftsam,ftsam[rho=0],ftsam[adaptive=false]' --defense_seeds=0,1,2
-     --differences='ftsam:ft,ftsam:ftsam[rho=0],ftsam[rho=0]:ft,ftsam:ftsam[adaptive=false]')
+# Pass 2 adds plain SAM and SAM on FT's own recipe (no smoothing, cosine per epoch): with ft,
+# ftsam and ftsam[rho=0] a 2x2 of recipe x SAM.
+FTREC='ftsam[label_smoothing=0,schedule=cosine_epoch]'
+iso=(--defenses="ft,ftsam,ftsam[rho=0],ftsam[adaptive=false],$FTREC" --defense_seeds=0,1,2
+     --differences="ftsam:ft,ftsam:ftsam[rho=0],ftsam[rho=0]:ft,ftsam:ftsam[adaptive=false],$FTREC:ft,ftsam:$FTREC")
 mkdir -p "$RUNS"
 for a in badnets blended sig; do seed_from "$R/table_cpu/$a/ds0" "$RUNS/iso/$a/ds0"; done
 seed_from "$R/lf_backdoorbench/ds0" "$RUNS/iso_lf/lf/ds0"
