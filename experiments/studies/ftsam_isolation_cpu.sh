@@ -12,7 +12,8 @@
 # `shared/`. LF needs BackdoorBench's pattern at LFPAT (the path its committed model recorded):
 #   git -C BackdoorBench show f02e353:resource/lowFrequency/cifar10_preactresnet18_0_255.npy > $LFPAT
 # Copy each finished table into results/ftsam_{iso,iso_lf,rho,table3} without checkpoints,
-# models or jax_cache, then `python -m experiments.report --write`.
+# models, tensorboard or jax_cache, then `python -m experiments.report --write`. A new RUNS
+# starts from those committed cells (finished cells are not run again).
 set -eu
 RUNS=${1:-runs/ftsam22}
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
@@ -20,13 +21,19 @@ R=$HERE/results
 PY=${PYTHON:-python}
 DATA=../shared/data/cifar10-subset
 LFPAT=${LFPAT:-/work/main/runs/lf_bb/backdoorbench_cifar10_preactresnet18_0_255.npy}
+resume_from() {  # resume_from NAME: a new workdir starts from the cells committed in results/
+  local src=$R/ftsam_$1 dst=$RUNS/$1
+  if [ -d "$src" ] && [ ! -e "$dst" ]; then mkdir -p "$dst" && cp -r "$src/." "$dst/"; fi
+}
 seed_from() {  # seed_from SRC DST: the backdoored row, config.json and final variables
   local src=$1 dst=$2
-  [ -f "$dst/results.json" ] && return 0
   mkdir -p "$dst/models"
+  [ -d "$dst/models/backdoored" ] || cp -r "$src/models/backdoored" "$dst/models/"
+  if [ -f "$src/lf_pattern.npy" ] && [ ! -f "$dst/lf_pattern.npy" ]; then
+    cp "$src/lf_pattern.npy" "$dst/"
+  fi
+  [ -f "$dst/results.json" ] && return 0
   cp "$src/config.json" "$dst/"
-  cp -r "$src/models/backdoored" "$dst/models/"
-  if [ -f "$src/lf_pattern.npy" ]; then cp "$src/lf_pattern.npy" "$dst/"; fi
   "$PY" - "$src/results.json" "$dst/results.json" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -34,6 +41,7 @@ row = {k: r[k] for k in ("dataset", "attack", "model", "config", "backdoored")}
 json.dump({**row, "defenses": {}}, open(sys.argv[2], "w"), indent=2)
 PYEOF
 }
+for study in iso iso_lf rho table3; do resume_from $study; done
 common=(--dataset=cifar10 --data_dir=$DATA --preset=cpu --benign_selection=shared)
 lf=(--attacks=lf --ftsam_flag=--trigger_path="$LFPAT")
 # (a), (a') in two passes, so that a session that stops early has the pre-stated test first:
