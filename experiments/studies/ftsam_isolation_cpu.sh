@@ -57,13 +57,14 @@ iso=(--defenses="ft,ftsam,ftsam[rho=0],ftsam[adaptive=false],$FTREC" --defense_s
 mkdir -p "$RUNS"
 for a in badnets blended sig; do seed_from "$R/table_cpu/$a/ds0" "$RUNS/iso/$a/ds0"; done
 seed_from "$R/lf_backdoorbench/ds0" "$RUNS/iso_lf/lf/ds0"
-for cols in primary iso; do
-  eval "set -- \"\${$cols[@]}\""
+isolation() {  # isolation COLUMN_FLAGS...: the isolation tables (a) and (a') with these columns
   "$PY" -m experiments.table "${common[@]}" --attacks=badnets,blended,sig "$@" \
     --workdir="$RUNS/iso" >> "$RUNS/iso.log" 2>&1 || true
   "$PY" -m experiments.table "${common[@]}" "${lf[@]}" "$@" \
     --workdir="$RUNS/iso_lf" >> "$RUNS/iso_lf.log" 2>&1 || true
-done
+}
+isolation "${primary[@]}"
+isolation "${iso[@]}"
 for a in badnets blended; do seed_from "$R/table_cpu/$a/ds0" "$RUNS/rho/$a/ds0"; done
 "$PY" -m experiments.table "${common[@]}" --attacks=badnets,blended \
   --defenses='ftsam[rho=0.5],ftsam[rho=1],ftsam,ftsam[rho=4],ftsam[rho=8]' --defense_seeds=0,1 \
