@@ -171,6 +171,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
         (("ftsam", "ftsam[rho=0]"), ("ftsam", "ft"), ("ftsam[rho=0]", "ft"),
          ("ftsam", "ftsam[adaptive=false]"), (FT_RECIPE_SAM, "ft"), ("ftsam", FT_RECIPE_SAM))),
     "ftsam_table3": table_grid("ftsam_table3"),
+    "ftsam_table3_per_seed": table_per_seed("ftsam_table3"),
     "ftsam_rho": table_grid("ftsam_rho", paper=False),
 }
 
