@@ -321,18 +321,30 @@ def paired_lines(results: dict[str, Any], base: str = "fgd") -> list[str]:
     return lines
 
 
+def seeds_phrase(students: dict[str, Any]) -> str:
+    """"seeds [0, 1]" when every student ran the same seeds; otherwise each group of methods
+    with its seeds, so a row over 3 seeds is not read as one over 10."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, r in students.items():
+        groups.setdefault(tuple(sorted(p["seed"] for p in r["per_seed"])), []).append(name)
+    if len(groups) <= 1:
+        return f"seeds {list(next(iter(groups), ()))}"
+    return "their seeds (" + "; ".join(f"{', '.join(names)}: {list(seeds)}"
+                                       for seeds, names in groups.items()) + ")"
+
+
 def results_table(results: dict[str, Any]) -> str:
     c = results["config"]
     buckets = ("COCO's size buckets (original pixels)" if results["dataset"].startswith("coco:")
                else "size buckets small < 16² <= medium < 48² px")
-    seeds = sorted({p["seed"] for r in results["students"].values() for p in r["per_seed"]})
+    seeds = seeds_phrase(results["students"])
     split = ("held-out scenes of training objects (for tuning)"
              if c.get("eval_split") == "heldout" else "evaluation")
     extra = f"; FGD weights x{c['fgd_scale']}" if c.get("fgd_scale", 1.0) != 1.0 else ""
     lines = [f"# IKD for detection on {results['dataset']} (preset {c['preset']}{extra})", "",
              f"{c['train_images']} training / {c['val_images']} {split} images at "
              f"{c['image_size']} px; COCO metrics (%), {buckets}; students: mean ± std over "
-             f"seeds {seeds}.", "",
+             f"{seeds}.", "",
              "| model | AP | AP50 | AP75 | AP_S | AP_M | AP_L | AR100 | seconds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     t = results["teacher"]

@@ -70,3 +70,13 @@ def test_committed_detection_runs_still_match_their_settings():
         tree.methods = ",".join(old["methods"])
         tree.dataset, tree.data_dir = old["dataset"], old["data_dir"]
         check_workdir(path.parent, resolve(tree, 1), RUN_KEYS, legacy=LEGACY_VALUES)
+
+
+def test_results_header_names_each_rows_seeds_when_they_differ():
+    from experiments.detect import seeds_phrase
+
+    ten = {"per_seed": [{"seed": s} for s in range(10)]}
+    three = {"per_seed": [{"seed": s} for s in (2, 0, 1)]}
+    assert seeds_phrase({"fgd": ten, "fgd_ikd": ten}) == f"seeds {list(range(10))}"
+    assert seeds_phrase({"fgd": ten, "fgd_ikd": ten, "fgd_afa": three}) == (
+        f"their seeds (fgd, fgd_ikd: {list(range(10))}; fgd_afa: [0, 1, 2])")
