@@ -8,7 +8,7 @@ import pytest
 
 from experiments.cli import InputError
 from experiments.configs.detect import LEGACY_VALUES, PRESETS, get_config
-from experiments.detect import RUN_KEYS, method_config, resolve
+from experiments.detect import RUN_KEYS, method_config, resolve, seeds_phrase
 from experiments.workdir import check_workdir
 from ftsam_jax.detection.distill import DetectDistillConfig
 from ftsam_jax.detection.fgd import FGDConfig
@@ -73,8 +73,6 @@ def test_committed_detection_runs_still_match_their_settings():
 
 
 def test_results_header_names_each_rows_seeds_when_they_differ():
-    from experiments.detect import seeds_phrase
-
     ten = {"per_seed": [{"seed": s} for s in range(10)]}
     three = {"per_seed": [{"seed": s} for s in (2, 0, 1)]}
     assert seeds_phrase({"fgd": ten, "fgd_ikd": ten}) == f"seeds {list(range(10))}"
