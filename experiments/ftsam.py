@@ -86,8 +86,10 @@ def define_flags(fv: flags.FlagValues = FLAGS, sys_argv: list[str] | None = None
             flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float, flags.DEFINE_bool,
             flags.DEFINE_enum))
     string("dataset", None, "TFDS name, 'cifar10'/'cifar100' (official python folder in "
-           "--data_dir, else TFDS, else download) or 'npz:PATH'.")
-    string("data_dir", None, "Official CIFAR python folder (or its parent), or a TFDS data dir.")
+           "--data_dir, else TFDS, else download), 'fashion_mnist' (the official IDX files in "
+           "--data_dir) or 'npz:PATH'.")
+    string("data_dir", None, "Official CIFAR python folder (or its parent), the folder of "
+           "Fashion-MNIST's IDX files, or a TFDS data dir.")
     string("attack", None, f"One of {sorted(ATTACKS)}.")
     real("poison_ratio", None, "Share of the training set poisoned, in (0, 1].")
     integer("target", None, "Target class of all-to-one attacks.")

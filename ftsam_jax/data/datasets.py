@@ -1,15 +1,20 @@
-"""Data sets as in-memory uint8 NHWC arrays, from TFDS, the official CIFAR files or an npz.
+"""Data sets as in-memory uint8 NHWC arrays, from TFDS, the official CIFAR or Fashion-MNIST
+files, or an npz.
 
-Every source gives the same `Dataset`. Nothing here needs TensorFlow: TFDS is read through
+Every source gives the same `Dataset` through one validation (`_validate`: shapes, dtypes,
+finite values, labels). Nothing here needs TensorFlow: TFDS is read through
 `tfds.data_source` (array_record), the official CIFAR python batches through a restricted
-unpickler that only accepts the expected keys and dtypes, and `npz:PATH` with numpy.
+unpickler that only accepts the expected keys and dtypes, Fashion-MNIST's official IDX files
+(gzip or not, checked against a `SHA256SUMS` beside them) and `npz:PATH` with numpy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -19,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DataError", "Dataset", "NORMALIZATION", "check_backdoor_target", "load_dataset",
-           "normalization_for"]
+__all__ = ["FASHION_MNIST_CLASSES", "DataError", "Dataset", "NORMALIZATION",
+           "check_backdoor_target", "fashion_mnist_split", "load_dataset", "load_fashion_mnist",
+           "normalization_for", "read_idx"]
 
 
 class DataError(ValueError):
@@ -60,6 +66,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "gtsrb": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
     "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
 }
 
 
@@ -89,6 +96,11 @@ def _validate(name: str, x_train: Any, y_train: Any, x_test: Any, y_test: Any,
             raise DataError(f"{name}: {key} must have shape (N, H, W[, C]) with C in 1 or 3, "
                             f"got {x.shape}")
         if x.dtype != np.uint8:
+            if np.issubdtype(x.dtype, np.floating):
+                bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+                if bad:
+                    raise DataError(f"{name}: {key} holds {bad} non-finite value"
+                                    f"{'s' if bad > 1 else ''} (NaN/inf)")
             if np.issubdtype(x.dtype, np.floating) and x.size and x.max() <= 1.0 + 1e-6:
                 x = np.round(np.clip(x, 0.0, 1.0) * 255.0)
             if x.size and (x.min() < 0 or x.max() > 255):
@@ -272,6 +284,88 @@ def download_cifar(name: str, data_dir: str | os.PathLike[str], timeout: float =
 
 
 # ----------------------------------------------------------------------------------------------
+# Official Fashion-MNIST IDX files.
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of uint8 data (gzip or raw) as a numpy array; DataError if it is missing,
+    truncated or not IDX."""
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path} is not a readable gzip file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of uint8 data")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim < 1 or len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - header != math.prod(shape):
+        raise DataError(f"{path}: {len(raw) - header} data bytes, the header says "
+                        f"{math.prod(shape)} (truncated?)")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    """`stem.gz` or `stem` in `folder` (the official names, compressed or not)."""
+    for cand in (folder / f"{stem}.gz", folder / stem):
+        if cand.is_file():
+            return cand
+    raise DataError(f"{folder} lacks the Fashion-MNIST file {stem}.gz (or {stem}); give the "
+                    "folder of the four official files")
+
+
+def _check_sha256(path: Path) -> None:
+    """DataError when a `SHA256SUMS` beside `path` lists it with another digest."""
+    sums = path.parent / "SHA256SUMS"
+    if not sums.is_file():
+        return
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if name.lstrip("*") == path.name:
+            actual = hashlib.sha256(path.read_bytes()).hexdigest()
+            if actual != digest.lower():
+                raise DataError(f"{path}: sha256 {actual[:16]}... differs from SHA256SUMS "
+                                f"({digest[:16]}...): a damaged or different file")
+            return
+
+
+def fashion_mnist_split(folder: str | os.PathLike[str], split: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 28, 28), labels int32 (N,)) of the official `train` or `test` files in
+    `folder` (each checked against `SHA256SUMS` when the folder has one)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"Fashion-MNIST folder not found: {folder}")
+    paths = [_idx_file(folder, stem) for stem in FASHION_MNIST_FILES[split]]
+    for path in paths:
+        _check_sha256(path)
+    images, labels = (read_idx(path) for path in paths)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DataError(f"{folder}: {split} images must be (N, H, W) and labels (N,), got "
+                        f"{images.shape} and {labels.shape} (files swapped?)")
+    if len(images) != len(labels):
+        raise DataError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{folder}: {split} label {int(labels.max())} is outside 0..9")
+    return images, labels.astype(np.int32)
+
+
+def load_fashion_mnist(folder: str | os.PathLike[str]) -> Dataset:
+    """The complete Fashion-MNIST (60,000 / 10,000 grey 28x28 images) from its official files."""
+    (xtr, ytr), (xte, yte) = (fashion_mnist_split(folder, s) for s in ("train", "test"))
+    return _validate("fashion_mnist", xtr, ytr, xte, yte, FASHION_MNIST_CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------
 # TFDS (no TensorFlow: random-access array_record data sources).
 
 
@@ -351,7 +445,8 @@ def load_dataset(spec: str, data_dir: str | None = None, *, download: bool = Tru
 
     Args:
       spec: "cifar10" / "cifar100" (official python folder in `data_dir`, else a prepared TFDS
-        copy, else the official download), another TFDS name, or "npz:PATH".
+        copy, else the official download), "fashion_mnist" (the official IDX files in
+        `data_dir`; without it TFDS's copy), another TFDS name, or "npz:PATH".
       data_dir: the official CIFAR folder (or its parent) for CIFAR, a TFDS data dir otherwise.
       download: allow fetching from the internet when nothing local is found.
       target: the target class of an all-to-one backdoor attack to be run on the data.
@@ -372,6 +467,8 @@ def _load(spec: str, data_dir: str | None, *, download: bool) -> Dataset:
         raise DataError(f"--data_dir {data_dir} does not exist")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"--data_dir {data_dir} is a file; give the folder that holds the data")
+    if spec == "fashion_mnist" and data_dir is not None:
+        return load_fashion_mnist(data_dir)
     if spec in _CIFAR:
         for base in ([data_dir] if data_dir else []) + [str(default_cache_dir())]:
             folder = find_cifar_folder(spec, base)

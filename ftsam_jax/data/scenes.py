@@ -19,7 +19,6 @@ validity mask, so a batch has one static shape for jit.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 import math
@@ -27,15 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ftsam_jax.data.datasets import DataError
+from ftsam_jax.data.datasets import (
+    FASHION_MNIST_CLASSES,
+    DataError,
+    fashion_mnist_split,
+    read_idx,
+)
 
 __all__ = ["FASHION_MNIST_CLASSES", "DetectionData", "SceneConfig", "box_iou",
            "check_scene_sources", "extra_training_scenes",
            "load_fashion_mnist", "make_scenes", "read_idx", "resize_bilinear",
            "scenes_fashion_mnist"]
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
@@ -85,39 +87,9 @@ class DetectionData:
         return int(self.images.shape[0])
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip or raw) as a numpy array; DataError if it is missing or malformed."""
-    if not path.is_file():
-        raise DataError(f"file not found: {path}")
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path} is not a readable gzip file ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an IDX file of uint8 data")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim < 1 or len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    if len(raw) - header != math.prod(shape):
-        raise DataError(f"{path}: {len(raw) - header} data bytes, the header says "
-                        f"{math.prod(shape)}")
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
-
-
 def load_fashion_mnist(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 28, 28), labels int32 (N,)) of the official `train` or `test` files."""
-    folder = Path(data_dir)
-    if not folder.is_dir():
-        raise DataError(f"Fashion-MNIST folder not found: {folder}")
-    images, labels = (read_idx(folder / name) for name in _FILES[split])
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{folder}: {split} images {images.shape} and labels {labels.shape} "
-                        "do not match")
-    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
-        raise DataError(f"{folder}: {split} labels outside 0..9")
-    return images, labels.astype(np.int32)
+    return fashion_mnist_split(data_dir, split)
 
 
 def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
