@@ -14,7 +14,10 @@ runs it (tests call it).
 
 Stages (each checkpointed with orbax; rerunning the same command resumes, finished stages are
 skipped): (1) poison the training set, (2) train the backdoored model, (3) each defense in
-`--defenses` from the backdoored weights on a benign subset, (4) metrics, `--analysis`.
+`--defenses` from the backdoored weights on a benign subset, (4) metrics, `--analysis`; with
+`--retune_attack` also a clean model trained on the clean training set (`models/clean`) and the
+Retuning Attack (`ftsam_jax.retune`) on the undefended model, the clean one and every defense's,
+each row's result under its `retune` key.
 Writes into `--workdir`: results.json, results.md (the paper-style table), metrics.jsonl (one
 line per epoch of every stage), config.json, checkpoints/, and with --analysis analysis.json +
 PNG plots.
@@ -70,6 +73,7 @@ from ftsam_jax.data import Dataset, check_backdoor_target, load_dataset, normali
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
 from ftsam_jax.defenses.base import BENIGN_SELECTIONS, benign_fingerprint, with_defaults
 from ftsam_jax.models import MODELS, create_model
+from ftsam_jax.retune import RetuneConfig, RetuneData, retune, retune_data
 from ftsam_jax.training.epoch import make_evaluator
 from ftsam_jax.training.recipe import FitConfig, fit
 from ftsam_jax.training.stage import StageContext, stage_rng
@@ -128,6 +132,10 @@ def define_flags(fv: flags.FlagValues = FLAGS, sys_argv: list[str] | None = None
             "Evaluating 19k test images every epoch would dominate a GPU fine-tuning run.")
     integer("checkpoint_every", None, "Checkpoint every k epochs.")
     boolean("analysis", None, "Neuron norms / TAC before and after each defense, plots.")
+    boolean("retune_attack", None, "The Retuning Attack (Min et al. 2024) on the undefended "
+            "model, every defended one and a clean model trained on the same data: ASR after a "
+            "short fine-tuning on 2% benign data holding 5 poisoned samples (settings: "
+            "--config.retune.FIELD).")
     boolean("progress", None, "Progress bars.")
     config_flags.DEFINE_config_file(
         "config", None, "A config file of the whole run, e.g. experiments/configs/ftsam.py:cpu "
@@ -159,7 +167,7 @@ FLAG_ALIASES: dict[str, Any] = {
         "dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
         "width", "epochs", "batch_size", "lr", "seed", "defense_seed", "benign_ratio",
         "benign_selection", "dtype", "eval_every", "checkpoint_every", "analysis", "progress",
-        "defenses")},
+        "defenses", "retune_attack")},
     "ftsam_recipe": {recipe: {f"defense.ftsam.{k}": v for k, v in fields.items()}
                      for recipe, fields in FTSAM_RECIPES.items()},
     "rho": "defense.ftsam.rho",
@@ -208,6 +216,7 @@ class Settings:
     columns: dict[str, DefenseColumn]
     defense_configs: dict[str, Any]
     eval_every: int
+    retune: RetuneConfig | None = None
 
 
 def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int) -> Settings:
@@ -220,7 +229,18 @@ def resolve_settings(cfg: ml_collections.ConfigDict, num_devices: int) -> Settin
                     defenses=tuple(c.name for c in columns),
                     columns={c.name: c for c in columns},
                     defense_configs=defense_settings(cfg, columns, num_devices),
-                    eval_every=cfg.eval_every)
+                    eval_every=cfg.eval_every, retune=retune_settings(cfg))
+
+
+def retune_settings(cfg: ml_collections.ConfigDict) -> RetuneConfig | None:
+    """The Retuning Attack's settings when `retune_attack` (None otherwise); InputError for a
+    field of the wrong range or name."""
+    if not cfg.retune_attack:
+        return None
+    try:
+        return RetuneConfig(**cfg.retune.to_dict())
+    except (TypeError, ValueError) as e:
+        raise InputError(f"config retune: {e}") from None
 
 
 def check_run_fields(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -385,15 +405,34 @@ def results_table(results: dict[str, Any]) -> str:
         f" benign ratio {results['config']['benign_ratio']}, preset "
         f"{results['config']['preset']}, seed {results['config']['seed']}.",
         "",
-        "| Defense | C-Acc | ASR | R-Acc | DER | seconds |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    bd = results["backdoored"]
+    bd, defenses = results["backdoored"], results.get("defenses", {})
+    # The Retuning Attack's columns only where a row has them (older tables keep their shape).
+    rows = [bd, *defenses.values(), *([results["clean"]] if "clean" in results else [])]
+    ra = any("retune" in r for r in rows)
+    ra_head = " RA C-Acc | RA ASR |" if ra else ""
+
+    def ra_cells(r: dict[str, Any]) -> str:
+        if not ra:
+            return ""
+        t = r.get("retune")
+        return " - | - |" if t is None else f" {pct(t['clean_acc'])} | {pct(t['asr'])} |"
+
+    lines += [f"| Defense | C-Acc | ASR | R-Acc | DER |{ra_head} seconds |",
+              "|---|---:|---:|---:|---:|" + "---:|" * (3 if ra else 1)]
     lines.append(f"| No defense | {pct(bd['clean_acc'])} | {pct(bd['asr'])} | "
-                 f"{pct(bd['robust_acc'])} | - | {bd.get('seconds', 0):.0f} |")
-    for name, r in results.get("defenses", {}).items():
+                 f"{pct(bd['robust_acc'])} | - |{ra_cells(bd)} {bd.get('seconds', 0):.0f} |")
+    for name, r in defenses.items():
         lines.append(f"| {name} | {pct(r['clean_acc'])} | {pct(r['asr'])} | "
-                     f"{pct(r['robust_acc'])} | {pct(r['der'])} | {r['seconds']:.0f} |")
+                     f"{pct(r['robust_acc'])} | {pct(r['der'])} |{ra_cells(r)} "
+                     f"{r['seconds']:.0f} |")
+    if "clean" in results:
+        c = results["clean"]
+        lines.append(f"| Clean model | {pct(c['clean_acc'])} | {pct(c['asr'])} | "
+                     f"{pct(c['robust_acc'])} | - |{ra_cells(c)} {c.get('seconds', 0):.0f} |")
+    if ra:
+        lines += ["", "RA: the Retuning Attack (Min et al. 2024) on the row's model: C-Acc and "
+                  "ASR after fine-tuning on 2% benign data holding a few poisoned samples."]
     return "\n".join(lines) + "\n"
 
 
@@ -438,8 +477,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
                        eval_every=settings.eval_every)
     bd, bd_vars, results = backdoored_stage(cfg, settings, ds, attack, model, summary, ctx)
     defense_seed = cfg.seed if cfg.defense_seed is None else cfg.defense_seed
+    retuner = None
+    if settings.retune is not None:
+        retuner = make_retuner(cfg, settings.retune, ds, bd, model, ctx, defense_seed)
+        clean_vars = clean_stage(cfg, ds, model, results, ctx)
+        retuner(results["backdoored"], bd_vars, "backdoored")
+        retuner(results["clean"], clean_vars, "clean")
+        write_results(workdir, results)
     for name in settings.defenses:
         defense_stage(name, settings, ds, model, bd_vars, results, ctx, defense_seed)
+        if retuner is not None and "retune" not in results["defenses"][name]:
+            folder = settings.columns[name].folder
+            retuner(results["defenses"][name],
+                    load_variables(workdir / "models" / folder, bd_vars), folder)
+            write_results(workdir, results)
     if cfg.analysis and jax.process_index() == 0:
         analysis_stage(model, attack, bd, bd_vars, settings, workdir)
     return results
@@ -513,6 +564,59 @@ def backdoored_stage(cfg: ml_collections.ConfigDict, settings: Settings, ds: Dat
                    "defenses": {}}
         write_results(workdir, results)
     return bd, bd_vars, results
+
+
+def clean_stage(cfg: ml_collections.ConfigDict, ds: Dataset, model: Any,
+                results: dict[str, Any], ctx: StageContext) -> Any:
+    """A clean model (the Retuning Attack's reference point): the backdoored model's recipe on
+    the clean training set, from its own stream (`clean` of the run's seed); it does not depend
+    on the attack, so `experiments.table` copies `models/clean` between the attacks of a model
+    seed. Trained, resumed or loaded; its row `results["clean"]` is evaluated on this run's
+    test sets (its ASR: how often a clean model puts triggered images in the target class)."""
+    workdir = Path(ctx.workdir)
+    path, record = workdir / "models" / "clean", workdir / "models" / "clean.json"
+    t0 = start_timer(ctx)
+    if path.is_dir() and record.is_file():
+        shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                                jnp.zeros((1, *ds.image_shape), jnp.float32))
+        variables = load_variables(path, shapes)
+        seconds = json.loads(record.read_text())["seconds"]
+    else:
+        fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                            schedule=backdoored_schedule(cfg.preset, "badnets"), drop_last=True)
+        variables, _ = fit("clean", model, None, ds.x_train, ds.y_train, fit_cfg,
+                           stage_rng(cfg.seed, "clean"), ctx)
+        save_variables(path, variables)
+        seconds = elapsed(t0, ctx)
+        atomic_write(record, json.dumps({"seconds": seconds, "seed": cfg.seed}) + "\n")
+    if "clean" not in results:
+        results["clean"] = {**ctx.evaluate(variables), "seconds": seconds}
+    return variables
+
+
+def make_retuner(cfg: ml_collections.ConfigDict, config: RetuneConfig, ds: Dataset,
+                 bd: BackdoorData, model: Any, ctx: StageContext, defense_seed: int):
+    """`(row, variables, label) -> None`: the Retuning Attack on a model, its record under
+    `row["retune"]` (skipped when there). Every row of the run is retuned on the same RA set
+    in the same order (one draw per defense seed and run seed): the rows are paired."""
+    try:
+        data: RetuneData = retune_data(ds.x_train, ds.y_train, bd, config, stage_rng(
+            defense_seed, f"retune/data/seed{cfg.seed}"))
+    except ValueError as e:
+        raise InputError(f"--retune_attack: {e}") from None
+    rng = stage_rng(defense_seed, f"retune/train/seed{cfg.seed}")
+    settings = {**dataclasses.asdict(config), "defense_seed": defense_seed}
+
+    def run_one(row: dict[str, Any], variables: Any, label: str) -> None:
+        if "retune" in row:
+            if row["retune"].get("config") != settings:
+                raise InputError(f"the Retuning Attack in {ctx.workdir} ran with other settings "
+                                 f"({row['retune'].get('config')}); use another --workdir")
+            return
+        row["retune"] = {**retune(f"retune/{label}", model, variables, data, config, rng, ctx,
+                                  ctx.evaluate), "config": settings}
+
+    return run_one
 
 
 def defense_stage(name: str, settings: Settings, ds: Dataset, model: Any, bd_vars: Any,

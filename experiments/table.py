@@ -17,6 +17,15 @@ another machine.
 Defenses in `--seeded_defenses` run with every seed of `--defense_seeds`, the others with the
 first.
 
+`--model_seeds=0,1,...` trains each attack's backdoored model once per model seed (its own
+initialisation, poison draw and data order: the cell's `--seed`), the unit of replication of a
+study; the defense seeds nest inside, `WORKDIR/ATTACK/m{m}/ds{s}`, and the cells run model seed by
+model seed (every attack's first model, then the second ...), so a table stopped early already
+holds whole models. Without it the table keeps the single-model layout (`--seed`).
+A cell with the Retuning Attack (`--ftsam_flag=--retune_attack`) also needs a clean model per
+model seed: the first attack's folder trains it, the other attacks' folders of the same model
+seed get a copy (`models/clean`; it does not depend on the attack).
+
 A column of `--defenses` is a defense or a variant of one, `NAME[FIELD=VALUE,...]`
 (`experiments.variants`): `--defenses=ft,ftsam,ftsam[rho=0],ftsam[adaptive=false]` sets FT-SAM
 beside its SAM-off control and plain SAM; a variant's cells are ordinary columns, named as
@@ -102,6 +111,8 @@ def define_flags() -> None:
     flags.DEFINE_list("differences", None, "Paired differences A:B (A - B over the defense "
                       "seeds, per attack) written under the table, e.g. ftsam:ft.")
     flags.DEFINE_integer("seed", None, "Seed of the backdoored models (poisoning, init, order).")
+    flags.DEFINE_list("model_seeds", None, "Independent backdoored models per attack, one per "
+                      "seed (ATTACK/m<seed>/ds<defense seed>); replaces --seed.")
     flags.DEFINE_multi_string("ftsam_flag", [], "A flag passed to every experiments.ftsam cell, "
                               "e.g. --ftsam_flag=--epochs=30 (repeatable).")
     flags.DEFINE_string("workdir", "runs/table", "Output folder.")
@@ -116,7 +127,7 @@ def define_flags() -> None:
 
 
 SHORTHANDS = ("dataset", "data_dir", "attacks", "defenses", "defense_seeds", "seeded_defenses",
-              "benign_selection", "benign_ratios", "differences", "seed", "plot",
+              "benign_selection", "benign_ratios", "differences", "seed", "model_seeds", "plot",
               "compilation_cache")
 
 
@@ -125,12 +136,14 @@ CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 class Cell(NamedTuple):
     """One run of the table: an attack's backdoored model (defense None) or one column with one
-    defense seed, at one benign ratio (None: the cells' preset's, the single-block layout)."""
+    defense seed, at one benign ratio (None: the cells' preset's, the single-block layout), of
+    the backdoored model of one model seed (None: the table's `--seed`, the one-model layout)."""
 
     attack: str
     defense: str | None
     seed: int
     ratio: float | None = None
+    model_seed: int | None = None
 
 
 def _names(values: list[str], known: Iterable[str], name: str) -> list[str]:
@@ -144,22 +157,32 @@ def _names(values: list[str], known: Iterable[str], name: str) -> list[str]:
 
 
 def plan_cells(attacks: list[str], defenses: list[str], seeds: list[int], seeded: set[str],
-               ratios: Sequence[float | None] = (None,)) -> list[Cell]:
-    """The cells in running order: per attack its backdoored model (first ratio, first seed),
-    then per ratio every column with its seeds."""
+               ratios: Sequence[float | None] = (None,),
+               model_seeds: Sequence[int | None] = (None,)) -> list[Cell]:
+    """The cells in running order: per model seed, per attack its backdoored model (first
+    ratio, first seed), then per ratio every column with its seeds."""
     cells: list[Cell] = []
-    for a in attacks:
-        cells.append(Cell(a, None, seeds[0], ratios[0]))
-        for r in ratios:
-            for d in defenses:
-                cells.extend(Cell(a, d, s, r) for s in (seeds if d in seeded else seeds[:1]))
+    for m in model_seeds:
+        for a in attacks:
+            cells.append(Cell(a, None, seeds[0], ratios[0], m))
+            for r in ratios:
+                for d in defenses:
+                    cells.extend(Cell(a, d, s, r, m)
+                                 for s in (seeds if d in seeded else seeds[:1]))
     return cells
 
 
-def cell_dir(root: Path, attack: str, seed: int, ratio: float | None = None) -> Path:
-    """`ROOT/ATTACK/ds{seed}`, or `ROOT/ATTACK/ratio{r}/ds{seed}` in a table of benign ratios."""
-    folder = root / attack if ratio is None else root / attack / f"ratio{ratio:g}"
+def cell_dir(root: Path, attack: str, seed: int, ratio: float | None = None,
+             model_seed: int | None = None) -> Path:
+    """`ROOT/ATTACK/ds{seed}`; `ROOT/ATTACK/ratio{r}/ds{seed}` in a table of benign ratios;
+    `ROOT/ATTACK/m{model_seed}/...` in a table of model seeds."""
+    folder = root / attack if model_seed is None else root / attack / f"m{model_seed}"
+    folder = folder if ratio is None else folder / f"ratio{ratio:g}"
     return folder / f"ds{seed}"
+
+
+def _dir(root: Path, cell: Cell) -> Path:
+    return cell_dir(root, cell.attack, cell.seed, cell.ratio, cell.model_seed)
 
 
 def _results(folder: Path) -> dict[str, Any]:
@@ -168,7 +191,7 @@ def _results(folder: Path) -> dict[str, Any]:
 
 
 def _done(root: Path, cell: Cell) -> bool:
-    res = _results(cell_dir(root, cell.attack, cell.seed, cell.ratio))
+    res = _results(_dir(root, cell))
     return ("backdoored" in res) if cell.defense is None else cell.defense in res.get(
         "defenses", {})
 
@@ -190,13 +213,12 @@ def _share_backdoored(origin: Path, dst: Path) -> None:
     (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
     first_results = _results(origin)
     if "backdoored" in first_results and "backdoored" not in _results(dst):
-        row = {k: first_results[k] for k in ("dataset", "attack", "model", "config", "backdoored")
+        # A Retuning Attack record belongs to its folder's defense seed: not copied.
+        row = {k: _without_retune(first_results[k]) for k in
+               ("dataset", "attack", "model", "config", "backdoored", "clean")
                if k in first_results}
         atomic_write(dst / "results.json", json.dumps({**row, "defenses": {}}, indent=2) + "\n")
-    for name in ("backdoored", "input_aware"):  # Input-aware keeps its own networks
-        model = origin / "models" / name
-        if model.is_dir() and not (dst / "models" / name).exists():
-            shutil.copytree(model, dst / "models" / name)
+    _copy_models(origin, dst, ("backdoored", "input_aware", "clean"))
     for cached in origin.glob("*.npy"):
         if not (dst / cached.name).exists():
             shutil.copy2(cached, dst / cached.name)
@@ -207,6 +229,37 @@ def _share_backdoored(origin: Path, dst: Path) -> None:
         if _is_defense_entry(entry.name) or target.exists() or not entry.is_dir():
             continue
         shutil.copytree(entry, target)
+
+
+def _without_retune(value: Any) -> Any:
+    return {k: v for k, v in value.items() if k != "retune"} if isinstance(value, dict) else value
+
+
+def _copy_models(origin: Path, dst: Path, names: Iterable[str]) -> None:
+    """Copies `models/NAME` (and its `NAME.json` record) of each name from `origin` to `dst`
+    where `dst` lacks it (Input-aware keeps its own networks, the Retuning Attack a clean
+    model)."""
+    for name in names:
+        model = origin / "models" / name
+        if model.is_dir() and not (dst / "models" / name).exists():
+            shutil.copytree(model, dst / "models" / name)
+        record = origin / "models" / f"{name}.json"
+        if record.is_file() and not (dst / "models" / record.name).exists():
+            shutil.copy2(record, dst / "models" / record.name)
+
+
+def _share_clean(root: Path, cell: Cell, attacks: list[str]) -> None:
+    """Before an attack's backdoored cell: a clean model another attack's folder of the same
+    model seed trained (`models/clean`; it does not depend on the attack) is copied in."""
+    home = _dir(root, cell)
+    if (home / "models" / "clean").exists():
+        return
+    for other in attacks:
+        folder = cell_dir(root, other, cell.seed, cell.ratio, cell.model_seed)
+        if other != cell.attack and (folder / "models" / "clean.json").is_file():
+            (home / "models").mkdir(parents=True, exist_ok=True)
+            _copy_models(folder, home, ("clean",))
+            return
 
 
 def cell_env(root: Path, cache: str | None) -> dict[str, str]:
@@ -224,11 +277,12 @@ def cell_env(root: Path, cache: str | None) -> dict[str, str]:
 
 def cell_command(root: Path, cell: Cell, run: dict[str, Any], extra: list[str]) -> list[str]:
     """`python -m experiments.ftsam ...` for one cell with the table's `run` settings."""
-    attack, defense, seed, ratio = cell
+    attack, defense, seed, ratio, model_seed = cell
     cmd = [sys.executable, "-m", "experiments.ftsam", f"--dataset={run['dataset']}",
-           f"--attack={attack}", f"--preset={run['preset']}", f"--seed={run['seed']}",
+           f"--attack={attack}", f"--preset={run['preset']}",
+           f"--seed={run['seed'] if model_seed is None else model_seed}",
            f"--defense_seed={seed}", f"--defenses={defense or ''}",
-           f"--workdir={cell_dir(root, attack, seed, ratio)}", "--progress=false", *extra]
+           f"--workdir={_dir(root, cell)}", "--progress=false", *extra]
     if run.get("benign_selection"):
         cmd.append(f"--benign_selection={run['benign_selection']}")
     if ratio is not None:
@@ -247,8 +301,7 @@ def run_cell(root: Path, cell: Cell, origin: Cell, extra: list[str],
     backdoored model from there first. Returns (exit code, last stderr line)."""
     run = run or {k: FLAGS[k].value for k in ("dataset", "data_dir", "preset", "seed",
                                              "benign_selection")}
-    folder = cell_dir(root, cell.attack, cell.seed, cell.ratio)
-    home = cell_dir(root, origin.attack, origin.seed, origin.ratio)
+    folder, home = _dir(root, cell), _dir(root, origin)
     if folder != home:
         _share_backdoored(home, folder)
     logs = root / "logs"
@@ -256,7 +309,8 @@ def run_cell(root: Path, cell: Cell, origin: Cell, extra: list[str],
     label = ("backdoored" if cell.defense is None else
              parse_column(cell.defense, DEFENSES).folder)
     ratio = "" if cell.ratio is None else f"_ratio{cell.ratio:g}"
-    log = logs / f"{cell.attack}_{label}{ratio}_ds{cell.seed}.log"
+    model = "" if cell.model_seed is None else f"_m{cell.model_seed}"
+    log = logs / f"{cell.attack}{model}_{label}{ratio}_ds{cell.seed}.log"
     with open(log, "w") as fh:
         # An interrupted table passes its signal on to the cell and starts no other.
         proc = cli.start_child(cell_command(root, cell, run, extra), stdout=fh,
@@ -276,25 +330,51 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def collect(root: Path, attacks: list[str], defenses: list[str], seeds: list[int],
-            seeded: set[str], ratio: float | None = None, home_ratio: float | None = None
-            ) -> dict[str, Any]:
+            seeded: set[str], ratio: float | None = None, home_ratio: float | None = None,
+            model_seeds: Sequence[int | None] = (None,)) -> dict[str, Any]:
     """One block's "cells": per attack the backdoored model (from its folder at `home_ratio`,
-    the first ratio) and each column per seed, at benign ratio `ratio`."""
+    the first ratio; with model seeds the mean over the models and "per_model") and each
+    column per (model seed,) seed, at benign ratio `ratio`; with the Retuning Attack, "retune":
+    its records on the undefended and the clean models per (model seed, seed)."""
+    one_model = list(model_seeds) == [None]
     cells: dict[str, Any] = {}
     for a in attacks:
-        base = _results(cell_dir(root, a, seeds[0], home_ratio)).get("backdoored")
-        row: dict[str, Any] = {NO_DEFENSE: None if base is None else {
-            k: base[k] for k in ("clean_acc", "asr", "robust_acc")}}
+        per_model, reference = [], {"backdoored": [], "clean": []}
+        for m in model_seeds:
+            tag = {} if m is None else {"model_seed": m}
+            base = _results(cell_dir(root, a, seeds[0], home_ratio, m)).get("backdoored")
+            if base is not None:
+                per_model.append({**tag, **{k: base[k] for k in ("clean_acc", "asr",
+                                                                 "robust_acc")}})
+            for s in seeds:
+                res = _results(cell_dir(root, a, s, ratio, m))
+                for key in reference:
+                    if "retune" in res.get(key, {}):
+                        reference[key].append({**tag, "seed": s, "clean_acc":
+                                               res[key]["clean_acc"], "asr": res[key]["asr"],
+                                               "retune": res[key]["retune"]})
+        if one_model:
+            no_defense = per_model[0] if per_model else None
+        else:
+            no_defense = None if not per_model else {
+                **{k: float(sum(p[k] for p in per_model) / len(per_model))
+                   for k in ("clean_acc", "asr", "robust_acc")}, "per_model": per_model}
+        row: dict[str, Any] = {NO_DEFENSE: no_defense}
         for d in defenses:
             per_seed = []
-            for s in (seeds if d in seeded else seeds[:1]):
-                r = _results(cell_dir(root, a, s, ratio)).get("defenses", {}).get(d)
-                if r is not None:
-                    per_seed.append({"seed": s, **{k: r[k] for k in METRICS},
-                                     "seconds": r.get("seconds"),
-                                     **({"benign": r["benign"]} if "benign" in r else {})})
+            for m in model_seeds:
+                for s in (seeds if d in seeded else seeds[:1]):
+                    r = _results(cell_dir(root, a, s, ratio, m)).get("defenses", {}).get(d)
+                    if r is not None:
+                        per_seed.append({**({} if m is None else {"model_seed": m}), "seed": s,
+                                         **{k: r[k] for k in METRICS},
+                                         "seconds": r.get("seconds"),
+                                         **({"benign": r["benign"]} if "benign" in r else {}),
+                                         **({"retune": r["retune"]} if "retune" in r else {})})
             row[d] = {"per_seed": per_seed, **({k: _mean_std([p[k] for p in per_seed])
                                                 for k in METRICS} if per_seed else {})}
+        if any(reference.values()):
+            row["retune"] = reference
         cells[a] = row
     return cells
 
@@ -308,8 +388,8 @@ def column_records(root: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for c in cfg["columns"]:
         record = next((r["config"] for a in cfg["attacks"] for ratio in cfg["ratios"]
-                       for s in cfg["seeds"]
-                       if (r := _results(cell_dir(root, a, s, ratio)).get("defenses", {})
+                       for m in cfg["model_seeds"] for s in cfg["seeds"]
+                       if (r := _results(cell_dir(root, a, s, ratio, m)).get("defenses", {})
                            .get(c.name)) and "config" in r), {})
         settings = {}
         for f in sorted(fields[c.base]):
@@ -369,6 +449,8 @@ def resolve(tree: ml_collections.ConfigDict) -> dict[str, Any]:
     check_columns(tree.preset, columns)
     defenses = [c.name for c in columns]
     seeds = distinct_ints(tree.defense_seeds, "defense_seeds")
+    model_seeds: list[int | None] = (distinct_ints(tree.model_seeds, "model_seeds")
+                                     if comma_list(tree.model_seeds) else [None])
     seeded = set(defenses if tree.seeded_defenses is None else
                  [c.name for c in parse_columns(tree.seeded_defenses, DEFENSES)])
     if seeded - set(defenses):
@@ -386,7 +468,7 @@ def resolve(tree: ml_collections.ConfigDict) -> dict[str, Any]:
                              "does not set itself")
     return {"dataset": tree.dataset, "data_dir": tree.data_dir, "preset": tree.preset,
             "seed": tree.seed, "attacks": attacks, "columns": columns, "defenses": defenses,
-            "seeds": seeds, "seeded": seeded, "ratios": ratios,
+            "seeds": seeds, "seeded": seeded, "ratios": ratios, "model_seeds": model_seeds,
             "benign_selection": tree.benign_selection,
             "differences": _differences(tree.differences, defenses),
             "ftsam_flags": list(tree.ftsam_flags), "plot": tree.plot,
@@ -414,27 +496,31 @@ def run_cells(cfg: dict[str, Any], root: Path,
     each cell that ran; returns the failures."""
     env = cell_env(root, cfg["compilation_cache"])
     cells = plan_cells(cfg["attacks"], cfg["defenses"], cfg["seeds"], cfg["seeded"],
-                       cfg["ratios"])
+                       cfg["ratios"], cfg["model_seeds"])
     failures: list[dict[str, Any]] = []
     failed_attacks: set[str] = set()
     ran_any = False
     for k, cell in enumerate(cells, 1):
         ratio = "" if cell.ratio is None else f" / ratio {cell.ratio:g}"
-        label = (f"[{k}/{len(cells)}] {cell.attack} / {cell.defense or 'backdoored'} / seed "
-                 f"{cell.seed}{ratio}")
+        model = "" if cell.model_seed is None else f" / model {cell.model_seed}"
+        label = (f"[{k}/{len(cells)}] {cell.attack}{model} / {cell.defense or 'backdoored'} / "
+                 f"seed {cell.seed}{ratio}")
         failure = {"attack": cell.attack, "defense": cell.defense, "seed": cell.seed,
-                   "benign_ratio": cell.ratio}
+                   "benign_ratio": cell.ratio,
+                   **({} if cell.model_seed is None else {"model_seed": cell.model_seed})}
         if _done(root, cell):
             print(f"{label}: done earlier", flush=True)
             continue
-        if cell.attack in failed_attacks:
+        if (cell.attack, cell.model_seed) in failed_attacks:
             failures.append({**failure, "exit_code": None, "error": "backdoored model failed"})
             print(f"{label}: skipped (the backdoored model failed)", flush=True)
             continue
         print(f"{label}: running ({len(cells) - k} after it)", flush=True)
         cli.current_task = f"in cell {label} (its log: {root / 'logs'})"
         t0 = time.perf_counter()
-        origin = Cell(cell.attack, None, cfg["seeds"][0], cfg["ratios"][0])
+        origin = Cell(cell.attack, None, cfg["seeds"][0], cfg["ratios"][0], cell.model_seed)
+        if cell.defense is None:
+            _share_clean(root, cell, cfg["attacks"])
         code, error = run_cell(root, cell, origin, cfg["ftsam_flags"], env, cfg)
         cli.wait_for_exit()  # stopped by our own interruption: not a failed cell
         if code == 2 and not ran_any:  # bad input (flags, data): every cell would say the same
@@ -443,7 +529,7 @@ def run_cells(cfg: dict[str, Any], root: Path,
         if code != 0:
             failures.append({**failure, "exit_code": code, "error": error})
             if cell.defense is None:
-                failed_attacks.add(cell.attack)
+                failed_attacks.add((cell.attack, cell.model_seed))
             print(f"{label}: FAILED (exit {code}): {error}", flush=True)
         else:
             print(f"{label}: finished in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -458,12 +544,13 @@ def make_table(cfg: dict[str, Any], root: Path, failures: list[dict[str, Any]]
     a, d, s, ratios = cfg["attacks"], cfg["defenses"], cfg["seeds"], cfg["ratios"]
     block_list = []
     for r in ratios:
-        cells = collect(root, a, d, s, cfg["seeded"], r, ratios[0])
+        cells = collect(root, a, d, s, cfg["seeded"], r, ratios[0], cfg["model_seeds"])
         block_list.append({"benign_ratio": r, "cells": cells,
                            "paper": paper_cells(cfg["dataset"], a, d, r),
                            "differences": differences(cells, cfg["differences"])})
     table = {"dataset": cfg["dataset"], "preset": cfg["preset"], "seed": cfg["seed"],
              "attacks": a, "defenses": d, "defense_seeds": s,
+             **({} if cfg["model_seeds"] == [None] else {"model_seeds": cfg["model_seeds"]}),
              "seeded_defenses": sorted(cfg["seeded"]), "ftsam_flags": cfg["ftsam_flags"],
              "benign_selection": cfg["benign_selection"],
              "columns": column_records(root, cfg), "failures": failures}

@@ -19,7 +19,7 @@ from experiments.paper import PAPER_TABLE1_SETTING, PAPER_TABLE3_SETTING, TABLE1
 from ftsam_jax import metrics
 
 __all__ = ["NO_DEFENSE", "axis_plot", "blocks", "differences", "paper_cells", "paper_markdown",
-           "table_markdown", "table_plot", "variant_axis"]
+           "retune_markdown", "table_markdown", "table_plot", "variant_axis"]
 
 NO_DEFENSE = "No defense"
 METRICS = ("clean_acc", "asr", "robust_acc", "der")
@@ -106,9 +106,12 @@ def table_markdown(table: dict[str, Any]) -> str:
     subsets = ("every defense of a defense seed on the same class-balanced benign subset "
                "(paired)" if selection == "shared" else
                "each defense on its own benign subset (BackdoorBench's rule and stream)")
+    models = table.get("model_seeds")
+    over = ("defense seeds" if not models else
+            f"backdoored models (model seeds {models}, No defense: their mean) x defense seeds")
     lines = [f"# Backdoor defenses on {table['dataset']} (preset {table['preset']})", "",
              f"Each cell: C-Acc / ASR / DER in % (No defense: C-Acc / ASR), mean ± std over "
-             f"defense seeds (seeds {table['defense_seeds']} for "
+             f"{over} (seeds {table['defense_seeds']} for "
              f"{sorted(table['seeded_defenses'])}, the first for the others); {subsets}. The "
              "Average row's DER is computed from the averaged C-Acc and ASR, as the paper's is.",
              ""]
@@ -122,6 +125,9 @@ def table_markdown(table: dict[str, Any]) -> str:
                                          ratio)]
         if block.get("differences"):
             lines += ["", *differences_markdown(block["differences"])]
+        retuned = retune_markdown(block["cells"], defenses)
+        if retuned:
+            lines += ["", *retuned]
         lines.append("")
     if table["failures"]:
         lines += ["Failed cells (see logs/):"]
@@ -174,32 +180,59 @@ def paper_markdown(paper: dict[str, Any], attacks: list[str], defenses: list[str
                       "here):", "", *_grid(defenses, rows)])
 
 
+def _model_key(p: dict[str, Any]) -> tuple[int, int]:
+    """A per-seed entry's (model seed, defense seed); -1 for the one model of a table without
+    model seeds."""
+    return (p.get("model_seed", -1), p["seed"])
+
+
 def differences(cells: dict[str, Any], pairs: Iterable[tuple[str, str]]) -> list[dict[str, Any]]:
-    """Per attack and pair (A, B): the paired difference A - B of C-Acc, ASR and DER over the
-    defense seeds both columns have (`ftsam_jax.metrics.paired_difference`: mean, std, n, the
-    95% t interval, `resolved`); then, with more than one attack, a row "all" pooling every
-    (attack, seed) pair of the pair of columns."""
+    """Per attack and pair (A, B): the paired difference A - B of C-Acc, ASR and DER, with its
+    95% t interval over the unit that was replicated (`ftsam_jax.metrics.paired_difference`:
+    mean, std, n, interval, `resolved`). Each difference is first averaged over the defense
+    seeds of one backdoored model; with two or more backdoored models of an attack the
+    interval is over them ("unit": "backdoored models"), with one it is over that model's
+    defense seeds ("defense seeds": they share the model, so it says nothing about another
+    backdoored model). With more than one attack, a row "all" gives the interval over every
+    backdoored model of every attack (one value per model)."""
     out, pooled = [], {}
     for a, row in cells.items():
         for left, right in pairs:
-            by_seed = [{p["seed"]: p for p in row[c]["per_seed"]} for c in (left, right)]
-            seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
-            if not seeds:
+            by_key = [{_model_key(p): p for p in row[c]["per_seed"]} for c in (left, right)]
+            keys = sorted(set(by_key[0]) & set(by_key[1]))
+            if not keys:
                 continue
-            entry: dict[str, Any] = {"attack": a, "a": left, "b": right, "seeds": seeds}
+            models = sorted({m for m, _ in keys})
+            entry: dict[str, Any] = {"attack": a, "a": left, "b": right,
+                                     "seeds": sorted({s for _, s in keys}),
+                                     "models": len(models), "pairs": len(keys),
+                                     "unit": "backdoored models" if len(models) > 1 else
+                                     "defense seeds"}
             for k in ("clean_acc", "asr", "der"):
-                values = ([by_seed[0][s][k] for s in seeds], [by_seed[1][s][k] for s in seeds])
-                entry[k] = metrics.paired_difference(*values)
-                lists = pooled.setdefault((left, right), {}).setdefault(k, ([], []))
-                lists[0].extend(values[0])
-                lists[1].extend(values[1])
+                diff = {key: by_key[0][key][k] - by_key[1][key][k] for key in keys}
+                per_model = [float(np.mean([diff[key] for key in keys if key[0] == m]))
+                             for m in models]
+                pooled.setdefault((left, right), {}).setdefault(k, []).extend(per_model)
+                values = per_model if len(models) > 1 else [diff[key] for key in keys]
+                entry[k] = metrics.paired_difference(values, [0.0] * len(values))
             out.append(entry)
+            pooled[(left, right)].setdefault("pairs", []).append(len(keys))
     if len(cells) > 1:
         for (left, right), by_key in pooled.items():
-            n = len(by_key["asr"][0])
-            out.append({"attack": "all", "a": left, "b": right, "pairs": n,
-                        **{k: metrics.paired_difference(*v) for k, v in by_key.items()}})
+            out.append({"attack": "all", "a": left, "b": right, "models": len(by_key["asr"]),
+                        "pairs": int(sum(by_key["pairs"])), "unit": "backdoored models",
+                        **{k: metrics.paired_difference(v, [0.0] * len(v))
+                           for k, v in by_key.items() if k != "pairs"}})
     return out
+
+
+def _unit(row: dict[str, Any]) -> str:
+    """What a difference's interval is over, e.g. "3 defense seeds of 1 model"."""
+    if "unit" not in row:  # recorded before the unit existed: over (attack, seed) pairs
+        return f"{row.get('pairs') or len(row['seeds'])} pairs"
+    if row["unit"] == "defense seeds":
+        return f"{row['pairs']} defense seeds of 1 model"
+    return f"{row['models']} backdoored models ({row['pairs']} pairs)"
 
 
 def differences_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -207,17 +240,50 @@ def differences_markdown(rows: list[dict[str, Any]]) -> list[str]:
     def cell(d: dict[str, Any]) -> str:
         text = f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f}"
         if d["n"] < 2:
-            return text + " (one seed)"
+            return text + " (one value)"
         interval = f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
         return f"{text} {interval}" + ("" if d["resolved"] else " not resolved")
 
-    lines = ["Paired differences A − B over defense seeds (percentage points: mean ± std "
-             "[95% t interval]; \"not resolved\" when the interval spans 0; \"all\": every "
-             "(attack, seed) pair pooled, its count in the seeds column):", "",
-             "| Attack | A − B | seeds | ΔC-Acc | ΔASR | ΔDER |", "|---|---|---:|---|---|---|"]
-    lines += [f"| {r['attack']} | {r['a']} − {r['b']} | {r.get('pairs') or len(r['seeds'])} | "
+    lines = ["Paired differences A − B (percentage points: mean ± std [95% t interval] over the "
+             "unit named; each backdoored model's difference is first averaged over its "
+             "defense seeds; \"not resolved\" when the interval spans 0; \"all\": every "
+             "backdoored model of every attack):", "",
+             "| Attack | A − B | over | ΔC-Acc | ΔASR | ΔDER |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['attack']} | {r['a']} − {r['b']} | {_unit(r)} | "
               f"{cell(r['clean_acc'])} | {cell(r['asr'])} | {cell(r['der'])} |" for r in rows]
     return lines
+
+
+def retune_markdown(cells: dict[str, Any], defenses: list[str]) -> list[str]:
+    """The Retuning Attack per attack: each model's C-Acc / ASR after RA (%), mean ± std over
+    its (model, defense seed) runs; rows without RA records are left out."""
+    cols = ["No defense", *defenses, "Clean model"]
+    rows = []
+    for a, row in cells.items():
+        ref = row.get("retune")
+        runs = {"No defense": (ref or {}).get("backdoored", []),
+                "Clean model": (ref or {}).get("clean", []),
+                **{d: [p for p in row[d]["per_seed"] if "retune" in p] for d in defenses}}
+        if not any(runs.values()):
+            continue
+        out = [a]
+        for c in cols:
+            if not runs[c]:
+                out.append("-")
+                continue
+            stats = [metrics.mean_std([p["retune"][k] for p in runs[c]])
+                     for k in ("clean_acc", "asr")]
+            n = len(runs[c])
+            out.append(" / ".join(_fmt({"mean": m, "std": sd}, n) for m, sd in stats))
+        rows.append(out)
+    if not rows:
+        return []
+    head = ["Attack", *cols]
+    return ["The Retuning Attack (Min et al. 2024): C-Acc / ASR (%) after fine-tuning each "
+            "model on 2% benign data holding a few poisoned samples, mean ± std over its runs "
+            "(backdoored models x defense seeds):", "",
+            "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1),
+            *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def _grid_values(table: dict[str, Any], key: str) -> tuple[np.ndarray, list[str], list[str]]:

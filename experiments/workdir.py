@@ -1,8 +1,14 @@
 """Workdir files shared by the entry points: atomic writes, the run-settings guard and
-metrics.jsonl."""
+metrics.jsonl.
+
+A write the disk refuses (no space, no permission, a read-only or failing disk) raises
+`ftsam_jax.checkpoint.WriteError` (one line, exit 1: `experiments.cli.guarded`), the file's
+earlier content intact; a file of the run's own that cannot be read back (cut short, edited)
+is an InputError naming it (`read_json`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -13,10 +19,11 @@ from typing import Any
 import jax
 
 from experiments.cli import InputError
+from ftsam_jax.checkpoint import WriteError, writing
 from ftsam_jax.training.stage import StageContext
 
 __all__ = ["MetricsLog", "atomic_write", "check_workdir", "check_workdir_path", "elapsed",
-           "lock_workdir", "make_workdir", "start_timer"]
+           "held_workdirs", "lock_workdir", "make_workdir", "read_json", "start_timer"]
 
 _held_locks: dict[Path, int] = {}
 
@@ -103,6 +110,12 @@ def lock_workdir(workdir: Path, *subdirs: str) -> None:
     _held_locks[key] = fd
 
 
+def held_workdirs() -> list[Path]:
+    """The workdirs this process holds locked (`lock_workdir`), resolved: where its writes go
+    (an error names a file relative to its workdir)."""
+    return list(_held_locks)
+
+
 def start_timer(ctx: StageContext) -> float:
     """Starts timing a section of stages: clears `ctx.restored_seconds` and returns the
     `time.perf_counter()` reading to pass to `elapsed`."""
@@ -118,11 +131,36 @@ def elapsed(t0: float, ctx: StageContext) -> float:
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """Writes `text` to `path` by a temporary file and a rename (a reader sees the old content
+    or the new, never a part); process 0 only. WriteError where the disk refuses: `path` keeps
+    its old content and the temporary file is removed."""
     if jax.process_index() != 0:
         return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    except WriteError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, what: str, fix: str = "delete it and rerun the same command to "
+              "write it anew, or use another --workdir") -> dict[str, Any]:
+    """The JSON object in `path`, a file the run wrote itself (`what`: which, for the message);
+    InputError in one line naming it where it cannot be read or is not a JSON object (cut
+    short by a full disk, edited by hand), with `fix`: what to do about it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        reason = (e.strerror or type(e).__name__ if isinstance(e, OSError)
+                  else f"not valid JSON: {e}")
+        raise InputError(f"{what} {path} is unreadable ({reason}): {fix}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} {path} is unreadable (not a JSON object): {fix}")
+    return data
 
 
 def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str],
@@ -133,10 +171,10 @@ def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str],
     check_workdir_path(workdir)
     cfg_path = workdir / "config.json"
     if cfg_path.is_file():
-        try:
-            old = json.loads(cfg_path.read_text())["run"]
-        except (ValueError, KeyError):
-            raise InputError(f"{cfg_path} is unreadable; use another --workdir") from None
+        old = read_json(cfg_path, "the run's settings", "use another --workdir").get("run")
+        if not isinstance(old, dict):
+            raise InputError(f"the run's settings {cfg_path} are unreadable (no \"run\" "
+                             "object): use another --workdir")
         old = {**(legacy or {}), **old}
         diff = [k for k in keys if old.get(k) != run_cfg.get(k)]
         if diff:
@@ -154,16 +192,37 @@ class MetricsLog:
         self.path = path
         self.stages: dict[str, list[dict[str, Any]]] = {}
         if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    self.stages.setdefault(rec["stage"], []).append(rec)
+            self._read()
         self.tensorboard_dir = tensorboard_dir
         # epochs already in event files: those of earlier processes (a resumed run)
         self._written = {s: max(r["epoch"] for r in h) for s, h in self.stages.items()}
         self._writers: dict[str, Any] = {}
 
+    def _read(self) -> None:
+        """The histories of earlier processes; InputError naming the file (and its first bad
+        line) where it cannot be read back."""
+        fix = ("delete it and rerun the same command (the stages whose checkpoints are kept "
+               "write their histories again)")
+        try:
+            lines = self.path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"the metrics log {self.path} is unreadable "
+                             f"({getattr(e, 'strerror', None) or type(e).__name__}): {fix}"
+                             ) from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                self.stages.setdefault(rec["stage"], []).append(rec)
+                int(rec["epoch"])
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"the metrics log {self.path} is unreadable (line {number} is "
+                                 f"not a stage's epoch record): {fix}") from None
+
     def __call__(self, stage: str, history: list[dict[str, Any]]) -> None:
+        if self.stages.get(stage) == history:  # a finished stage's history, logged again
+            return
         self.stages[stage] = list(history)
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for h in self.stages.values()
                                         for r in h))
@@ -171,6 +230,10 @@ class MetricsLog:
             self._to_tensorboard(stage, history)
 
     def _to_tensorboard(self, stage: str, history: list[dict[str, Any]]) -> None:
+        with writing(self.tensorboard_dir / stage):
+            self._write_events(stage, history)
+
+    def _write_events(self, stage: str, history: list[dict[str, Any]]) -> None:
         from tensorboardX import SummaryWriter
 
         if stage not in self._writers:

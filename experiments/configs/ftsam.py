@@ -76,6 +76,11 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     c.benign_selection = "reference"
     c.defense_seed = config_dict.placeholder(int)
     c.defense = defense_settings(preset)
+    # The Retuning Attack (ftsam_jax/retune.py) on every model of the run (undefended, each
+    # defense, and a clean model trained on the same data): the released script's settings.
+    c.retune_attack = False
+    c.retune = dict(benign_ratio=0.02, poison_num=5, epochs=1 if smoke else 5, batch_size=128,
+                    lr=0.01, momentum=0.9, weight_decay=0.0, augment=True)
     # Logging and checkpoints.
     c.eval_every = 1 if smoke else 5
     c.checkpoint_every = 1

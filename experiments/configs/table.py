@@ -31,6 +31,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.benign_ratios = ""                  # a block per ratio, e.g. "0.01,0.05,0.1" (Table 3)
     c.differences = ""                    # paired differences "A:B,...", e.g. "ftsam:ft"
     c.seed = 0                            # the backdoored models' seed
+    c.model_seeds = ""                    # independent backdoored models, e.g. "0,1" (ATTACK/m<s>)
     c.ftsam_flags = ()                    # flags passed to every cell, e.g. ("--epochs=30",)
     c.plot = True                         # table.png
     c.compilation_cache = config_dict.placeholder(str)  # default: WORKDIR/jax_cache; 'off'

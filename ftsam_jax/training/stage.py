@@ -160,6 +160,8 @@ def run_stage(
             start, history = int(meta["epoch"]), list(meta["history"])
             ctx.restored_seconds += sum(float(h.get("seconds", 0.0)) for h in history)
         if start >= epochs:
+            if ctx.log is not None and history:  # completes a log whose last write failed
+                ctx.log(name, history)
             return state, history
         global _position
         _position = _at(name, start + 1, epochs, start if ckpt is not None else None)
