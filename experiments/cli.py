@@ -19,14 +19,14 @@ from jax.sharding import Mesh
 from ml_collections.config_flags import config_path
 
 from ftsam_jax import parallel
-from ftsam_jax.checkpoint import CheckpointError, wait_for_saves
+from ftsam_jax.checkpoint import CheckpointError, WriteError, wait_for_saves
 from ftsam_jax.data import DataError
 from ftsam_jax.training import stage as runner
 from ftsam_jax.training.stage import NonFiniteLossError
 
 __all__ = ["DTYPES", "InputError", "check_batch_fits", "comma_list", "compute_dtype",
-           "config_from_flags", "distinct_ints", "fail", "guarded", "interruptible", "make_mesh",
-           "run", "start_child", "wait_for_exit"]
+           "config_from_flags", "distinct_ints", "error_line", "fail", "guarded", "interruptible",
+           "make_mesh", "run", "start_child", "wait_for_exit"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -144,9 +144,18 @@ def config_from_flags(get_config: Callable[[str], ml_collections.ConfigDict],
     return cfg
 
 
+def error_line(error: object) -> str:
+    """The one `error: ...` line of an error (its message on one line); a refused write
+    (`WriteError`) names its file relative to the run's workdir."""
+    if isinstance(error, WriteError):
+        from experiments.workdir import held_workdirs  # imports this module
+
+        error = error.describe(held_workdirs())
+    return "error: " + " ".join(str(error).split())
+
+
 def fail(message: object) -> NoReturn:
-    text = " ".join(str(message).split())
-    print(f"error: {text}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     sys.exit(2)
 
 
@@ -243,7 +252,9 @@ def wait_for_exit() -> None:
 def guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
     """Calls `main(argv)` with the project's error contract: positional arguments, InputError,
     DataError and an unreadable checkpoint (CheckpointError) -> one `error: ...` line + exit 2;
-    a non-finite loss -> one line + exit 1 (its stage's last good checkpoint is kept); Ctrl-C
+    a non-finite loss or a write the disk refused (WriteError: no space, no permission, a
+    read-only or failing disk) -> one line + exit 1 (what was committed before is kept: the
+    same command resumes once the cause is fixed; the workdir's lock ends with the process); Ctrl-C
     or SIGTERM -> one line saying where the run stopped + exit 130 / 143 (`interruptible`; the
     finished epochs are checkpointed: rerunning the same command resumes)."""
     if len(argv) > 1:
@@ -253,8 +264,9 @@ def guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
             main(argv)
     except (InputError, DataError, CheckpointError) as e:
         fail(e)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (NonFiniteLossError, WriteError) as e:
+        wait_for_saves()  # the other stages' pending checkpoints (a refused one is dropped)
+        print(error_line(e), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # raised by the runner's test hook (FTSAM_JAX_INTERRUPT_AFTER)
         print(_stopped_message(signal.SIGINT), file=sys.stderr)

@@ -67,11 +67,13 @@ from experiments.cli import (
 )
 from experiments.configs.detect import LEGACY_VALUES, get_config
 from experiments.workdir import (
+    RESULTS_FIX,
     MetricsLog,
     atomic_write,
     check_workdir,
     elapsed,
     lock_workdir,
+    read_json,
     start_timer,
 )
 from ftsam_jax import metrics, parallel
@@ -555,7 +557,7 @@ def train_and_evaluate(tree: ml_collections.ConfigDict, workdir: str | Path, *,
     run = Run(cfg, workdir, ctx, train, val, device_data(mesh, train),
               mk(cfg["teacher_width"], cfg["teacher_blocks"]),
               mk(cfg["student_width"], cfg["student_blocks"]),
-              json.loads(path.read_text()) if path.is_file() else {})
+              read_json(path, "the results", RESULTS_FIX) if path.is_file() else {})
     t0 = start_timer(ctx)
     t_params = train_teacher(run, extra)
     evaluate_teacher(run, t_params, t0)

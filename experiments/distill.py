@@ -44,11 +44,13 @@ from experiments.cli import (
 )
 from experiments.configs.distill import get_config
 from experiments.workdir import (
+    RESULTS_FIX,
     MetricsLog,
     atomic_write,
     check_workdir,
     elapsed,
     lock_workdir,
+    read_json,
     start_timer,
 )
 from ftsam_jax import distill, metrics, parallel
@@ -300,7 +302,7 @@ def train_and_evaluate(tree: ml_collections.ConfigDict, workdir: str | Path, *,
     evaluate = lambda v: {"clean_acc": float(t_evaluator(jax.device_put(v, repl), x_test,
                                                          y_test)["accuracy"])}
     path = workdir / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = read_json(path, "the results", RESULTS_FIX) if path.is_file() else {}
     t_vars, results = train_teacher(cfg, ds, models[0], ctx, results, evaluate, path)
     train_students(cfg, ds, models, jax.device_put(t_vars, repl), ctx, results, path)
     atomic_write(workdir / "results.md", results_table(results))

@@ -59,11 +59,13 @@ from experiments.configs.ftsam import (
 from experiments.overrides import apply_set_items
 from experiments.variants import DefenseColumn, column_base, column_section, parse_columns
 from experiments.workdir import (
+    RESULTS_FIX,
     MetricsLog,
     atomic_write,
     check_workdir,
     elapsed,
     lock_workdir,
+    read_json,
     start_timer,
 )
 from ftsam_jax import metrics, parallel
@@ -371,7 +373,9 @@ def check_defense_record(workdir: Path, results: dict[str, Any], column: Defense
     marker = workdir / "checkpoints" / f"{column.folder}.settings.json"
     previous = results["defenses"].get(name, {}).get("config")
     if previous is None and marker.is_file():
-        previous = json.loads(marker.read_text())
+        previous = read_json(marker, "the settings marker", "delete it and the checkpoints of "
+                             f"{name} (checkpoints/{column.folder}) to rerun {name}, or use "
+                             "another --workdir")
     if previous is None:
         return
     previous = completed_record(column.base, previous, seed)
@@ -532,13 +536,16 @@ def backdoored_stage(cfg: ml_collections.ConfigDict, settings: Settings, ds: Dat
                         lr=run_cfg["lr"], schedule=run_cfg["schedule"], drop_last=True)
     t0 = start_timer(ctx)
     if attack.needs_fit:
+        # LF's universal perturbation is made against the run's clean model (trained only if
+        # the attack asks for it: a cached pattern needs none).
         attack.fit(ds=ds, model=model, fit_config=fit_cfg, ratio=cfg.poison_ratio, ctx=ctx,
-                   rng=stage_rng(cfg.seed, "attack"))
+                   rng=stage_rng(cfg.seed, "attack"),
+                   clean_model=functools.partial(train_clean, cfg, ds, model, ctx))
     bd = build_backdoor_data(ds, attack, cfg.poison_ratio, cfg.seed)
     summary["num_poisoned"] = bd.num_poisoned if bd.train_transform is None else None
     evaluate = ctx.evaluate = make_backdoor_evaluator(model, bd, ctx.mesh)
     results_path = workdir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = read_json(results_path, "the results", RESULTS_FIX) if results_path.is_file() else {}
 
     # Input-aware trains the backdoored model inside `attack.fit`, timed from there.
     if attack.trained_variables is None:
@@ -568,29 +575,36 @@ def backdoored_stage(cfg: ml_collections.ConfigDict, settings: Settings, ds: Dat
 
 def clean_stage(cfg: ml_collections.ConfigDict, ds: Dataset, model: Any,
                 results: dict[str, Any], ctx: StageContext) -> Any:
-    """A clean model (the Retuning Attack's reference point): the backdoored model's recipe on
-    the clean training set, from its own stream (`clean` of the run's seed); it does not depend
-    on the attack, so `experiments.table` copies `models/clean` between the attacks of a model
-    seed. Trained, resumed or loaded; its row `results["clean"]` is evaluated on this run's
+    """The clean model (`train_clean`) and its row `results["clean"]`, evaluated on this run's
     test sets (its ASR: how often a clean model puts triggered images in the target class)."""
+    variables = train_clean(cfg, ds, model, ctx)
+    if "clean" not in results:
+        seconds = json.loads((Path(ctx.workdir) / "models" / "clean.json").read_text())["seconds"]
+        results["clean"] = {**ctx.evaluate(variables), "seconds": seconds}
+    return variables
+
+
+def train_clean(cfg: ml_collections.ConfigDict, ds: Dataset, model: Any,
+                ctx: StageContext) -> Any:
+    """A clean model: the backdoored model's recipe on the clean training set, from its own
+    stream (`clean` of the run's seed): the Retuning Attack's reference point and LF's
+    surrogate. It does not depend on the attack, so `experiments.table` copies `models/clean`
+    (with `models/clean.json`, its training time) between the attacks of a model seed.
+    Trained, resumed or loaded."""
     workdir = Path(ctx.workdir)
     path, record = workdir / "models" / "clean", workdir / "models" / "clean.json"
     t0 = start_timer(ctx)
     if path.is_dir() and record.is_file():
         shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                                 jnp.zeros((1, *ds.image_shape), jnp.float32))
-        variables = load_variables(path, shapes)
-        seconds = json.loads(record.read_text())["seconds"]
+        return load_variables(path, shapes)
     else:
         fit_cfg = FitConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                             schedule=backdoored_schedule(cfg.preset, "badnets"), drop_last=True)
         variables, _ = fit("clean", model, None, ds.x_train, ds.y_train, fit_cfg,
                            stage_rng(cfg.seed, "clean"), ctx)
         save_variables(path, variables)
-        seconds = elapsed(t0, ctx)
-        atomic_write(record, json.dumps({"seconds": seconds, "seed": cfg.seed}) + "\n")
-    if "clean" not in results:
-        results["clean"] = {**ctx.evaluate(variables), "seconds": seconds}
+        atomic_write(record, json.dumps({"seconds": elapsed(t0, ctx), "seed": cfg.seed}) + "\n")
     return variables
 
 

@@ -80,7 +80,13 @@ from experiments.table_render import (
     variant_axis,
 )
 from experiments.variants import DefenseColumn, parse_column, parse_columns
-from experiments.workdir import atomic_write, check_workdir_path, lock_workdir
+from experiments.workdir import (
+    RESULTS_FIX,
+    atomic_write,
+    check_workdir_path,
+    lock_workdir,
+    read_json,
+)
 from ftsam_jax import metrics
 from ftsam_jax.attacks import ATTACKS
 from ftsam_jax.data import load_dataset
@@ -187,7 +193,7 @@ def _dir(root: Path, cell: Cell) -> Path:
 
 def _results(folder: Path) -> dict[str, Any]:
     path = folder / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, "the cell's results", RESULTS_FIX) if path.is_file() else {}
 
 
 def _done(root: Path, cell: Cell) -> bool:
@@ -480,7 +486,8 @@ def benign_selection(given: str | None, root: Path) -> str:
     (`reference` for a table made before the setting existed), else `shared` for a new table.
     InputError when given differs from what the table already ran with."""
     path = root / "table.json"
-    recorded = (json.loads(path.read_text()).get("benign_selection", "reference")
+    recorded = (read_json(path, "the table", "delete it and rerun the same command to write "
+                          "it anew from the cells").get("benign_selection", "reference")
                 if path.is_file() else None)
     if given is not None and recorded is not None and given != recorded:
         raise InputError(f"the table in {root} was run with --benign_selection={recorded}; "

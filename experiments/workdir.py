@@ -22,8 +22,8 @@ from experiments.cli import InputError
 from ftsam_jax.checkpoint import WriteError, writing
 from ftsam_jax.training.stage import StageContext
 
-__all__ = ["MetricsLog", "atomic_write", "check_workdir", "check_workdir_path", "elapsed",
-           "held_workdirs", "lock_workdir", "make_workdir", "read_json", "start_timer"]
+__all__ = ["RESULTS_FIX", "MetricsLog", "atomic_write", "check_workdir", "check_workdir_path",
+           "elapsed", "held_workdirs", "lock_workdir", "make_workdir", "read_json", "start_timer"]
 
 _held_locks: dict[Path, int] = {}
 
@@ -147,6 +147,12 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+# What to do about a results.json that cannot be read back: every row is recomputed from its
+# stage's checkpoints (or, where they are gone, trained again: the same numbers).
+RESULTS_FIX = ("delete it and rerun the same command to recompute its rows from the "
+               "checkpoints, or use another --workdir")
+
+
 def read_json(path: Path, what: str, fix: str = "delete it and rerun the same command to "
               "write it anew, or use another --workdir") -> dict[str, Any]:
     """The JSON object in `path`, a file the run wrote itself (`what`: which, for the message);
@@ -221,8 +227,6 @@ class MetricsLog:
                                  f"not a stage's epoch record): {fix}") from None
 
     def __call__(self, stage: str, history: list[dict[str, Any]]) -> None:
-        if self.stages.get(stage) == history:  # a finished stage's history, logged again
-            return
         self.stages[stage] = list(history)
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for h in self.stages.values()
                                         for r in h))

@@ -384,16 +384,19 @@ def test_anp_end_to_end_and_resumes_after_interrupt(mesh, tmp_path, tiny_vars, b
             np.testing.assert_array_equal(new, old)
     assert_same(out["batch_stats"], tiny_vars["batch_stats"])
 
-    # Killed after its first epoch (of 2), the stage resumes to the same result.
+    # Killed in its second (last) epoch, before that epoch's checkpoint (the log comes first):
+    # the stage resumes from its epoch-1 checkpoint to the same result.
     class Stop(Exception):
         pass
 
     def stop(stage, history):
-        raise Stop
+        if len(history) == 2:
+            raise Stop
 
     with pytest.raises(Stop):
         anp_mod.anp(MODEL, tiny_vars, benign, cfg, jax.random.key(7),
                     make_ctx(mesh, tmp_path / "cut", log=stop))
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").glob("*/*")] == ["1"]
     resumed = anp_mod.anp(MODEL, tiny_vars, benign, cfg, jax.random.key(7),
                           make_ctx(mesh, tmp_path / "cut"))
     assert_same(out, resumed)

@@ -13,7 +13,9 @@ is converted with ITU-R 601 luma).
 
 Without a file the attack generates its own pattern in `fit` (`needs_fit`):
 
-1. A clean surrogate is trained with the backdoored stage's recipe
+1. A clean surrogate: `experiments.ftsam` passes the run's clean model (its `clean` stage, the
+   backdoored stage's recipe on the clean data, also the Retuning Attack's reference); without
+   one a surrogate is trained with the fit config given
    (`ftsam_jax.training.recipe.fit("lf_surrogate", ...)`, resumable).
 2. A universal perturbation `d` (H, W, C, in [0, 1] pixel units) is found by projected,
    normalised gradient descent on the surrogate's cross-entropy towards the attacker's labels
@@ -58,6 +60,7 @@ ours on 1 of 3 (36.7 +- 40.8%); FT fails on both. To compare with the paper, pas
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +151,10 @@ class LowFrequency(Attack):
     # -- generating the pattern ------------------------------------------------------------------
 
     def fit(self, *, ds: Any, model: Any, fit_config: Any, ctx: Any, rng: jax.Array,
-            ratio: float | None = None, **kwargs: Any) -> None:
-        """Trains a clean surrogate and computes the pattern (or reuses the cached one)."""
+            ratio: float | None = None,
+            clean_model: Callable[[], dict[str, Any]] | None = None, **kwargs: Any) -> None:
+        """Computes the pattern against `clean_model()` (the variables of a clean model of
+        `model`; None: trains a surrogate first), or reuses the cached one."""
         del ratio, kwargs
         if not self.needs_fit:
             return
@@ -161,8 +166,10 @@ class LowFrequency(Attack):
         from ftsam_jax.training.recipe import fit as fit_classifier
 
         surrogate_rng, uap_rng = jax.random.split(rng)
-        variables, _ = fit_classifier("lf_surrogate", model, None, ds.x_train, ds.y_train,
-                                      fit_config, surrogate_rng, ctx)
+        variables = None if clean_model is None else clean_model()
+        if variables is None:
+            variables, _ = fit_classifier("lf_surrogate", model, None, ds.x_train, ds.y_train,
+                                          fit_config, surrogate_rng, ctx)
         self.pattern = self.universal_perturbation(model, variables, ds.x_train, ds.y_train,
                                                    uap_rng).astype(np.float64)
         self.needs_fit = False

@@ -160,8 +160,6 @@ def run_stage(
             start, history = int(meta["epoch"]), list(meta["history"])
             ctx.restored_seconds += sum(float(h.get("seconds", 0.0)) for h in history)
         if start >= epochs:
-            if ctx.log is not None and history:  # completes a log whose last write failed
-                ctx.log(name, history)
             return state, history
         global _position
         _position = _at(name, start + 1, epochs, start if ckpt is not None else None)
@@ -185,13 +183,15 @@ def run_stage(
                     record.update(eval_fn(state))
                 record["seconds"] = round(time.perf_counter() - t0, 3)
                 history.append(record)
+                # The log before the checkpoint: an epoch whose log write fails (a full disk)
+                # or is interrupted has no checkpoint yet, so the rerun runs and logs it again.
+                if ctx.log is not None:
+                    ctx.log(name, history)
                 if ckpt is not None and ((epoch + 1) % ctx.checkpoint_every == 0 or last):
                     ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "history": history})
                     start = epoch + 1
                 _position = (_at(name, epoch + 2, epochs, start if ckpt is not None else None)
                              if not last else f"after stage {name} (finished)")
-                if ctx.log is not None:
-                    ctx.log(name, history)
                 _simulated_interrupt()
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
