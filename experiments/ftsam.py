@@ -519,6 +519,9 @@ def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dat
                                image_shape=ds.image_shape, target=cfg.target, **attack_kwargs)
     except ValueError as e:
         raise InputError(e) from None
+    if settings.retune is not None and attack.make_train_transform(cfg.poison_ratio) is not None:
+        raise InputError(f"--retune_attack: the Retuning Attack needs the attack's poisoned "
+                         f"training images; {cfg.attack} poisons each batch on the fly")
     mean, std = normalization_for(ds)
     model = create_model(cfg.model, ds.num_classes, width=cfg.width, mean=mean, std=std,
                          dtype=compute_dtype(cfg.dtype))

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -158,10 +159,32 @@ class _QuietWriteFailures(logging.Filter):
 _quiet = _QuietWriteFailures()
 
 
+def _late_callback(unraisable: Any) -> bool:
+    """Whether an unraisable error is tensorstore completing a write for an event loop that
+    orbax has closed: after one write of a save fails, orbax stops waiting and closes the loop,
+    and each of that save's other writes, finishing later, reports `Event loop is closed`."""
+    tb = unraisable.exc_traceback
+    return (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
 def _quiet_orbax() -> None:
+    """Keeps a refused write to the one WriteError: orbax's log records of it and
+    tensorstore's late completions (`_late_callback`) are not printed."""
     logger = logging.getLogger("absl")
     if _quiet not in logger.filters:
         logger.addFilter(_quiet)
+    previous = sys.unraisablehook
+    if getattr(previous, "_ftsam_jax", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _late_callback(unraisable):
+            previous(unraisable)
+
+    hook._ftsam_jax = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _type_handlers() -> Any:

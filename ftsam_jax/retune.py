@@ -16,8 +16,8 @@ Differences from the released script: the RA data are drawn from this run's own 
 draw per defense seed, the same for every model retuned in a run: the rows are paired), the
 poisoned samples are drawn from the poison plan of this run (not from PNG files), a last
 partial batch is filled from a second permutation (`FitConfig.drop_last=False`) instead of
-being a smaller batch, and attacks that poison on the fly (WaNet, Input-aware) are refused:
-they have no fixed poisoned training images to draw from.
+being a smaller batch, and attacks that poison each batch on the fly (WaNet) are refused: they
+have no fixed poisoned training images to draw from.
 
 References: Min, Y. et al., "Uncovering, Explaining, and Mitigating the Superficial Safety of
 Backdoor Defense", NeurIPS 2024, arXiv 2410.09838.
@@ -101,7 +101,7 @@ def retune_data(x_clean: np.ndarray, y_clean: np.ndarray, bd: BackdoorData,
     poisoned = np.flatnonzero(bd.poison_mask)
     if config.poison_num > 0 and bd.train_transform is not None:
         raise ValueError("the Retuning Attack needs the attack's poisoned training images; this "
-                         "attack poisons each batch on the fly (WaNet, Input-aware)")
+                         "attack poisons each batch on the fly (WaNet)")
     if len(poisoned) < config.poison_num:
         raise ValueError(f"the Retuning Attack needs {config.poison_num} poisoned training "
                          f"images, the attack made {len(poisoned)}")

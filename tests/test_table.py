@@ -95,3 +95,33 @@ def test_bad_data_stops_at_the_first_cell(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "t" / "table.json").exists()
+
+
+def test_model_seeds_train_independent_models_and_share_the_clean_one(toy_npz, tmp_path):
+    args = [f"--dataset=npz:{toy_npz}", "--preset=smoke", "--attacks=badnets,blended",
+            "--defenses=ft", "--defense_seeds=0", "--model_seeds=0,1",
+            "--ftsam_flag=--retune_attack",
+            "--ftsam_flag=--defense_epochs=1", "--differences=ft:ft", f"--workdir={tmp_path}"]
+    out = run_module("experiments.table", *args).stdout
+    assert "[5/8] badnets / model 1 / backdoored / seed 0: running" in out
+    res = {(a, m): json.loads((tmp_path / a / f"m{m}" / "ds0" / "results.json").read_text())
+           for a in ("badnets", "blended") for m in (0, 1)}
+    for m in (0, 1):
+        # each model seed is its own backdoored model; its clean model is trained once (in
+        # the first attack's folder) and copied to the other attack's
+        assert res[("badnets", m)]["config"]["seed"] == m
+        assert res[("badnets", m)]["clean"]["clean_acc"] == res[("blended", m)]["clean"][
+            "clean_acc"]
+        assert not (tmp_path / "blended" / f"m{m}" / "ds0" / "checkpoints" / "clean").exists()
+    assert res[("badnets", 0)]["backdoored"] != res[("badnets", 1)]["backdoored"]
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["model_seeds"] == [0, 1] and table["failures"] == []
+    row = table["cells"]["badnets"]
+    assert len(row["No defense"]["per_model"]) == 2
+    assert [(p["model_seed"], p["seed"]) for p in row["ft"]["per_seed"]] == [(0, 0), (1, 0)]
+    assert all("retune" in p for p in row["ft"]["per_seed"])
+    assert len(row["retune"]["clean"]) == 2
+    md = (tmp_path / "table.md").read_text()
+    assert "The Retuning Attack" in md and "| all | ft − ft | 4 backdoored models (4 pairs) |" in md
+    again = run_module("experiments.table", *args).stdout
+    assert "running" not in again and again.count("done earlier") == 8

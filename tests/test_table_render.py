@@ -72,12 +72,15 @@ def test_ratio_blocks_layout_differences_and_the_axis(tmp_path):
     assert asr["mean"] == pytest.approx(-0.2) and asr["n"] == 3 and asr["resolved"]
     clean = diff[("badnets", "ftsam[rho=0]")]["clean_acc"]
     assert clean["mean"] == pytest.approx(0.01) and clean["std"] == pytest.approx(0, abs=1e-12)
+    # One backdoored model per attack: "all" is over the 2 models (each one's seed mean), not
+    # over the 6 (attack, seed) pairs that share them.
     pooled = {d["b"]: d for d in first["differences"] if d["attack"] == "all"}
-    assert pooled["ft"]["asr"]["n"] == 6 and pooled["ft"]["asr"]["mean"] == pytest.approx(-0.2)
+    assert pooled["ft"]["asr"]["n"] == 2 and pooled["ft"]["asr"]["mean"] == pytest.approx(-0.2)
+    assert pooled["ft"]["pairs"] == 6 and pooled["ft"]["unit"] == "backdoored models"
     md = table_markdown(made)
     assert "## Benign ratio 0.01" in md and "## Benign ratio 0.1" in md
-    assert "| badnets | ftsam − ft | 3 | " in md and "Table 3" in md
-    assert "| all | ftsam − ft | 6 | " in md
+    assert "| badnets | ftsam − ft | 3 defense seeds of 1 model | " in md and "Table 3" in md
+    assert "| all | ftsam − ft | 2 backdoored models (6 pairs) | " in md
     assert made["columns"]["ftsam[rho=4]"]["settings"] == {"rho": 4.0}
     axis = variant_axis(made)
     assert axis == {"field": "rho", "base": "ftsam",
@@ -176,21 +179,78 @@ def test_report_pools_paired_differences_over_the_attacks_of_two_tables(tmp_path
         (tmp_path / folder / "table.json").write_text(
             json.dumps({"defenses": list(columns), "cells": cells}))
 
-    def asr(attack, column, seed):  # SAM lowers ASR by 0.1 + 0.05 * seed on every attack
-        return 0.8 - (0.1 + 0.05 * seed) * (column == "ftsam") - 0.01 * len(attack)
+    def asr(attack, column, seed):  # SAM lowers ASR by 0.1 + 0.05 * seed + 0.02 * len(attack)
+        return (0.8 - (0.1 + 0.05 * seed + 0.02 * len(attack)) * (column == "ftsam")
+                - 0.01 * len(attack))
 
     write_table("iso", ("badnets", "sig"), ("ft", "ftsam", "ftsam[rho=0]", "x"), asr)
     write_table("lf", ("lf",), ("ft", "ftsam", "ftsam[rho=0]"), asr)
     make = report.pooled_differences(("iso", "lf"), (("ftsam", "ftsam[rho=0]"), ("ftsam", "x")))
     lines = make(tmp_path).splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| Attack")]
+    one = "3 defense seeds of 1 model"
     assert [r.split(" | ")[0:3] for r in rows] == [
-        ["| badnets", "ftsam − ftsam[rho=0]", "3"], ["| sig", "ftsam − ftsam[rho=0]", "3"],
-        ["| lf", "ftsam − ftsam[rho=0]", "3"], ["| all", "ftsam − ftsam[rho=0]", "9"]]
-    diffs = np.array([-(0.1 + 0.05 * s) for s in SEEDS] * 3)
-    half = stats.t.ppf(0.975, 8) * diffs.std(ddof=1) / 3
+        ["| badnets", "ftsam − ftsam[rho=0]", one], ["| sig", "ftsam − ftsam[rho=0]", one],
+        ["| lf", "ftsam − ftsam[rho=0]", one],
+        ["| all", "ftsam − ftsam[rho=0]", "3 backdoored models (9 pairs)"]]
+    # "all": one value per backdoored model (its seed mean), the t interval over the 3 models
+    diffs = np.array([-(0.1 + 0.05 * np.mean(SEEDS) + 0.02 * len(a))
+                      for a in ("badnets", "sig", "lf")])
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / math.sqrt(3)
     assert (f"{100 * diffs.mean():+.1f} ± {100 * diffs.std(ddof=1):.1f} "
             f"[{100 * (diffs.mean() - half):+.1f}, {100 * (diffs.mean() + half):+.1f}]") in rows[-1]
     write_table("again", ("lf",), ("ft", "ftsam"), asr)
     with pytest.raises(InputError, match="more than one"):
         report.pooled_differences(("lf", "again"), (("ftsam", "ft"),))(tmp_path)
+
+
+def test_model_seeds_are_the_unit_of_the_interval(tmp_path):
+    """Two attacks x two backdoored models x two defense seeds: each model's difference is
+    averaged over its defense seeds first, the interval is over the models (hand computed)."""
+    cfg = resolved(model_seeds="3,5", defense_seeds="0,1", differences="ftsam:ft")
+    cfg["benign_selection"] = "shared"
+    assert cfg["model_seeds"] == [3, 5]
+    cells = table.plan_cells(cfg["attacks"], ["ft"], [0, 1], {"ft"}, [None], cfg["model_seeds"])
+    assert cells[:4] == [table.Cell("badnets", None, 0, None, 3), table.Cell("badnets", "ft", 0,
+                         None, 3), table.Cell("badnets", "ft", 1, None, 3),
+                         table.Cell("blended", None, 0, None, 3)]  # model seed by model seed
+    assert table.cell_dir(tmp_path, "lf", 1, None, 5) == tmp_path / "lf" / "m5" / "ds1"
+    cmd = table.cell_command(tmp_path, table.Cell("lf", "ft", 1, None, 5),
+                             {**cfg, "data_dir": None}, [])
+    assert "--seed=5" in cmd and "--defense_seed=1" in cmd
+
+    def effect(a, m, s):  # ftsam - ft in ASR
+        return -0.1 * (1 + (a == "blended")) - 0.03 * m - 0.01 * s
+
+    for a in cfg["attacks"]:
+        for m in (3, 5):
+            for s in (0, 1):
+                folder = table.cell_dir(tmp_path, a, s, None, m)
+                folder.mkdir(parents=True)
+                rows = {d: {"clean_acc": 0.8, "asr": 0.9 + effect(a, m, s) * (d == "ftsam"),
+                            "robust_acc": 0.1, "der": 0.5, "seconds": 1.0}
+                        for d in ("ft", "ftsam")}
+                res = {"defenses": rows, "backdoored": {"clean_acc": 0.9 + 0.01 * m, "asr": 1.0,
+                                                       "robust_acc": 0.0}}
+                (folder / "results.json").write_text(json.dumps(res))
+    cfg["defenses"], cfg["seeded"] = ["ft", "ftsam"], {"ft", "ftsam"}
+    made = table.make_table(cfg, tmp_path, [])
+    assert made["model_seeds"] == [3, 5]
+    nd = made["cells"]["badnets"]["No defense"]
+    assert nd["clean_acc"] == pytest.approx(0.94) and len(nd["per_model"]) == 2
+    assert [(p["model_seed"], p["seed"]) for p in made["cells"]["badnets"]["ft"]["per_seed"]] \
+        == [(3, 0), (3, 1), (5, 0), (5, 1)]
+    diff = {d["attack"]: d for d in made["differences"]}
+    for a in cfg["attacks"]:
+        per_model = np.array([np.mean([effect(a, m, s) for s in (0, 1)]) for m in (3, 5)])
+        half = stats.t.ppf(0.975, 1) * per_model.std(ddof=1) / math.sqrt(2)
+        d = diff[a]["asr"]
+        assert diff[a]["unit"] == "backdoored models" and d["n"] == 2
+        assert d["mean"] == pytest.approx(per_model.mean())
+        assert d["ci_low"] == pytest.approx(per_model.mean() - half)
+    every = np.array([np.mean([effect(a, m, s) for s in (0, 1)]) for a in cfg["attacks"]
+                      for m in (3, 5)])
+    half = stats.t.ppf(0.975, 3) * every.std(ddof=1) / 2
+    assert diff["all"]["asr"]["n"] == 4 and diff["all"]["pairs"] == 8
+    assert diff["all"]["asr"]["ci_high"] == pytest.approx(every.mean() + half)
+    assert "| all | ftsam − ft | 4 backdoored models (8 pairs) |" in table_markdown(made)
