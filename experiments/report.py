@@ -54,7 +54,7 @@ def _json(path: Path) -> Any:
 def table_grid(folder: str, *, paper: bool = True, diffs: bool = True
                ) -> Callable[[Path], str]:
     """An `experiments.table` folder's grid (every block), with the paper's numbers and the
-    paired differences it recorded."""
+    paired differences it asked for."""
     def make(results: Path) -> str:
         table = _json(results / folder / "table.json")
         lines: list[str] = []
@@ -66,7 +66,10 @@ def table_grid(folder: str, *, paper: bool = True, diffs: bool = True
                 lines += [paper_markdown(block["paper"], list(block["cells"]),
                                          table["defenses"], block["benign_ratio"]), ""]
             if diffs and block.get("differences"):
-                lines += [*differences_markdown(block["differences"]), ""]
+                # Recomputed from the cells (the pairs the table recorded): intervals over the
+                # unit that was replicated, whatever rule the table was written with.
+                pairs = list(dict.fromkeys((d["a"], d["b"]) for d in block["differences"]))
+                lines += [*differences_markdown(differences(block["cells"], pairs)), ""]
         return "\n".join(lines).rstrip("\n") + "\n"
     return make
 
