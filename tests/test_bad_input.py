@@ -3,11 +3,13 @@ and nothing left in the workdir.
 
 Each row is (entry point, arguments, a phrase of the expected message). Arguments may name
 prepared broken inputs: {npz:NAME} an npz data set, {coco:NAME} a COCO folder, {file} a plain
-file, {tmp} the row's scratch folder, {data} ../shared/data, {cifar} its CIFAR-10 slice. Every
-row but those that name a --workdir gets `--workdir={tmp}/w`, which must not exist afterwards
-(a refused run makes no folder). The rows of an entry point run in one process
-(`tests/bad_input_worker.py`: its flag parser, then `experiments.cli.guarded`, the body of
-`python -m experiments.NAME`), so the suite costs one JAX import per entry point.
+file, {tmp} the row's scratch folder, {data} ../shared/data, {cifar} its CIFAR-10 slice,
+{workdir:NAME} a workdir holding a damaged file of a run. Every row but those that name a
+--workdir gets `--workdir={tmp}/w`, which must not exist afterwards (a refused run makes no
+folder). `WRITE_FAULTS` are runs on a disk that refuses a write: one line, exit code 1. The
+rows of an entry point run in one process (`tests/bad_input_worker.py`: its flag parser, then
+`experiments.cli.guarded`, the body of `python -m experiments.NAME`), so the suite costs one
+JAX import per entry point.
 """
 
 from __future__ import annotations
@@ -72,11 +74,20 @@ ROWS: dict[str, list[tuple[str, str]]] = {
         (f"{SMOKE} --dataset={{npz:all_target}} --attack=badnets", "all 40 test images are of "
          "the target class 0"),
         (f"{SMOKE} --dataset={{npz:float_images}}", "values must lie in [0, 255]"),
+        (f"{SMOKE} --dataset={{npz:nan_images}}",
+         "float_nan.npz: x_train holds 1 non-finite value (NaN/inf)"),
         # workdirs
         (f"{SMOKE} --dataset={{npz:toy}} --workdir={{file}}", "is a file"),
         (f"{SMOKE} --dataset={{npz:toy}} --workdir={{file}}/sub", "lies under the file"),
         (f"{SMOKE} --dataset={{npz:toy}} --workdir={{readonly}}/w", "read-only"),
         (f"{SMOKE} --dataset={{npz:toy}} --workdir=/proc/ftsam_jax_test/w", "--workdir"),
+        # a damaged file of an earlier run (cut short by a full disk, edited)
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir={{workdir:results}}",
+         "results.json is unreadable (not valid JSON: Unterminated string"),
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir={{workdir:config}}",
+         "config.json is unreadable (not valid JSON"),
+        (f"{SMOKE} --dataset={{npz:toy}} --workdir={{workdir:metrics}}",
+         "metrics.jsonl is unreadable (line 2 is not a stage's epoch record)"),
         # moved from tests/test_ftsam_pipeline.py (one subprocess each there)
         (f"{SMOKE} --dataset={{npz:toy}} --attack=nope", "unknown attack 'nope'"),
         (f"{SMOKE} --dataset={{npz:toy}} --model=resnet9000", "unknown model"),
@@ -206,6 +217,7 @@ ROWS: dict[str, list[tuple[str, str]]] = {
         ("--workdir={file}", "is a file"),
         ("--workdir={file}/sub", "lies under the file"),
         ("--workdir={readonly}/w", "read-only"),
+        ("--workdir={workdir:table}", "table.json is unreadable (not valid JSON"),
     ],
     "bench": [
         ("--model=magic", "--model"),
@@ -220,6 +232,18 @@ ROWS: dict[str, list[tuple[str, str]]] = {
         ("--dtype=float16", "--dtype"),
         ("--preset=smoke --config=experiments/configs/bench.py:smoke", "not both"),
         ("stray", "unexpected positional arguments"),
+    ],
+}
+
+
+# Runs on a disk that refuses a write (`@enospc:FILE`: every write of FILE fails as on a full
+# disk, tests/bad_input_worker.py): (entry point, arguments, the expected line after `{w}`,
+# the row's workdir). The smoke run trains its backdoored model, then cannot write its results.
+WRITE_FAULTS: dict[str, list[tuple[str, str]]] = {
+    "ftsam": [
+        (f"@enospc:results.json {SMOKE} --dataset={{npz:toy}} --progress=false",
+         "error: no space left on device writing results.json in {w}: free space and rerun the "
+         "same command to resume"),
     ],
 }
 
@@ -248,6 +272,9 @@ def make_npz(folder):
     out["all_target"] = _save_npz(folder / "all_target.npz", x(160), y(160), x(40),
                                   np.zeros(40, int))
     out["float_images"] = _save_npz(folder / "float.npz", x(160) * 3.0, y(160), x(40), y(40))
+    nan = x(160).astype(np.float32)
+    nan[7, 3, 2, 1] = np.nan
+    out["nan_images"] = _save_npz(folder / "float_nan.npz", nan, y(160), x(40), y(40))
     out["no_labels"] = folder / "no_labels.npz"
     np.savez(out["no_labels"], x_train=x(8), x_test=x(8))
     ragged = np.empty(2, object)
@@ -297,6 +324,22 @@ def make_coco(folder):
     return out
 
 
+def make_workdirs(folder):
+    """Workdirs of earlier runs, each with one file damaged as a full disk or an editor leaves
+    it: cut short, or a line that is no record."""
+    results = json.dumps({"dataset": "npz", "attack": "badnets", "defenses": {}}, indent=2)
+    damaged = {"results": ("results.json", results[: len(results) // 2]),
+               "config": ("config.json", '{"run": {"dataset": '),
+               "metrics": ("metrics.jsonl", '{"stage": "backdoored", "epoch": 1}\n{"stage": '),
+               "table": ("table.json", '{"benign_selection": "shared", "rows": [')}
+    out = {}
+    for name, (file, text) in damaged.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / file).write_text(text)
+        out[name] = folder / name
+    return out
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
@@ -307,13 +350,15 @@ def inputs(tmp_path_factory):
     readonly.mkdir()
     readonly.chmod(0o555)
     return {"root": root, "npz": make_npz(root / "npz"), "coco": make_coco(root / "coco"),
-            "file": plain, "readonly": readonly}
+            "workdir": make_workdirs(root / "workdirs"), "file": plain, "readonly": readonly}
 
 
 def expand(text: str, inputs, tmp) -> list[str]:
     for kind in ("npz", "coco"):
         for name, path in inputs[kind].items():
             text = text.replace(f"{{{kind}:{name}}}", f"{kind}:{path}")
+    for name, path in inputs["workdir"].items():
+        text = text.replace(f"{{workdir:{name}}}", str(path))
     text = (text.replace("{file}", str(inputs["file"])).replace("{tmp}", str(tmp))
             .replace("{readonly}", str(inputs["readonly"])).replace("{data}", str(DATA))
             .replace("{cifar}", str(DATA / "cifar10-subset")))
@@ -324,10 +369,11 @@ _outcomes: dict[str, list[dict]] = {}
 
 
 def outcomes(entry: str, inputs) -> list[dict]:
-    """Runs every row of `entry` once (one process) and keeps the outcomes for the tests."""
+    """Runs every row of `entry` once (one process) and keeps the outcomes for the tests: those
+    of ROWS, then those of WRITE_FAULTS."""
     if entry not in _outcomes:
         rows = []
-        for i, (args, _) in enumerate(ROWS[entry]):
+        for i, (args, _) in enumerate(ROWS[entry] + WRITE_FAULTS.get(entry, [])):
             tmp = inputs["root"] / entry / str(i)
             tmp.mkdir(parents=True)
             argv = expand(args, inputs, tmp)
@@ -365,3 +411,19 @@ def test_bad_input_is_one_line_exit_2(inputs, entry, i):
     assert not (tmp / "w").exists(), f"a refused run left {tmp / 'w'}"
     if "{file}" in args:
         assert inputs["file"].read_text() == "a file, not a folder\n"
+
+
+FAULT_CASES = [(entry, i) for entry, rows in WRITE_FAULTS.items() for i in range(len(rows))]
+
+
+@pytest.mark.parametrize("entry, i", FAULT_CASES,
+                         ids=[f"{e}-{WRITE_FAULTS[e][i][0].split()[0]}" for e, i in FAULT_CASES])
+def test_a_refused_write_is_one_line_exit_1(inputs, entry, i):
+    """Not bad input (exit 1, not 2): the line says what could not be written and that the
+    same command resumes (tests/test_faults.py checks that it does, exactly)."""
+    args, line = WRITE_FAULTS[entry][i]
+    out = outcomes(entry, inputs)[len(ROWS[entry]) + i]
+    stderr = out["stderr"].strip()
+    assert out["code"] == 1, f"{args}: exit {out['code']}\n{stderr[-2000:]}"
+    workdir = (inputs["root"] / entry / str(len(ROWS[entry]) + i) / "w").resolve()
+    assert stderr.splitlines() == [line.format(w=workdir)], stderr[-2000:]
