@@ -7,7 +7,7 @@ Methods (Liang et al., ACM MM 2023, adapted to classification as `ftsam_jax.dist
 - `ce`: the student alone, cross-entropy.
 - `kd`: (1 - a) CE + a T^2 KL(teacher || student) at temperature T (Hinton et al.; a 0.9, T 4).
 - `kd_afa`: kd + IKD's adversarial feature augmentation: the student matches the teacher's
-  features (`--afa_levels`, through 1x1 align convs when widths differ) on adversarial images
+  features (`--afa_layers`, through 1x1 align convs when widths differ) on adversarial images
   made once against the teacher (MI-DI-FGSM, eps 8/255, 5 steps), weighted by `--alpha_adv`,
   for the first 2/3 of the epochs (the official two-phase schedule), plain kd after.
 - `kd_afa_ssa`: kd_afa + the sample-specific augmentation (the Fourier-statistic analogue of the
@@ -81,11 +81,11 @@ def define_flags() -> None:
     flags.DEFINE_float("lr", None, "SGD learning rate (teacher and students; cosine per epoch).")
     flags.DEFINE_float("kd_alpha", 0.9, "Weight of the KD term; CE gets 1 - kd_alpha.")
     flags.DEFINE_float("temperature", 4.0, "KD temperature.")
-    flags.DEFINE_list("afa_levels", None, "Feature levels of the AFA loss (default: the preset's, "
+    flags.DEFINE_list("afa_layers", None, "Feature levels of the AFA loss (default: the preset's, "
                       "stage3,stage4 for PreActResNet18).")
     flags.DEFINE_float("alpha_adv", 1e-4, "AFA weight (on a sum over C*H*W per image).")
-    flags.DEFINE_enum("adv_source", "batch", ["batch", "online"],
-                      "batch: adversarial images precomputed once (official); online: every step.")
+    flags.DEFINE_enum("adv_source", "precomputed", ["precomputed", "online"],
+                      "precomputed: adversarial images made once (official); online: every step.")
     flags.DEFINE_float("ssa_quantile", 0.5, "SSA: training-set quantile of the high-frequency "
                        "share below which an image takes the noise branch.")
     flags.DEFINE_string("workdir", None, "Output folder (default runs/distill_<dataset>_<preset>).")
@@ -102,18 +102,18 @@ def define_flags() -> None:
 METHODS = ("ce", "kd", "kd_afa", "kd_afa_ssa")
 SHORTHANDS = ("dataset", "data_dir", "teacher", "teacher_width", "student", "student_width",
               "methods", "seeds", "epochs", "teacher_epochs", "batch_size", "lr", "kd_alpha",
-              "temperature", "afa_levels", "alpha_adv", "adv_source", "ssa_quantile", "dtype",
+              "temperature", "afa_layers", "alpha_adv", "adv_source", "ssa_quantile", "dtype",
               "eval_every", "progress")
 RUN_KEYS = ("dataset", "data_dir", "teacher", "teacher_width", "student", "student_width",
             "epochs", "teacher_epochs", "batch_size", "lr", "kd_alpha", "temperature",
-            "afa_levels", "alpha_adv", "adv_source", "ssa_quantile", "preset", "dtype")
+            "afa_layers", "alpha_adv", "adv_source", "ssa_quantile", "preset", "dtype")
 
 
 def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]:
     """The config tree -> the run's settings (a plain dict); InputError for anything invalid."""
     cfg = {k: tree[k] for k in ("teacher", "teacher_width", "student", "student_width",
                                 "epochs", "teacher_epochs", "batch_size", "lr", "eval_every")}
-    cfg["afa_levels"] = comma_list(tree.afa_levels)
+    cfg["afa_layers"] = comma_list(tree.afa_layers)
     for role in ("teacher", "student"):
         if cfg[role] not in MODELS:
             raise InputError(f"unknown {role} model {cfg[role]!r}; choose one of "
@@ -133,14 +133,25 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
         raise InputError("--kd_alpha must lie in [0, 1], --temperature > 0, --alpha_adv >= 0")
     if not 0.0 < tree.ssa_quantile < 1.0:
         raise InputError("--ssa_quantile must lie in (0, 1)")
-    if tree.adv_source not in ("batch", "online"):
-        raise InputError(f"--adv_source must be batch or online, got {tree.adv_source!r}")
+    if tree.adv_source not in ("precomputed", "online"):
+        raise InputError(f"--adv_source must be precomputed or online, got {tree.adv_source!r}")
     compute_dtype(tree.dtype)
     return {"dataset": tree.dataset, "data_dir": tree.data_dir, **cfg,
             "methods": methods, "seeds": seeds, "kd_alpha": tree.kd_alpha,
             "temperature": tree.temperature, "alpha_adv": tree.alpha_adv,
             "adv_source": tree.adv_source, "ssa_quantile": tree.ssa_quantile,
             "preset": tree.preset, "dtype": tree.dtype, "progress": tree.progress}
+
+
+def upgrade_run(run: dict[str, Any]) -> dict[str, Any]:
+    """An older config.json's run settings in today's names, those of the IKD defense:
+    `afa_levels` is `afa_layers`, `--adv_source=batch` is `precomputed`."""
+    run = dict(run)
+    if "afa_levels" in run:
+        run["afa_layers"] = run.pop("afa_levels")
+    if run.get("adv_source") == "batch":
+        run["adv_source"] = "precomputed"
+    return run
 
 
 def method_config(method: str, cfg: dict[str, Any], ikd_steps: int, ssa_threshold: float
@@ -153,7 +164,7 @@ def method_config(method: str, cfg: dict[str, Any], ikd_steps: int, ssa_threshol
     if method == "kd":
         return distill.DistillConfig(**base)
     return distill.DistillConfig(
-        **base, afa_levels=tuple(cfg["afa_levels"]), alpha_adv=cfg["alpha_adv"],
+        **base, afa_layers=tuple(cfg["afa_layers"]), alpha_adv=cfg["alpha_adv"],
         adv_source=cfg["adv_source"], ikd_steps=ikd_steps, ssa=method == "kd_afa_ssa",
         ssa_config=distill.SSAConfig(threshold=ssa_threshold))
 
@@ -163,7 +174,7 @@ def results_table(results: dict[str, Any]) -> str:
     lines = [f"# Distillation on {cfg['dataset']}: {cfg['teacher']} (w{cfg['teacher_width']}) -> "
              f"{cfg['student']} (w{cfg['student_width']})", "",
              f"Preset {cfg['preset']}, student epochs {cfg['epochs']}, seeds {cfg['seeds']}, "
-             f"alpha_adv {cfg['alpha_adv']}, AFA levels {cfg['afa_levels']}.", "",
+             f"alpha_adv {cfg['alpha_adv']}, AFA layers {cfg['afa_layers']}.", "",
              "| Model | C-Acc (%) | seeds | seconds |", "|---|---:|---:|---:|",
              f"| teacher | {100 * results['teacher']['clean_acc']:.2f} | 1 | "
              f"{results['teacher']['seconds']:.0f} |"]
@@ -193,9 +204,9 @@ def build_models(cfg: dict[str, Any], ds: Any) -> tuple[Any, Any]:
     for model, role in ((teacher, "teacher"), (student, "student")):
         _, inter = jax.eval_shape(lambda m=model: m.init_with_output(
             jax.random.key(0), probe, mutable=["params", "batch_stats", "intermediates"]))
-        missing = [lv for lv in cfg["afa_levels"] if lv not in inter["intermediates"]]
+        missing = [lv for lv in cfg["afa_layers"] if lv not in inter["intermediates"]]
         if missing and any(m.startswith("kd_afa") for m in cfg["methods"]):
-            raise InputError(f"--afa_levels {missing} are not features of the {role} "
+            raise InputError(f"--afa_layers {missing} are not features of the {role} "
                              f"({sorted(inter['intermediates'])})")
     return teacher, student
 
@@ -234,7 +245,7 @@ def student_stage(cfg: dict[str, Any], ds: Any, models: tuple[Any, Any], t_vars:
         distill.create_distill_state(student, tx, init_rng, ds.image_shape, model_t=teacher,
                                      teacher_vars=t_vars, config=d_cfg), t_vars)
     step = distill.bind_teacher(distill.make_distill_step(student, teacher, tx, d_cfg))
-    use_adv = "adv" in data and d_cfg.uses_afa and d_cfg.adv_source == "batch"
+    use_adv = "adv" in data and d_cfg.uses_afa and d_cfg.adv_source == "precomputed"
     return Stage(f"student_{method}_s{seed}", state, cfg["epochs"], step=step,
                  data={"image": data["image"], "label": data["label"],
                        **({"adv": data["adv"]} if use_adv else {})},
@@ -250,7 +261,8 @@ def train_students(cfg: dict[str, Any], ds: Any, models: tuple[Any, Any], t_vars
     s_evaluator = make_evaluator(student.apply, mesh=ctx.mesh, batch_size=_eval_batch(ctx.mesh))
     x_test, y_test = jax.device_put(ds.x_test, repl), jax.device_put(ds.y_test, repl)
     data = {"image": jax.device_put(ds.x_train, repl), "label": jax.device_put(ds.y_train, repl)}
-    if any(m.startswith("kd_afa") for m in cfg["methods"]) and cfg["adv_source"] == "batch":
+    if (any(m.startswith("kd_afa") for m in cfg["methods"])
+            and cfg["adv_source"] == "precomputed"):
         # Adversarial images against the teacher, once (deterministic; recomputed on rerun).
         data["adv"] = jax.device_put(distill.precompute_adversarial(
             distill.eval_apply(teacher), t_vars, ds.x_train, ds.y_train,
@@ -287,7 +299,7 @@ def train_and_evaluate(tree: ml_collections.ConfigDict, workdir: str | Path, *,
     method x seed's student; writes results.json / results.md and returns the results."""
     workdir, mesh = Path(workdir), mesh or make_mesh()
     cfg = resolve(tree, mesh.devices.size)
-    check_workdir(workdir, cfg, RUN_KEYS)
+    check_workdir(workdir, cfg, RUN_KEYS, upgrade=upgrade_run)
     ds = load_dataset(cfg["dataset"], cfg["data_dir"])
     check_batch_fits(cfg["batch_size"], len(ds.y_train))
     models = build_models(cfg, ds)

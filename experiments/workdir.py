@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +170,11 @@ def read_json(path: Path, what: str, fix: str = "delete it and rerun the same co
 
 
 def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str],
-                  legacy: dict[str, Any] | None = None) -> None:
+                  legacy: dict[str, Any] | None = None,
+                  upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """A workdir can be made (`check_workdir_path`) and belongs to one run configuration;
     refuse to mix. `legacy`: the value of each later-added key that an older config.json
-    lacks (what its run had)."""
+    lacks (what its run had); `upgrade`: an older config.json's settings in today's names."""
     check_workdir_path(workdir)
     cfg_path = workdir / "config.json"
     if cfg_path.is_file():
@@ -181,7 +182,7 @@ def check_workdir(workdir: Path, run_cfg: dict[str, Any], keys: Sequence[str],
         if not isinstance(old, dict):
             raise InputError(f"the run's settings {cfg_path} are unreadable (no \"run\" "
                              "object): use another --workdir")
-        old = {**(legacy or {}), **old}
+        old = {**(legacy or {}), **(upgrade or dict)(old)}
         diff = [k for k in keys if old.get(k) != run_cfg.get(k)]
         if diff:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {run_cfg.get(k)!r}" for k in diff)

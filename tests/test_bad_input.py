@@ -148,14 +148,14 @@ ROWS: dict[str, list[tuple[str, str]]] = {
         (f"{SMOKE} --config=experiments/configs/distill.py:smoke", "not both"),
         # moved from tests/test_distill_pipeline.py (one subprocess each there)
         ("--dataset={npz:toy} --preset=smoke --methods=ce,magic", "unknown methods ['magic']"),
-        ("--dataset={npz:toy} --preset=smoke --afa_levels=stage9",
-         "--afa_levels ['stage9'] are not features"),
+        ("--dataset={npz:toy} --preset=smoke --afa_layers=stage9",
+         "--afa_layers ['stage9'] are not features"),
         ("--dataset={npz:toy} --preset=smoke --batch_size=20",
          "not divisible by the number of devices"),
         ("--dataset={npz:toy} --preset=paper --epochs=0",
          "epochs, widths and --eval_every must be >= 1"),
         ("--config=experiments/configs/distill.py:smoke --dataset={npz:toy} "
-         "--config.adv_source=disk", "--adv_source must be batch or online"),
+         "--config.adv_source=disk", "--adv_source must be precomputed or online"),
         ("--config=experiments/configs/distill.py:smoke --dataset={npz:toy} --config.kd_alpha=x",
          "--config.kd_alpha=x"),
     ],

@@ -5,6 +5,7 @@ end with exact resume. Tiny nets (TinyCNN width 4) on 8x8 images."""
 
 import dataclasses
 import functools
+import json
 import shutil
 
 import jax
@@ -196,7 +197,7 @@ def full_config(**kw):
     """Every term on: logit KD, mse feature KD with an align conv, online AFA (1 attack step),
     SSA, and the two-phase switch after one step."""
     base = dict(kd_weight=1.0, feat_levels=("stage2",), feat_weights=(0.5,),
-                afa_levels=("stage1", "stage2"), alpha_adv=1e-2, adv_source="online",
+                afa_layers=("stage1", "stage2"), alpha_adv=1e-2, adv_source="online",
                 attack=adversarial.AttackConfig(steps=1), ssa=True,
                 ssa_config=augment.SSAConfig(threshold=0.5), ikd_steps=1)
     return distill.DistillConfig(**{**base, **kw})
@@ -205,7 +206,7 @@ def full_config(**kw):
 def test_no_gradient_reaches_the_teacher(data):
     x, y = data
     student, teacher = init(STUDENT, 0), init(TEACHER, 1)
-    cfg = full_config(ikd_steps=None, adv_source="batch")
+    cfg = full_config(ikd_steps=None, adv_source="precomputed")
     prepare, loss_fn = distill.make_distill_fns(STUDENT, TEACHER, cfg)
     align = distill.init_alignment(STUDENT, student, TEACHER, teacher, (8, 8, 3), cfg,
                                    jax.random.key(5))
@@ -286,7 +287,7 @@ def test_sam_chain_gets_the_gradient_at_the_perturbed_weights(data):
     the same prepared inputs; BN statistics come from the clean pass at w."""
     x, y = data
     student, teacher = init(STUDENT, 0), init(TEACHER, 1)
-    cfg = full_config(adv_source="batch", ssa=False, ikd_steps=None, kd_weight=0.0)
+    cfg = full_config(adv_source="precomputed", ssa=False, ikd_steps=None, kd_weight=0.0)
     tx = optax.chain(ftsam_jax.sam_gradient(0.5, adaptive=True), optax.sgd(0.1))
     state = distill.create_distill_state(STUDENT, tx, jax.random.key(2), (8, 8, 3),
                                          variables=student, model_t=TEACHER,
@@ -412,3 +413,22 @@ def test_ikd_defense_end_to_end_and_resume(tmp_path):
     assert ran == [("ikd_student", 2)]
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_config_json_of_the_former_names_resumes(tmp_path):
+    """`afa_levels` / `--adv_source=batch` were renamed `afa_layers` / `precomputed` (the IKD
+    defense's names): a workdir whose config.json has the former names belongs to the same run;
+    a real difference is still refused."""
+    from experiments.cli import InputError
+    from experiments.configs.distill import get_config
+    from experiments.distill import RUN_KEYS, resolve, upgrade_run
+    from experiments.workdir import check_workdir
+
+    cfg = resolve(get_config("smoke"), 8)
+    assert cfg["afa_layers"] == ["stage2"] and cfg["adv_source"] == "precomputed"
+    former = {k: v for k, v in cfg.items() if k != "afa_layers"}
+    former.update(afa_levels=["stage2"], adv_source="batch")
+    (tmp_path / "config.json").write_text(json.dumps({"run": former}))
+    check_workdir(tmp_path, cfg, RUN_KEYS, upgrade=upgrade_run)
+    with pytest.raises(InputError, match="afa_layers: \\['stage2'\\] -> \\['stage1'\\]"):
+        check_workdir(tmp_path, {**cfg, "afa_layers": ["stage1"]}, RUN_KEYS, upgrade=upgrade_run)

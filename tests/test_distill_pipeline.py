@@ -48,7 +48,7 @@ def test_distill_results_and_exact_resume(npz_data, tmp_path):
     for r in res["students"].values():
         assert 0 <= r["clean_acc"] <= 1 and r["seconds"] >= 0 and len(r["per_seed"]) == 2
         assert r["clean_acc"] == pytest.approx(np.mean(list(r["per_seed"].values())))
-    assert res["config"]["afa_levels"] == ["stage2"]
+    assert res["config"]["afa_layers"] == ["stage2"]
     table = (tmp_path / "a" / "results.md").read_text()
     assert "| teacher |" in table and "| kd_afa |" in table and " ± " in table
     afa = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text()

@@ -53,6 +53,7 @@ from ftsam_jax.defenses.nad import nad_layers
 from ftsam_jax.distill.adversarial import AttackConfig, eval_apply, precompute_adversarial
 from ftsam_jax.distill.augment import SSAConfig, fourier_threshold, joint_preprocess
 from ftsam_jax.distill.step import (
+    ADV_SOURCES,
     DistillConfig,
     StudentTeacherState,
     bind_teacher,
@@ -66,7 +67,6 @@ from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, tr
 __all__ = ["IKDConfig", "ikd", "ikd_config"]
 
 Variables = dict[str, Any]
-ADV_SOURCES = ("precomputed", "online")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +148,8 @@ def ikd(model: nn.Module, variables: Variables, benign: BenignData, config: IKDC
         attack = dataclasses.replace(attack, pad_value=tuple(float(m) for m in model.mean))
     dcfg = DistillConfig(
         ce_weight=1.0, feat_levels=tuple(layers), feat_weights=betas, feat_kind="attention",
-        attention_p=config.p, afa_levels=afa_layers, alpha_adv=config.alpha_adv,
-        adv_source="batch" if config.adv_source == "precomputed" else "online",
+        attention_p=config.p, afa_layers=afa_layers, alpha_adv=config.alpha_adv,
+        adv_source=config.adv_source,
         attack=attack, ssa=config.ssa, ssa_config=ssa_cfg, ikd_steps=ikd_epochs * spe)
 
     extra = None

@@ -18,7 +18,7 @@ built by `make_distill_step(model_s, model_t, tx, config)`. Per step:
      from `batch["ssa_small"]` if present, else from the Fourier statistic; plain images outside
      the IKD phase;
    - the frozen teacher (inference mode) on the clean images (logits and `feat_levels`
-     features) and on the adversarial images (`afa_levels` features).
+     features) and on the adversarial images (`afa_layers` features).
 2. `loss` of the trainable tree {"student": params, "align": 1x1 align convs}:
        ce_weight * CE(S(x), y) + kd_weight * KD_T(S(x), T(x))
        + sum_l w_l * D(F_S^l(x), F_T^l(x))                          (feature KD, clean)
@@ -32,7 +32,7 @@ built by `make_distill_step(model_s, model_t, tx, config)`. Per step:
    the perturbed pass's BN statistics are dropped, as in `ftsam_jax.training.step.sam_step`).
 
 Batch keys: "image" (NHWC, uint8 or float [0, 1]; after the epoch's preprocessing), "label"
-(int32), optional "adv" (same shape as "image"; needed with AFA and `adv_source="batch"`),
+(int32), optional "adv" (same shape as "image"; needed with AFA and `adv_source="precomputed"`),
 optional "ssa_small" (bool, the SSA branch per example). Metrics: "loss", "accuracy" (student,
 clean images), "ce", and "kd" / "feat" / "afa" / "ikd" (1 in the IKD phase) when used.
 
@@ -68,7 +68,7 @@ Variables = dict[str, Any]
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-ADV_SOURCES = ("batch", "online")
+ADV_SOURCES = ("precomputed", "online")
 FEAT_KINDS = ("mse", "attention")
 
 
@@ -90,9 +90,10 @@ class DistillConfig:
       kd_weight, temperature: logit KD (T^2-scaled KL).
       feat_levels, feat_weights, feat_kind, attention_p: feature KD on the clean images
         ("mse" with an align conv when widths differ, or NAD's "attention" maps with power p).
-      afa_levels, alpha_adv: IKD's adversarial feature loss (off when alpha_adv == 0 or no
-        levels).
-      adv_source: "batch" (precomputed `batch["adv"]`) or "online" (MI-DI-FGSM every step).
+      afa_layers, alpha_adv: IKD's adversarial feature loss (off when alpha_adv == 0 or no
+        layers).
+      adv_source: "precomputed" (`batch["adv"]`, made beforehand) or "online" (MI-DI-FGSM every
+        step).
       attack: the MI-DI-FGSM settings for the online mode.
       ssa, ssa_config: sample-specific augmentation in the IKD phase.
       ikd_steps: the IKD phase ends at this step count (None: never); afterwards plain base KD.
@@ -106,9 +107,9 @@ class DistillConfig:
     feat_weights: tuple[float, ...] = ()
     feat_kind: str = "mse"
     attention_p: float = 2.0
-    afa_levels: tuple[str, ...] = ()
+    afa_layers: tuple[str, ...] = ()
     alpha_adv: float = 0.0
-    adv_source: str = "batch"
+    adv_source: str = "precomputed"
     attack: AttackConfig = AttackConfig()
     ssa: bool = False
     ssa_config: SSAConfig = SSAConfig()
@@ -127,7 +128,7 @@ class DistillConfig:
 
     @property
     def uses_afa(self) -> bool:
-        return self.alpha_adv > 0 and bool(self.afa_levels)
+        return self.alpha_adv > 0 and bool(self.afa_layers)
 
     @property
     def uses_teacher_clean(self) -> bool:
@@ -207,12 +208,12 @@ def init_alignment(model_s: nn.Module, student_vars: Variables, model_t: nn.Modu
     if model_t is None or teacher_vars is None:
         return align
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    levels = tuple(dict.fromkeys(config.feat_levels + config.afa_levels))
+    levels = tuple(dict.fromkeys(config.feat_levels + config.afa_layers))
     if not levels:
         return align
     fs = jax.eval_shape(lambda v: _features(model_s, v, x, levels, False)[1], student_vars)
     ft = jax.eval_shape(lambda v: _features(model_t, v, x, levels, False)[1], teacher_vars)
-    wanted = [("afa", k) for k in config.afa_levels if config.uses_afa]
+    wanted = [("afa", k) for k in config.afa_layers if config.uses_afa]
     if config.feat_kind == "mse":
         wanted += [("feat", k) for k in config.feat_levels]
     for i, (group, k) in enumerate(wanted):
@@ -251,7 +252,7 @@ def make_distill_fns(model_s: nn.Module, model_t: nn.Module, config: DistillConf
     """
     cfg = config
     t_apply = eval_apply(model_t)
-    afa_levels = tuple(cfg.afa_levels)
+    afa_layers = tuple(cfg.afa_layers)
     feat_levels = tuple(cfg.feat_levels)
 
     def is_active(step: jax.Array) -> jax.Array:
@@ -278,9 +279,9 @@ def make_distill_fns(model_s: nn.Module, model_t: nn.Module, config: DistillConf
         inputs: Batch = {"label": labels, "active": active}
         adv = None
         if cfg.uses_afa:
-            if cfg.adv_source == "batch":
+            if cfg.adv_source == "precomputed":
                 if "adv" not in batch:
-                    raise ValueError("AFA with adv_source='batch' needs batch['adv']")
+                    raise ValueError("AFA with adv_source='precomputed' needs batch['adv']")
                 adv = to_float(batch["adv"])
             else:
                 adv = cond(active,
@@ -302,7 +303,7 @@ def make_distill_fns(model_s: nn.Module, model_t: nn.Module, config: DistillConf
             inputs["adv"] = adv
 
             def teacher_adv() -> dict[str, jax.Array]:
-                return _features(model_t, teacher_vars, adv, afa_levels, False)[1]
+                return _features(model_t, teacher_vars, adv, afa_layers, False)[1]
 
             shapes = jax.eval_shape(teacher_adv)
             inputs["t_adv_feats"] = cond(
@@ -329,8 +330,8 @@ def make_distill_fns(model_s: nn.Module, model_t: nn.Module, config: DistillConf
         if cfg.uses_afa:
             def afa() -> jax.Array:
                 # Batch statistics for the adversarial pass, but its BN update is dropped.
-                _, adv_feats, _ = _features(model_s, variables, inputs["adv"], afa_levels, True)
-                return afa_loss(adv_feats, inputs["t_adv_feats"], cfg.alpha_adv, afa_levels,
+                _, adv_feats, _ = _features(model_s, variables, inputs["adv"], afa_layers, True)
+                return afa_loss(adv_feats, inputs["t_adv_feats"], cfg.alpha_adv, afa_layers,
                                 align=align["afa"])
 
             parts["afa"] = cond(inputs["active"], afa, lambda: jnp.zeros((), jnp.float32))
