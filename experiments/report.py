@@ -30,6 +30,7 @@ from experiments.table_render import (
     differences,
     differences_markdown,
     paper_markdown,
+    retune_markdown,
 )
 
 FLAGS = flags.FLAGS
@@ -146,6 +147,61 @@ def pooled_differences(folders: tuple[str, ...], pairs: tuple[tuple[str, str], .
         have = set.intersection(*(set(t["defenses"]) for t in tables))
         present = [(a, b) for a, b in pairs if a in have and b in have]
         return "\n".join(differences_markdown(differences(cells, present))) + "\n"
+    return make
+
+
+def study_models(folder: str) -> Callable[[Path], str]:
+    """A table of model seeds: per attack and model seed, the backdoored model's C-Acc / ASR
+    and the clean model's C-Acc (%), from the cells' results.json."""
+    def make(results: Path) -> str:
+        table = _json(results / folder / "table.json")
+        lines = ["| Attack | model seed | backdoored C-Acc | backdoored ASR | clean model C-Acc |",
+                 "|---|---:|---:|---:|---:|"]
+        for attack, row in table["cells"].items():
+            clean = {p.get("model_seed"): p["clean_acc"]
+                     for p in (row.get("retune") or {}).get("clean", [])}
+            for p in (row[NO_DEFENSE] or {}).get("per_model", []):
+                c = clean.get(p["model_seed"])
+                lines.append(f"| {attack} | {p['model_seed']} | {100 * p['clean_acc']:.2f} | "
+                             f"{100 * p['asr']:.2f} | {'-' if c is None else f'{100 * c:.2f}'} |")
+        return "\n".join(lines) + "\n"
+    return make
+
+
+def study_retune(folder: str) -> Callable[[Path], str]:
+    """The Retuning Attack block of a table (`table_render.retune_markdown`)."""
+    def make(results: Path) -> str:
+        table = _json(results / folder / "table.json")
+        lines = retune_markdown(table["cells"], table["defenses"])
+        return "\n".join(lines or ["No Retuning Attack record yet."]) + "\n"
+    return make
+
+
+def absolute_claim(folder: str, column: str = "ftsam", asr_max: float = 0.05,
+                   cost_max: float = 0.015) -> Callable[[Path], str]:
+    """The paper's absolute claim asked per attack: does `column` leave ASR <= `asr_max` at a
+    C-Acc cost <= `cost_max` (the backdoored model's C-Acc minus the defended one's, each run
+    against its own backdoored model)? On the mean over the attack's (model, defense seed)
+    runs, with their range."""
+    def make(results: Path) -> str:
+        table = _json(results / folder / "table.json")
+        lines = [f"| Attack | runs | {column} ASR: mean (range) | C-Acc cost: mean (range) | "
+                 f"ASR <= {100 * asr_max:g} and cost <= {100 * cost_max:g} |",
+                 "|---|---:|---|---|---|"]
+        for attack, row in table["cells"].items():
+            base = {p.get("model_seed"): p["clean_acc"]
+                    for p in (row[NO_DEFENSE] or {}).get("per_model", [])}
+            runs = [p for p in row[column]["per_seed"] if p.get("model_seed") in base]
+            if not runs:
+                continue
+            asr = [100 * p["asr"] for p in runs]
+            cost = [100 * (base[p["model_seed"]] - p["clean_acc"]) for p in runs]
+            mean = lambda v: sum(v) / len(v)
+            ok = mean(asr) <= 100 * asr_max and mean(cost) <= 100 * cost_max
+            lines.append(f"| {attack} | {len(runs)} | {mean(asr):.2f} ({min(asr):.2f}-"
+                         f"{max(asr):.2f}) | {mean(cost):+.2f} ({min(cost):+.2f} to "
+                         f"{max(cost):+.2f}) | {'yes' if ok else 'no'} |")
+        return "\n".join(lines) + "\n"
     return make
 
 

@@ -230,9 +230,10 @@ def _unit(row: dict[str, Any]) -> str:
     """What a difference's interval is over, e.g. "3 defense seeds of 1 model"."""
     if "unit" not in row:  # recorded before the unit existed: over (attack, seed) pairs
         return f"{row.get('pairs') or len(row['seeds'])} pairs"
+    plural = lambda n, word: f"{n} {word}" + ("s" if n != 1 else "")
     if row["unit"] == "defense seeds":
-        return f"{row['pairs']} defense seeds of 1 model"
-    return f"{row['models']} backdoored models ({row['pairs']} pairs)"
+        return plural(row["pairs"], "defense seed") + " of 1 model"
+    return f"{plural(row['models'], 'backdoored model')} ({plural(row['pairs'], 'pair')})"
 
 
 def differences_markdown(rows: list[dict[str, Any]]) -> list[str]:
