@@ -54,6 +54,7 @@ from ftsam_jax.distill.step import StudentTeacherState, bind_teacher
 from ftsam_jax.models import MODELS, create_model
 from ftsam_jax.models.fcos import FCOS
 from ftsam_jax.training.epoch import make_epoch_fn, standard_preprocess, steps_per_epoch
+from ftsam_jax.training.recipe import FitConfig, make_optimizer
 from ftsam_jax.training.step import classification_loss, create_train_state
 
 
@@ -193,14 +194,18 @@ def make_bench(cfg: Any, mesh: Any) -> Bench:
     dtype = compute_dtype(cfg.dtype)
     model = create_model(cfg.model, cfg.num_classes, width=cfg.width, dtype=dtype,
                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    sgd = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
+    # The pipeline's optimizer (SGD 0.9 / 5e-4, FT-SAM: ASAM rho 2 in front) at a constant lr.
+    recipe = FitConfig(epochs=1, batch_size=cfg.batch_size, lr=0.01, schedule="constant")
+    sgd = make_optimizer(recipe, cfg.batch_size)
+    ftsam_tx = make_optimizer(dataclasses.replace(recipe, sam=True, rho=2.0, adaptive=True),
+                              cfg.batch_size)
     rng, b, side = np.random.default_rng(0), cfg.batch_size, cfg.image_size
     batch = jax.device_put(
         {"image": jnp.asarray(rng.random((b, side, side, 3)), jnp.float32),
          "label": jnp.asarray(rng.integers(0, cfg.num_classes, b), jnp.int32)},
         parallel.data_sharding(mesh))
     return Bench(cfg, mesh, model, classification_loss(model.apply, label_smoothing=0.1), sgd,
-                 ftsam_jax.sam(sgd, 2.0, adaptive=True), batch)
+                 ftsam_tx, batch)
 
 
 def _row(name: str, first: float, per_call: float, images: int, **extra: Any) -> dict:

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import flags
 from ml_collections import config_flags
 
@@ -56,9 +55,8 @@ from experiments.workdir import (
 from ftsam_jax import distill, metrics, parallel
 from ftsam_jax.data import load_dataset, normalization_for
 from ftsam_jax.models import MODELS, create_model
-from ftsam_jax.schedules import make_schedule
 from ftsam_jax.training.epoch import make_evaluator, steps_per_epoch
-from ftsam_jax.training.recipe import FitConfig, fit
+from ftsam_jax.training.recipe import FitConfig, fit, make_optimizer
 from ftsam_jax.training.stage import Stage, StageContext, stage_rng, train_stage
 
 FLAGS = flags.FLAGS
@@ -236,10 +234,9 @@ def student_stage(cfg: dict[str, Any], ds: Any, models: tuple[Any, Any], t_vars:
     """One method's student for one seed (SGD 0.9 / 5e-4, cosine per epoch; the IKD phase is
     the first 2/3 of the epochs)."""
     teacher, student = models
-    spe = steps_per_epoch(len(ds.y_train), cfg["batch_size"], drop_last=True)
     d_cfg = method_config(method, cfg, ikd_steps(cfg, len(ds.y_train)), ssa_threshold)
-    schedule = make_schedule("cosine_epoch", cfg["lr"], spe, cfg["epochs"])
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
+    tx = make_optimizer(FitConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                                  lr=cfg["lr"]), len(ds.y_train))
     init_rng, run_rng = jax.random.split(stage_rng(seed, f"student/{method}"))
     state = distill.StudentTeacherState(
         distill.create_distill_state(student, tx, init_rng, ds.image_shape, model_t=teacher,
