@@ -582,7 +582,9 @@ def clean_stage(cfg: ml_collections.ConfigDict, ds: Dataset, model: Any,
     test sets (its ASR: how often a clean model puts triggered images in the target class)."""
     variables = train_clean(cfg, ds, model, ctx)
     if "clean" not in results:
-        seconds = json.loads((Path(ctx.workdir) / "models" / "clean.json").read_text())["seconds"]
+        record = read_json(Path(ctx.workdir) / "models" / "clean.json", "the clean model's "
+                           "record", "delete it and models/clean to train the clean model again")
+        seconds = float(record.get("seconds", 0.0))
         results["clean"] = {**ctx.evaluate(variables), "seconds": seconds}
     return variables
 

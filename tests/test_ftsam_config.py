@@ -101,6 +101,7 @@ ALIASES = {
     "eval_every": ("--eval_every=2", "--config.eval_every=2", None),
     "checkpoint_every": ("--checkpoint_every=3", "--config.checkpoint_every=3", None),
     "analysis": ("--analysis", "--config.analysis=true", None),
+    "retune_attack": ("--retune_attack", "--config.retune_attack=true", None),
     "progress": ("--noprogress", "--config.progress=false", None),
     "defenses": ("--defenses=ft,nad", "--config.defenses=ft,nad", None),
     "ftsam_recipe": ("--defenses=ftsam --ftsam_recipe=paper",
