@@ -1,13 +1,15 @@
-r"""REPRODUCTION.md's tables, generated from the committed files under `results/`.
+r"""REPRODUCTION.md's and BENCHMARKS.md's tables, generated from the committed files under
+`results/`.
 
     python -m experiments.report --check    # exit 1 when a generated table differs (CI runs it)
     python -m experiments.report --write    # rewrite the generated tables in place
 
-A generated table sits between `<!-- report:NAME -->` and `<!-- /report:NAME -->` in the
-document; `BLOCKS[NAME]` makes its text from files under `results/` only (table.json,
-results.json, results.md), so every number in it comes from a committed result, and a result
-changed without its document (or the reverse) fails the check. Prose around the tables is
-written by hand; a number in it should be one of a table's.
+A generated table sits between `<!-- report:NAME -->` and `<!-- /report:NAME -->` in a
+document (`--document`, repeatable; default both); `BLOCKS[NAME]` makes its text from files under
+`results/` only (table.json, results.json, results.md; the benchmarks' raw JSON, e.g.
+`results/bench_cpu_*/` written by `experiments/studies/bench_cpu.sh`), so every number in it
+comes from a committed result, and a result changed without its document (or the reverse) fails
+the check. Prose around the tables is written by hand; a number in it should be one of a table's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from absl import flags
 
+from experiments import report_bench
 from experiments.cli import InputError, run
 from experiments.table_render import (
     NO_DEFENSE,
@@ -35,6 +38,7 @@ from experiments.table_render import (
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = ("REPRODUCTION.md", "BENCHMARKS.md")
 MARKER = re.compile(r"<!-- report:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->",
                     re.DOTALL)
 
@@ -42,7 +46,8 @@ MARKER = re.compile(r"<!-- report:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /repo
 def define_flags() -> None:
     flags.DEFINE_bool("check", False, "Exit 1 when a generated table differs from its results.")
     flags.DEFINE_bool("write", False, "Rewrite the generated tables in place.")
-    flags.DEFINE_string("document", str(ROOT / "REPRODUCTION.md"), "The document.")
+    flags.DEFINE_multi_string("document", [str(ROOT / name) for name in DOCUMENTS],
+                              "A document with generated tables (repeatable).")
     flags.DEFINE_string("results", str(ROOT / "results"), "The results folder.")
 
 
@@ -205,6 +210,22 @@ def absolute_claim(folder: str, column: str = "ftsam", asr_max: float = 0.05,
     return make
 
 
+def stage_curve(path: str, stage: str) -> Callable[[Path], str]:
+    """One stage's per-epoch curve from a committed metrics.jsonl: training accuracy, C-Acc
+    and ASR (%) and the epoch's seconds, a row per evaluated epoch."""
+    def make(results: Path) -> str:
+        file = results / path
+        if not file.is_file():
+            raise InputError(f"{file} is missing")
+        rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("stage") == stage and "clean_acc" in r]
+        lines = ["| epoch | train accuracy | C-Acc | ASR | seconds |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['epoch']} | {100 * r['accuracy']:.2f} | {100 * r['clean_acc']:.2f} | "
+                  f"{100 * r['asr']:.2f} | {r['seconds']:.0f} |" for r in rows]
+        return "\n".join(lines) + "\n"
+    return make
+
+
 # SAM on FT's own recipe (no label smoothing, cosine per epoch): issue 22's 2x2 of recipe x SAM.
 FT_RECIPE_SAM = "ftsam[label_smoothing=0,schedule=cosine_epoch]"
 
@@ -232,6 +253,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "ftsam_table3": table_grid("ftsam_table3"),
     "ftsam_table3_per_seed": table_per_seed("ftsam_table3"),
     "ftsam_rho": table_grid("ftsam_rho", paper=False),
+    # BENCHMARKS.md's (experiments/report_bench.py: the benchmark sittings' raw JSON).
+    **report_bench.BLOCKS,
 }
 
 
@@ -255,23 +278,29 @@ def check(path: Path, results: Path) -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
-    path, results = Path(FLAGS.document), Path(FLAGS.results)
-    if not path.is_file():
-        raise InputError(f"--document {path} is not a file")
+    paths, results = [Path(p) for p in FLAGS.document], Path(FLAGS.results)
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"--document {path} is not a file")
     if FLAGS.check == FLAGS.write:
         raise InputError("give one of --check and --write")
-    names = [m.group("name") for m in MARKER.finditer(path.read_text())]
-    if FLAGS.write:
-        path.write_text(render(path.read_text(), results))
-        print(f"{path}: {len(names)} generated tables written")
-        return
-    diff = check(path, results)
-    if diff:
-        print("\n".join(diff[:200]))
-        print(f"\n{path} differs from what results/ gives: run python -m experiments.report "
-              "--write and commit", file=sys.stderr)
+    stale = []
+    for path in paths:
+        names = [m.group("name") for m in MARKER.finditer(path.read_text())]
+        if FLAGS.write:
+            path.write_text(render(path.read_text(), results))
+            print(f"{path}: {len(names)} generated tables written")
+            continue
+        diff = check(path, results)
+        if diff:
+            print("\n".join(diff[:200]))
+            stale.append(str(path))
+        else:
+            print(f"{path}: {len(names)} generated tables match results/")
+    if stale:
+        print(f"\n{', '.join(stale)} differ from what results/ gives: run python -m "
+              "experiments.report --write and commit", file=sys.stderr)
         sys.exit(1)
-    print(f"{path}: {len(names)} generated tables match results/")
 
 
 if __name__ == "__main__":
