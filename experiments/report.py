@@ -253,6 +253,12 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "ftsam_table3": table_grid("ftsam_table3"),
     "ftsam_table3_per_seed": table_per_seed("ftsam_table3"),
     "ftsam_rho": table_grid("ftsam_rho", paper=False),
+    # Issue 31's full-size study (experiments/studies/fmnist_cpu.sh, model seeds).
+    "fmnist_pilot": stage_curve("fmnist_cpu/badnets/m0/ds0/metrics.jsonl", "backdoored"),
+    "fmnist_cpu": table_grid("fmnist_cpu", paper=False),
+    "fmnist_cpu_models": study_models("fmnist_cpu"),
+    "fmnist_cpu_retune": study_retune("fmnist_cpu"),
+    "fmnist_cpu_claim": absolute_claim("fmnist_cpu"),
     # BENCHMARKS.md's (experiments/report_bench.py: the benchmark sittings' raw JSON).
     **report_bench.BLOCKS,
 }

@@ -254,3 +254,44 @@ def test_model_seeds_are_the_unit_of_the_interval(tmp_path):
     assert diff["all"]["asr"]["n"] == 4 and diff["all"]["pairs"] == 8
     assert diff["all"]["asr"]["ci_high"] == pytest.approx(every.mean() + half)
     assert "| all | ftsam − ft | 4 backdoored models (8 pairs) |" in table_markdown(made)
+
+
+def test_report_blocks_of_a_model_seed_study(tmp_path):
+    """The paper's absolute claim per attack (each run's C-Acc cost against its own backdoored
+    model), the per-model table and a stage's curve, on files written here."""
+    def run(m, s, asr, acc):
+        return {"model_seed": m, "seed": s, "clean_acc": acc, "asr": asr, "robust_acc": 0.5,
+                "der": 0.5, "retune": {"clean_acc": acc, "asr": 0.5}}
+
+    cells = {
+        "badnets": {"No defense": {"clean_acc": 0.925, "asr": 1.0, "robust_acc": 0.0,
+                                   "per_model": [{"model_seed": 0, "clean_acc": 0.93, "asr": 1.0},
+                                                 {"model_seed": 1, "clean_acc": 0.92, "asr": 1.0}]},
+                    "ftsam": {"per_seed": [run(0, 0, 0.02, 0.925), run(0, 1, 0.04, 0.92),
+                                           run(1, 0, 0.01, 0.91), run(1, 1, 0.03, 0.915)]},
+                    "retune": {"backdoored": [], "clean": [
+                        {"model_seed": 0, "seed": 0, "clean_acc": 0.94, "asr": 0.01,
+                         "retune": {"clean_acc": 0.94, "asr": 0.02}}]}},
+        "blended": {"No defense": {"clean_acc": 0.93, "asr": 1.0, "robust_acc": 0.0,
+                                   "per_model": [{"model_seed": 0, "clean_acc": 0.93, "asr": 1.0}]},
+                    "ftsam": {"per_seed": [run(0, 0, 0.2, 0.92)]}},
+    }
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "table.json").write_text(json.dumps({"defenses": ["ftsam"],
+                                                           "cells": cells}))
+    claim = report.absolute_claim("s")(tmp_path).splitlines()
+    # badnets: ASR mean 2.5 (1-4), cost (0.5 + 1.0 + 1.0 + 0.5) / 4 = 0.75 points: yes
+    assert claim[2] == "| badnets | 4 | 2.50 (1.00-4.00) | +0.75 (+0.50 to +1.00) | yes |"
+    assert claim[3].startswith("| blended | 1 | 20.00 ") and claim[3].endswith("| no |")
+    models = report.study_models("s")(tmp_path)
+    assert "| badnets | 0 | 93.00 | 100.00 | 94.00 |" in models
+    assert "| badnets | 1 | 92.00 | 100.00 | - |" in models
+    assert "| Clean model |" in report.study_retune("s")(tmp_path)
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"stage": "backdoored", "epoch": 1, "accuracy": 0.5, "clean_acc": 0.6, "asr": 0.9,
+         "seconds": 90.4},
+        {"stage": "backdoored", "epoch": 2, "accuracy": 0.6, "seconds": 80.0},  # not evaluated
+        {"stage": "ft", "epoch": 1, "accuracy": 0.7, "clean_acc": 0.7, "asr": 0.1,
+         "seconds": 3.0}]) + "\n")
+    curve = report.stage_curve("m.jsonl", "backdoored")(tmp_path).splitlines()
+    assert curve[2:] == ["| 1 | 50.00 | 60.00 | 90.00 | 90 |"]
