@@ -19,8 +19,9 @@ skipped): (1) poison the training set, (2) train the backdoored model, (3) each 
 Retuning Attack (`ftsam_jax.retune`) on the undefended model, the clean one and every defense's,
 each row's result under its `retune` key.
 Writes into `--workdir`: results.json, results.md (the paper-style table), metrics.jsonl (one
-line per epoch of every stage), config.json, checkpoints/, and with --analysis analysis.json +
-PNG plots.
+line per epoch of every stage, with its learning rate), config.json, checkpoints/, curves.png
+(each defense's C-Acc, ASR and learning rate against the epoch; `--eval_every=1` for every
+epoch), and with --analysis analysis.json + PNG plots.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from experiments.configs.ftsam import (
     backdoored_schedule,
     get_config,
 )
+from experiments.curves import plot_defense_curves
 from experiments.overrides import apply_set_items
 from experiments.variants import DefenseColumn, column_base, column_section, parse_columns
 from experiments.workdir import (
@@ -495,6 +497,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
             retuner(results["defenses"][name],
                     load_variables(workdir / "models" / folder, bd_vars), folder)
             write_results(workdir, results)
+    if settings.defenses and jax.process_index() == 0:
+        plot_defense_curves(workdir / "metrics.jsonl", workdir / "curves.png")
     if cfg.analysis and jax.process_index() == 0:
         analysis_stage(model, attack, bd, bd_vars, settings, workdir)
     return results

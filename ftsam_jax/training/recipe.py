@@ -32,7 +32,7 @@ from ftsam_jax.training.step import (
     train_step,
 )
 
-__all__ = ["FitConfig", "fit", "make_optimizer", "uses_sam"]
+__all__ = ["FitConfig", "epoch_learning_rate", "fit", "learning_rate", "make_optimizer", "uses_sam"]
 
 Variables = dict[str, Any]
 Batch = dict[str, Any]
@@ -86,11 +86,22 @@ def uses_sam(config: FitConfig) -> bool:
     return config.sam and config.rho > 0
 
 
+def learning_rate(config: FitConfig, num_examples: int) -> optax.Schedule:
+    """The recipe's learning rate as a function of the step count."""
+    spe = steps_per_epoch(num_examples, config.batch_size, config.drop_last)
+    return make_schedule(config.schedule, config.lr, spe, config.t_max or max(1, config.epochs))
+
+
+def epoch_learning_rate(config: FitConfig, num_examples: int) -> Callable[[int], float]:
+    """`epoch index -> the learning rate of the epoch's last step` (metrics.jsonl's "lr")."""
+    schedule = learning_rate(config, num_examples)
+    spe = steps_per_epoch(num_examples, config.batch_size, config.drop_last)
+    return lambda epoch: float(schedule((epoch + 1) * spe - 1))
+
+
 def make_optimizer(config: FitConfig, num_examples: int) -> optax.GradientTransformation:
     """[sam_gradient] -> add_decayed_weights -> sgd(schedule, momentum)."""
-    spe = steps_per_epoch(num_examples, config.batch_size, config.drop_last)
-    t_max = config.t_max or max(1, config.epochs)
-    schedule = make_schedule(config.schedule, config.lr, spe, t_max)
+    schedule = learning_rate(config, num_examples)
     stages = [optax.add_decayed_weights(config.weight_decay),
               optax.sgd(schedule, momentum=config.momentum or None)]
     if uses_sam(config):
@@ -145,6 +156,6 @@ def fit(
     state, history = train_stage(Stage(
         name, state, config.epochs, step=step, data=data, batch_size=config.batch_size,
         drop_last=config.drop_last, preprocess=preprocess, evaluate=evaluate_variables(ctx),
-        rng=run_rng), ctx)
+        rng=run_rng, lr=epoch_learning_rate(config, len(y))), ctx)
     assert isinstance(state, TrainState)
     return jax.device_get(state.variables), history

@@ -127,6 +127,7 @@ def run_stage(
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
     rng: jax.Array | None = None,
     finite_key: str = "loss",
+    lr_fn: Callable[[int], float] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Runs (or resumes, or skips if done) `epochs` epochs of `epoch_fn`.
 
@@ -140,6 +141,8 @@ def run_stage(
         after the last one (e.g. C-Acc / ASR curves).
       rng: the stage's key; default `stage_rng(ctx.seed, name)`. Epoch e uses fold_in(rng, e).
       finite_key: the metric that must stay finite.
+      lr_fn: optional `epoch index -> learning rate` (that of the epoch's last step), logged
+        as each epoch's "lr".
 
     Returns:
       The final state and the per-epoch history (dicts with "stage", "epoch", metrics,
@@ -174,6 +177,8 @@ def run_stage(
                 t0 = time.perf_counter()
                 state, metrics = epoch_fn(state, jax.random.fold_in(rng, epoch))
                 record: dict[str, Any] = {"stage": name, "epoch": epoch + 1, **_to_host(metrics)}
+                if lr_fn is not None:
+                    record["lr"] = float(lr_fn(epoch))
                 if not math.isfinite(record.get(finite_key, 0.0)):
                     raise NonFiniteLossError(
                         f"stage {name}: non-finite {finite_key} at epoch {epoch + 1}; stopped, "
@@ -235,6 +240,7 @@ class Stage:
       evaluate: optional `state -> {metric: float}` after every `ctx.eval_every` epochs and the
         last one (`evaluate_variables(ctx, ...)` for the pipeline's C-Acc / ASR).
       rng: the stage's key; default `stage_rng(ctx.seed, name)`.
+      lr: optional `epoch index -> learning rate` logged per epoch (`run_stage`'s `lr_fn`).
     """
 
     name: str
@@ -250,6 +256,7 @@ class Stage:
     epoch_fn: EpochFn | None = None
     evaluate: Evaluate | None = None
     rng: jax.Array | None = None
+    lr: Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
         if (self.step is None) == (self.epoch_fn is None):
@@ -299,4 +306,4 @@ def train_stage(stage: Stage, ctx: StageContext) -> tuple[Any, list[dict[str, An
 
     state = parallel.replicate(stage.state, ctx.mesh)
     return run_stage(stage.name, state, epoch_fn, stage.epochs, ctx, eval_fn=stage.evaluate,
-                     rng=stage.rng)
+                     rng=stage.rng, lr_fn=stage.lr)
