@@ -14,9 +14,10 @@
 # data path is relative, as the cells' config.json record it). A new RUNS starts from the cells
 # committed in results/fmnist_cpu (finished cells are not run again; the backdoored and clean
 # models and LF's pattern are committed with them). --sync copies every finished cell (its
-# results.json/md, metrics.jsonl, config.json, models/backdoored, models/clean, lf_pattern.npy)
-# and the table's files into results/fmnist_cpu of the checkout it is run from (no
-# checkpoints, defended models, tensorboard or jax_cache).
+# results.json/md, metrics.jsonl, config.json, curves.png, lf_pattern.npy and its models:
+# backdoored, clean and each defense's final variables, about 2.6 MB each) and the table's
+# files into results/fmnist_cpu of the checkout it is run from (no checkpoints, tensorboard
+# or jax_cache).
 set -eu
 SYNC=0
 if [ "${1:-}" = "--sync" ]; then SYNC=1; shift; fi
@@ -31,12 +32,15 @@ if [ $SYNC = 1 ]; then
     [ -f "$cell/results.json" ] || continue
     dst=$R/${cell#"$RUNS"/}
     mkdir -p "$dst/models"
-    for f in results.json results.md metrics.jsonl config.json lf_pattern.npy; do
+    for f in results.json results.md metrics.jsonl config.json curves.png lf_pattern.npy; do
       [ -f "$cell/$f" ] && cp "$cell/$f" "$dst/"
     done
-    for m in backdoored clean; do
-      if [ -d "$cell/models/$m" ] && [ ! -d "$dst/models/$m" ]; then cp -r "$cell/models/$m" "$dst/models/"; fi
-      [ -f "$cell/models/$m.json" ] && cp "$cell/models/$m.json" "$dst/models/"
+    # every finished model: the backdoored and clean ones, and each defense's (the neuron
+    # analysis of issue 35 reads them; a defense's model is final once its row is written)
+    for m in "$cell"/models/*; do
+      name=$(basename "$m")
+      if [ -d "$m" ] && [ ! -d "$dst/models/$name" ]; then cp -r "$m" "$dst/models/"; fi
+      if [ -f "$m" ]; then cp "$m" "$dst/models/"; fi
     done
   done
   exit 0
