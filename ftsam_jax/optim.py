@@ -1,4 +1,4 @@
-"""Sharpness-aware minimisation as an optax gradient transformation.
+"""Sharpness-aware minimisation as an optax gradient transformation, and a norm projection.
 
 `sam_gradient` is a *stage* of an optax chain: it receives the loss gradient at the current
 weights plus a `grad_fn` (an optax "extra argument") and hands the gradient at the perturbed
@@ -14,18 +14,22 @@ compose with it as usual::
 
 `grad_fn(p)` must return only the gradient of the loss at `p` (no aux): statistics such as
 BatchNorm running averages are taken from the caller's clean pass, never from the perturbed one.
+
+`norm_projection` is the *last* stage of a chain: it turns the chain's update into the one that
+lands the chosen weights on a sphere of fixed Frobenius norm (FST's head projection).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["SAMState", "sam", "sam_gradient", "sam_perturbation"]
+__all__ = ["NormProjectionState", "SAMState", "norm_projection", "sam", "sam_gradient",
+           "sam_perturbation"]
 
 Params = Any
 GradFn = Callable[[Params], Params]
@@ -131,3 +135,90 @@ def sam(
 ) -> optax.GradientTransformationExtraArgs:
     """`optax.chain(sam_gradient(rho, **kwargs), optimizer)`: SAM in front of any optimizer."""
     return optax.chain(sam_gradient(rho, **kwargs), optimizer)
+
+
+class NormProjectionState(NamedTuple):
+    """State of `norm_projection`.
+
+    Attributes:
+      count: number of updates so far.
+    """
+
+    count: jax.Array
+
+
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A pytree key path as a tuple of names (dict keys, attribute names, indices)."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+def norm_projection(
+    target_norms: Mapping[tuple[str, ...], float],
+) -> optax.GradientTransformation:
+    """Projects chosen weights onto a sphere of fixed Frobenius norm after every update.
+
+    For every leaf W at a path of `target_norms` (with norm r), the update u of the chain before
+    is replaced by u' = (W + u) * r / ||W + u||_F - W, so that after `optax.apply_updates` the
+    weights are W' = W + u' = proj(W + u): the step the chain proposes, then the rescaling
+    W <- W * r / ||W||_F applied *after* the optimiser step (FST, Min et al. 2023). Other leaves
+    pass through. One norm over the whole leaf (all its elements); an all-zero W + u has no
+    direction and is left unscaled. Put it last in a chain (after the learning rate): it acts on
+    the final parameter update, not on a gradient, so momentum traces before it keep the raw
+    gradients, as in PyTorch where the projection edits the weights outside the optimiser.
+
+    Args:
+      target_norms: `{path: r}`, each path a tuple of names into the params tree (dict keys, e.g.
+        `("linear", "kernel")`), r > 0 the norm its leaf keeps.
+
+    Returns:
+      A `GradientTransformation` whose `update(updates, state, params)` needs `params`.
+      ValueError when a path names no leaf of the params tree or r is not positive.
+
+    References:
+      Min et al., Towards Stable Backdoor Purification through Feature Shift Tuning, NeurIPS 2023
+      (arXiv 2310.01875): the head's weight norm kept at its value before re-initialisation.
+    """
+    targets = {tuple(str(k) for k in path): r for path, r in target_norms.items()}
+    for path, r in targets.items():
+        if not isinstance(r, jax.Array) and not r > 0:
+            raise ValueError(f"norm_projection: the norm of {'/'.join(path)} must be > 0, "
+                             f"got {r}")
+
+    def check(params: Params) -> None:
+        leaves = {_path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        missing = sorted(set(targets) - leaves)
+        if missing:
+            raise ValueError(f"norm_projection: no parameter at {'/'.join(missing[0])}")
+
+    def init_fn(params: Params) -> NormProjectionState:
+        check(params)
+        return NormProjectionState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(
+        updates: Params, state: NormProjectionState, params: Params | None = None,
+    ) -> tuple[Params, NormProjectionState]:
+        if params is None:
+            raise ValueError("norm_projection needs `params`.")
+        check(params)
+
+        def project(path: tuple[Any, ...], u: jax.Array, w: jax.Array) -> jax.Array:
+            r = targets.get(_path_names(path))
+            if r is None:
+                return u
+            new = w + u.astype(w.dtype)
+            norm = jnp.sqrt(jnp.sum(jnp.square(new.astype(jnp.float32))))
+            scale = jnp.where(norm > 0, jnp.asarray(r, jnp.float32) / norm, 1.0)
+            return (new * scale.astype(w.dtype) - w).astype(u.dtype)
+
+        new_updates = jax.tree_util.tree_map_with_path(project, updates, params)
+        return new_updates, NormProjectionState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)

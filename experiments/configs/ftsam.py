@@ -134,6 +134,12 @@ def defense_settings(preset: str) -> ml_collections.ConfigDict:
     # CLP (clp.py): data-free, no training.
     d.clp = dict(u=3.0)
     d.ikd = ikd_settings(smoke)
+    # FST (fst.py): head re-initialised, CE + alpha <W, W0>_F, head norm projected after every
+    # step; the paper's CIFAR-10 setting (t_max None: the epochs).
+    d.fst = dict(
+        epochs=2 if smoke else 10, batch_size=128, lr=0.01, momentum=0.9, weight_decay=0.0,
+        schedule="cosine_epoch", t_max=config_dict.placeholder(int), alpha=0.2, augment=True,
+        drop_last=False)
     return d
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftsam_jax.defenses import anp, clp, fp, ibau, ikd, nad
+from ftsam_jax.defenses import anp, clp, fp, fst, ibau, ikd, nad
 from ftsam_jax.defenses.base import BenignData, DefenseSpec, select_benign
 from ftsam_jax.defenses.finetune import (
     RECIPES,
@@ -73,3 +73,7 @@ register(DefenseSpec(
     fixed={"teacher.sam": "the teacher's SAM is ikd.teacher_sam",
            "teacher.batch_size": "the teacher's batch size is ikd.batch_size"},
     added_fields={"teacher": _FIT_FIELDS}))
+register(DefenseSpec(
+    "fst", fst.fst, fst.fst_config, fst.FSTConfig, balanced=False,
+    summary="Feature Shift Tuning: re-initialised head, CE + alpha <W, W0>, head norm kept "
+            "(Min et al., NeurIPS 2023)"))
