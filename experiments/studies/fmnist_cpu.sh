@@ -9,6 +9,14 @@
 #   bash experiments/studies/fmnist_cpu.sh [RUNS]          (default RUNS=/work/runs/fmnist)
 #   bash experiments/studies/fmnist_cpu.sh --sync [RUNS]   (finished cells -> results/fmnist_cpu)
 #
+# --knobs (before RUNS, with or without --sync) runs issue 35's knob columns instead
+# (REPRODUCTION.md, "Why FT-SAM works or fails at full size"): ftsam[rho=4], ftsam[rho=8],
+# ftsam[label_smoothing=0] and ftsam[schedule=cosine_epoch] beside ftsam on Blended and LF,
+# both model seeds, defense seed 0, in RUNS (default /work/runs/fmnist_knobs) synced to
+# results/fmnist_knobs_cpu. Its cells start as copies of the study's finished ds0 cells
+# (backdoored, clean model, LF's pattern and the ftsam row: the same benign subset), so it
+# refuses to start before those are committed in results/fmnist_cpu.
+#
 # Run it from a snapshot of the code (git worktree add /work/snap COMMIT; cd /work/snap), so
 # that edits in the main tree never change a run halfway, from a folder beside `shared/` (the
 # data path is relative, as the cells' config.json record it). A new RUNS starts from the cells
@@ -20,14 +28,35 @@
 # or jax_cache).
 set -eu
 SYNC=0
-if [ "${1:-}" = "--sync" ]; then SYNC=1; shift; fi
-RUNS=${1:-/work/runs/fmnist}
+KNOBS=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --sync) SYNC=1; shift ;;
+    --knobs) KNOBS=1; shift ;;
+    *) break ;;
+  esac
+done
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
-R=$HERE/results/fmnist_cpu
+STUDY=$HERE/results/fmnist_cpu
+if [ $KNOBS = 1 ]; then
+  RUNS=${1:-/work/runs/fmnist_knobs}
+  R=$HERE/results/fmnist_knobs_cpu
+  ATTACKS=blended,lf
+  DEFENSE_SEEDS=0
+  DEFENSES='ftsam,ftsam[rho=4],ftsam[rho=8],ftsam[label_smoothing=0],ftsam[schedule=cosine_epoch]'
+  DIFFERENCES='ftsam[rho=4]:ftsam,ftsam[rho=8]:ftsam,ftsam[label_smoothing=0]:ftsam,ftsam[schedule=cosine_epoch]:ftsam'
+else
+  RUNS=${1:-/work/runs/fmnist}
+  R=$STUDY
+  ATTACKS=badnets,blended,lf
+  DEFENSE_SEEDS=0,1
+  DEFENSES='ft,ftsam,ftsam[rho=0]'
+  DIFFERENCES='ftsam:ft,ftsam:ftsam[rho=0]'
+fi
 PY=${PYTHON:-python}
 if [ $SYNC = 1 ]; then
   mkdir -p "$R"
-  for f in table.json table.md table.png; do [ -f "$RUNS/$f" ] && cp "$RUNS/$f" "$R/"; done
+  for f in "$RUNS"/table.json "$RUNS"/table.md "$RUNS"/table*.png; do [ -f "$f" ] && cp "$f" "$R/"; done
   for cell in "$RUNS"/*/m*/ds*; do
     [ -f "$cell/results.json" ] || continue
     dst=$R/${cell#"$RUNS"/}
@@ -39,6 +68,8 @@ if [ $SYNC = 1 ]; then
     # analysis of issue 35 reads them; a defense's model is final once its row is written)
     for m in "$cell"/models/*; do
       name=$(basename "$m")
+      # the knob cells' copies of the study's models stay in results/fmnist_cpu only
+      if [ $KNOBS = 1 ] && [ -e "$STUDY/${cell#"$RUNS"/}/models/$name" ]; then continue; fi
       if [ -d "$m" ] && [ ! -d "$dst/models/$name" ]; then cp -r "$m" "$dst/models/"; fi
       if [ -f "$m" ]; then cp "$m" "$dst/models/"; fi
     done
@@ -47,7 +78,21 @@ if [ $SYNC = 1 ]; then
 fi
 if [ -d "$R" ] && [ ! -e "$RUNS/table.json" ]; then mkdir -p "$RUNS" && cp -rn "$R/." "$RUNS/"; fi
 mkdir -p "$RUNS"
+if [ $KNOBS = 1 ]; then
+  # each knob cell starts from the study's finished cell of the same model (never retrained);
+  # no-clobber: a knob cell's own results.json (the study's rows plus the knobs') is kept, the
+  # study's models it does not commit twice are filled in
+  for a in blended lf; do
+    for m in 0 1; do
+      src=$STUDY/$a/m$m/ds0
+      if ! grep -q '"ftsam"' "$src/results.json" 2>/dev/null || [ ! -d "$src/models/backdoored" ]; then
+        echo "error: $src has no finished ftsam row yet (issue 31's study first)" >&2; exit 2
+      fi
+      mkdir -p "$RUNS/$a/m$m/ds0" && cp -rn "$src/." "$RUNS/$a/m$m/ds0/"
+    done
+  done
+fi
 "$PY" -m experiments.table --dataset=fashion_mnist --data_dir=../shared/data/fashion-mnist \
-  --preset=cpu --attacks=badnets,blended,lf --model_seeds=0,1 --defense_seeds=0,1 \
-  --defenses='ft,ftsam,ftsam[rho=0]' --differences='ftsam:ft,ftsam:ftsam[rho=0]' \
+  --preset=cpu --attacks=$ATTACKS --model_seeds=0,1 --defense_seeds=$DEFENSE_SEEDS \
+  --defenses="$DEFENSES" --differences="$DIFFERENCES" \
   --ftsam_flag=--epochs=20 --ftsam_flag=--retune_attack --workdir="$RUNS" >> "$RUNS/table.log" 2>&1
