@@ -226,6 +226,66 @@ def stage_curve(path: str, stage: str) -> Callable[[Path], str]:
     return make
 
 
+def _stage_of(column: str) -> str:
+    """The metrics.jsonl stage a defense column writes: its defense's name, under the
+    column's folder for a variant (`ftsam[rho=0]` -> `ftsam_rho=0/ftsam`)."""
+    from experiments.variants import column_base, parse_column
+
+    parsed = parse_column(column, [column_base(column)])
+    return f"{parsed.folder}/{parsed.base}" if parsed.is_variant else parsed.base
+
+
+def defense_rebound(folder: str, columns: tuple[str, ...] = ("ft", "ftsam"),
+                    early: int = 50) -> Callable[[Path], str]:
+    """Issue 35's (C): does a defense's ASR fall early and climb back? Per backdoored model and
+    column, from each defense seed's metrics.jsonl (the evaluated epochs): the lowest ASR over
+    the evaluated epochs up to `early`, the last epoch's ASR, and the rebound r = last − lowest
+    (averaged over the model's defense seeds); then r's mean and 95% t interval over the
+    backdoored models (`metrics.paired_difference` against 0)."""
+    from experiments.curves import defense_curves
+    from ftsam_jax.metrics import paired_difference
+
+    def make(results: Path) -> str:
+        root = results / folder
+        lines = [f"| Attack | model seed | column | defense seeds | lowest ASR, epochs <= {early} "
+                 "(its epoch) | last epoch's ASR | rebound |", "|---|---:|---|---:|---|---|---:|"]
+        per_column: dict[str, list[float]] = {c: [] for c in columns}
+        for model_dir in sorted(root.glob("*/m*")):
+            for column in columns:
+                lows, lasts, cells = [], [], []
+                for cell in sorted(model_dir.glob("ds*")):
+                    records = [r for r in defense_curves(cell / "metrics.jsonl")
+                               .get(_stage_of(column), []) if "asr" in r]
+                    head = [r for r in records if r["epoch"] <= early]
+                    if not head or records[-1]["epoch"] <= early:
+                        continue
+                    low = min(head, key=lambda r: r["asr"])
+                    lows.append((100 * low["asr"], low["epoch"]))
+                    lasts.append((100 * records[-1]["asr"], records[-1]["epoch"]))
+                    cells.append(cell.name.removeprefix("ds"))
+                if not cells:
+                    continue
+                rebound = sum(b[0] - a[0] for a, b in zip(lows, lasts, strict=True)) / len(cells)
+                per_column[column].append(rebound)
+                lines.append(
+                    f"| {model_dir.parent.name} | {model_dir.name.removeprefix('m')} | {column} | "
+                    f"{', '.join(cells)} | {' / '.join(f'{v:.1f} ({e})' for v, e in lows)} | "
+                    f"{' / '.join(f'{v:.1f} ({e})' for v, e in lasts)} | {rebound:+.1f} |")
+        lines += ["", "| column | over | rebound: mean ± std [95% t interval] |", "|---|---|---|"]
+        for column, values in per_column.items():
+            if not values:
+                continue
+            d = paired_difference(values, [0.0] * len(values))
+            text = f"{d['mean']:+.1f} ± {d['std']:.1f}"
+            text += (" (one value)" if d["n"] < 2 else
+                     f" [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+                     + ("" if d["resolved"] else " not resolved"))
+            lines.append(f"| {column} | {d['n']} backdoored model{'s' * (d['n'] != 1)} | "
+                         f"{text} |")
+        return "\n".join(lines) + "\n"
+    return make
+
+
 # SAM on FT's own recipe (no label smoothing, cosine per epoch): issue 22's 2x2 of recipe x SAM.
 FT_RECIPE_SAM = "ftsam[label_smoothing=0,schedule=cosine_epoch]"
 
@@ -259,6 +319,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "fmnist_cpu_models": study_models("fmnist_cpu"),
     "fmnist_cpu_retune": study_retune("fmnist_cpu"),
     "fmnist_cpu_claim": absolute_claim("fmnist_cpu"),
+    # Issue 35 (C): ASR's rebound within a defense, from the study's metrics.jsonl.
+    "fmnist_cpu_rebound": defense_rebound("fmnist_cpu"),
     # BENCHMARKS.md's (experiments/report_bench.py: the benchmark sittings' raw JSON).
     **report_bench.BLOCKS,
 }

@@ -295,3 +295,34 @@ def test_report_blocks_of_a_model_seed_study(tmp_path):
          "seconds": 3.0}]) + "\n")
     curve = report.stage_curve("m.jsonl", "backdoored")(tmp_path).splitlines()
     assert curve[2:] == ["| 1 | 50.00 | 60.00 | 90.00 | 90 |"]
+
+
+def test_report_rebound_of_asr_within_a_defense(tmp_path):
+    """Issue 35 (C): per model, the lowest ASR up to the early epoch and the last epoch's,
+    their difference averaged over defense seeds, and its interval over models, computed by
+    hand here; a variant column is read from its own stage, other stages are ignored."""
+    def write(cell, curves):
+        cell.mkdir(parents=True)
+        lines = [{"stage": "backdoored", "epoch": 1, "asr": 0.0, "clean_acc": 0.9}]
+        for stage, asrs in curves.items():
+            lines += [{"stage": stage, "epoch": 5 * (i + 1), "asr": a, "clean_acc": 0.9}
+                      for i, a in enumerate(asrs)]
+            lines.append({"stage": "retune/" + stage, "epoch": 1, "asr": 1.0})
+        (cell / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+
+    # epochs 5, 10, 15, 20; early = 10: lowest over epochs 5-10, last = epoch 20
+    write(tmp_path / "s" / "blended" / "m0" / "ds0",
+          {"ftsam": [0.5, 0.2, 0.3, 0.6], "ftsam_rho=0/ftsam": [0.9, 0.8, 0.8, 0.7]})
+    write(tmp_path / "s" / "blended" / "m0" / "ds1", {"ftsam": [0.4, 0.1, 0.1, 0.2]})
+    write(tmp_path / "s" / "lf" / "m1" / "ds0", {"ftsam": [0.3, 0.3, 0.2, 0.3]})
+    text = report.defense_rebound("s", ("ftsam", "ftsam[rho=0]"), early=10)(tmp_path)
+    lines = text.splitlines()
+    # blended m0: (60 - 20 + 20 - 10) / 2 = +25.0; lf m1: 30 - 30 = 0.0; rho=0: 70 - 80 = -10
+    assert "| blended | 0 | ftsam | 0, 1 | 20.0 (10) / 10.0 (10) | 60.0 (20) / 20.0 (20) | " \
+           "+25.0 |" in lines
+    assert "| lf | 1 | ftsam | 0 | 30.0 (5) | 30.0 (20) | +0.0 |" in lines
+    assert "| blended | 0 | ftsam[rho=0] | 0 | 80.0 (10) | 70.0 (20) | -10.0 |" in lines
+    half = stats.t.ppf(0.975, 1) * np.std([25.0, 0.0], ddof=1) / math.sqrt(2)
+    assert (f"| ftsam | 2 backdoored models | +12.5 ± {np.std([25.0, 0.0], ddof=1):.1f} "
+            f"[{12.5 - half:+.1f}, {12.5 + half:+.1f}] not resolved |") in lines
+    assert "| ftsam[rho=0] | 1 backdoored model | -10.0 ± 0.0 (one value) |" in lines
