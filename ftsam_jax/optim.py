@@ -1,4 +1,5 @@
-"""Sharpness-aware minimisation as an optax gradient transformation, and a norm projection.
+"""Sharpness-aware minimisation and path-aware minimisation as optax gradient transformations,
+and a norm projection.
 
 `sam_gradient` is a *stage* of an optax chain: it receives the loss gradient at the current
 weights plus a `grad_fn` (an optax "extra argument") and hands the gradient at the perturbed
@@ -15,6 +16,10 @@ compose with it as usual::
 `grad_fn(p)` must return only the gradient of the loss at `p` (no aux): statistics such as
 BatchNorm running averages are taken from the caller's clean pass, never from the perturbed one.
 
+`pam_gradient` is the same kind of stage for PAM (Min et al., NeurIPS 2024): the weights are
+perturbed along the path towards the backdoored weights (kept in its state) instead of along the
+loss gradient, so it takes the same `grad_fn` and composes with any chain the same way.
+
 `norm_projection` is the *last* stage of a chain: it turns the chain's update into the one that
 lands the chosen weights on a sphere of fixed Frobenius norm (FST's head projection).
 """
@@ -28,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["NormProjectionState", "SAMState", "norm_projection", "sam", "sam_gradient",
-           "sam_perturbation"]
+__all__ = ["NormProjectionState", "PAMState", "SAMState", "norm_projection", "pam",
+           "pam_gradient", "path_perturbation", "sam", "sam_gradient", "sam_perturbation"]
 
 Params = Any
 GradFn = Callable[[Params], Params]
@@ -222,3 +227,108 @@ def norm_projection(
         return new_updates, NormProjectionState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+class PAMState(NamedTuple):
+    """State of `pam_gradient`.
+
+    Attributes:
+      count: number of updates so far; the argument of a `rho` schedule.
+      anchor: theta_0, the weights the path leads to (the backdoored model), same tree as the
+        params; part of the state so that it is checkpointed with the optimizer.
+    """
+
+    count: jax.Array
+    anchor: Params
+
+
+def path_perturbation(
+    params: Params,
+    anchor: Params,
+    rho: float | jax.Array,
+    *,
+    eps: float = 1e-12,
+) -> Params:
+    """PAM's weight perturbation: a step of length rho from theta_t towards theta_0.
+
+    e = rho * (theta_0 - theta_t) / (||theta_0 - theta_t||_2 + eps), one global L2 norm over the
+    whole tree. At theta_t = theta_0 (the first step from the backdoored model) e = 0.
+    """
+    path = jax.tree.map(lambda a, w: a.astype(w.dtype) - w, anchor, params)
+    norm = optax.tree.norm(path)
+    return jax.tree.map(lambda d: (rho / (norm + eps)) * d, path)
+
+
+def pam_gradient(
+    rho: float | optax.ScalarOrSchedule,
+    *,
+    anchor: Params | None = None,
+    eps: float = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    """Replaces the loss gradient by the gradient at weights moved along the backdoor path.
+
+    Path-Aware Minimization: with theta_0 the backdoored weights and theta_t the current ones,
+
+        e_t = rho * (theta_0 - theta_t) / ||theta_0 - theta_t||_2,
+        g_t = grad L(theta_t + e_t),
+
+    and the rest of the chain steps theta_t with g_t (PAM: SGD, theta_{t+1} = theta_t - lr g_t
+    with momentum). Minimising the loss at points pushed towards the backdoored model drives the
+    model further from it along the backdoor-connected path. It is SAM's two-pass step with a
+    fixed direction: the path, not the loss gradient, so the incoming gradient is not used (pass
+    any tree of the params' shape, e.g. zeros; only its dtypes are kept).
+
+    Args:
+      rho: length of the step along the path; a float or an optax schedule of the update count.
+        When ||theta_0 - theta_t|| < rho the perturbed point lies beyond theta_0.
+      anchor: theta_0; None (default) takes the params given to `init`, i.e. the weights the
+        tuning starts from (the backdoored model).
+      eps: added to the norm; at theta_t = theta_0 the perturbation is 0, not NaN.
+
+    Returns:
+      A `GradientTransformationExtraArgs` whose `update(grads, state, params, *, grad_fn)` needs
+      `params` and the extra argument `grad_fn(p) -> gradient at p` (same tree). Its state
+      (`PAMState`) holds the anchor.
+
+    References:
+      Min, Qin, Zhang, Shen, Cheng, Uncovering, Explaining, and Mitigating the Superficial
+      Safety of Backdoor Defense, NeurIPS 2024 (arXiv 2410.09838), Path-Aware Minimization;
+      released as `fine_tune/BTIDBF/sam.py` class `PAM` in
+      `AISafety-HKUST/stable_backdoor_purification` (commit 37d2ef5).
+    """
+
+    def init_fn(params: Params) -> PAMState:
+        theta0 = params if anchor is None else anchor
+        if jax.tree.structure(theta0) != jax.tree.structure(params):
+            raise ValueError("pam_gradient: the anchor's tree differs from the params' tree")
+        theta0 = jax.tree.map(lambda a, w: jnp.asarray(a, w.dtype), theta0, params)
+        return PAMState(count=jnp.zeros([], jnp.int32), anchor=theta0)
+
+    def update_fn(
+        updates: Params,
+        state: PAMState,
+        params: Params | None = None,
+        *,
+        grad_fn: GradFn | None = None,
+        **extra_args: Any,
+    ) -> tuple[Params, PAMState]:
+        del extra_args
+        if params is None or grad_fn is None:
+            raise ValueError("pam_gradient needs `params` and the extra argument `grad_fn`.")
+        radius = rho(state.count) if callable(rho) else rho
+        e = path_perturbation(params, state.anchor, radius, eps=eps)
+        new_updates = grad_fn(jax.tree.map(lambda w, d: w + d, params, e))
+        new_updates = jax.tree.map(lambda n, g: n.astype(g.dtype), new_updates, updates)
+        return new_updates, PAMState(count=optax.safe_increment(state.count),
+                                     anchor=state.anchor)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def pam(
+    optimizer: optax.GradientTransformation,
+    rho: float | optax.ScalarOrSchedule,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """`optax.chain(pam_gradient(rho, **kwargs), optimizer)`: PAM in front of any optimizer."""
+    return optax.chain(pam_gradient(rho, **kwargs), optimizer)

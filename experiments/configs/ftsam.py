@@ -140,6 +140,12 @@ def defense_settings(preset: str) -> ml_collections.ConfigDict:
         epochs=2 if smoke else 10, batch_size=128, lr=0.01, momentum=0.9, weight_decay=0.0,
         schedule="cosine_epoch", t_max=config_dict.placeholder(int), alpha=0.2, augment=True,
         drop_last=False)
+    # PAM (pam.py): SGD on the gradient at theta + rho (theta_0 - theta) / ||theta_0 - theta||,
+    # a universal-perturbation trigger on int(0.2 B + 1) images per batch; the released setting.
+    d.pam = dict(
+        rounds=2 if smoke else 3, epochs=1 if smoke else 30, batch_size=128, lr=0.01,
+        momentum=0.1, weight_decay=0.0, rho=0.5, reversed_fraction=0.2, trigger="uap",
+        uap_lr=10.0, uap_reg=0.001, augment=True, drop_last=False)
     return d
 
 

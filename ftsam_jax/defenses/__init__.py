@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftsam_jax.defenses import anp, clp, fp, fst, ibau, ikd, nad
+from ftsam_jax.defenses import anp, clp, fp, fst, ibau, ikd, nad, nc, pam
 from ftsam_jax.defenses.base import BenignData, DefenseSpec, select_benign
 from ftsam_jax.defenses.finetune import (
     RECIPES,
@@ -77,3 +77,11 @@ register(DefenseSpec(
     "fst", fst.fst, fst.fst_config, fst.FSTConfig, balanced=False,
     summary="Feature Shift Tuning: re-initialised head, CE + alpha <W, W0>, head norm kept "
             "(Min et al., NeurIPS 2023)"))
+register(DefenseSpec(
+    "pam", pam.pam, pam.pam_config, pam.PAMConfig, balanced=False,
+    summary="Path-Aware Minimization: SGD on the gradient at weights moved rho towards the "
+            "backdoored ones, with reversed-trigger images (Min et al., NeurIPS 2024)"))
+register(DefenseSpec(
+    "nc", nc.nc, nc.nc_config, nc.NCConfig, balanced=False,
+    summary="Neural Cleanse: a reversed trigger per label, MAD outlier test, unlearning of "
+            "the flagged triggers (Wang et al., S&P 2019)"))
