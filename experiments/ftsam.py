@@ -71,7 +71,7 @@ from experiments.workdir import (
     start_timer,
 )
 from ftsam_jax import metrics, parallel
-from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack
+from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack, trojannn
 from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data import Dataset, check_backdoor_target, load_dataset, normalization_for
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
@@ -256,6 +256,9 @@ def check_run_fields(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         raise InputError(f"unknown attack {cfg.attack!r}; choose one of {sorted(ATTACKS)}")
     if cfg.model not in MODELS:
         raise InputError(f"unknown model {cfg.model!r}; choose one of {sorted(MODELS)}")
+    if cfg.attack != "trojannn" and \
+            cfg.trojannn.to_dict() != get_config(cfg.preset).trojannn.to_dict():
+        raise InputError("config trojannn is changed but --attack is not trojannn")
     if not 0.0 < cfg.poison_ratio <= 1.0:
         raise InputError(f"--poison_ratio must lie in (0, 1], got {cfg.poison_ratio}")
     if not 0.0 < cfg.benign_ratio <= 1.0:
@@ -289,7 +292,8 @@ def run_record(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             "trigger_path": cfg.trigger_path, "model": cfg.model, "width": cfg.width,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "seed": cfg.seed, "preset": cfg.preset, "dtype": cfg.dtype,
-            "schedule": backdoored_schedule(cfg.preset, cfg.attack)}
+            "schedule": backdoored_schedule(cfg.preset, cfg.attack),
+            **({"trojannn": cfg.trojannn.to_dict()} if cfg.attack == "trojannn" else {})}
 
 
 def defense_settings(cfg: ml_collections.ConfigDict, columns: list[DefenseColumn],
@@ -518,6 +522,8 @@ def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dat
         if key is None:
             raise InputError(f"--trigger_path is not used by the {cfg.attack} attack")
         attack_kwargs[key] = cfg.trigger_path
+    if cfg.attack == "trojannn":
+        attack_kwargs.update(cfg.trojannn.to_dict())
     try:
         attack = create_attack(cfg.attack, num_classes=ds.num_classes,
                                image_shape=ds.image_shape, target=cfg.target, **attack_kwargs)
@@ -529,6 +535,11 @@ def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dat
     mean, std = normalization_for(ds)
     model = create_model(cfg.model, ds.num_classes, width=cfg.width, mean=mean, std=std,
                          dtype=compute_dtype(cfg.dtype))
+    if cfg.attack == "trojannn":  # the layer and its neurons exist in this model
+        try:
+            trojannn.check_layer(model, ds.image_shape, attack.layer, attack.num_neurons)
+        except ValueError as e:
+            raise InputError(e) from None
     return ds, attack, model
 
 
@@ -543,11 +554,13 @@ def backdoored_stage(cfg: ml_collections.ConfigDict, settings: Settings, ds: Dat
                         lr=run_cfg["lr"], schedule=run_cfg["schedule"], drop_last=True)
     t0 = start_timer(ctx)
     if attack.needs_fit:
-        # LF's universal perturbation is made against the run's clean model (trained only if
-        # the attack asks for it: a cached pattern needs none).
+        # LF's universal perturbation and TrojanNN's trigger are made against the run's clean
+        # model (trained only if the attack asks for it: a cached one needs none).
         attack.fit(ds=ds, model=model, fit_config=fit_cfg, ratio=cfg.poison_ratio, ctx=ctx,
                    rng=stage_rng(cfg.seed, "attack"),
                    clean_model=functools.partial(train_clean, cfg, ds, model, ctx))
+        if attack.fit_record is not None:  # TrojanNN's trigger: its neurons, activations
+            summary["attack_fit"] = attack.fit_record
     bd = build_backdoor_data(ds, attack, cfg.poison_ratio, cfg.seed)
     summary["num_poisoned"] = bd.num_poisoned if bd.train_transform is None else None
     evaluate = ctx.evaluate = make_backdoor_evaluator(model, bd, ctx.mesh)

@@ -25,9 +25,11 @@ from ml_collections import config_dict
 PRESETS = ("paper", "cpu", "smoke")
 
 # Settings whose change makes a workdir's checkpoints and results meaningless (config.json's
-# "run": the backdoored model's settings; a rerun with other values is refused).
+# "run": the backdoored model's settings; a rerun with other values is refused). `trojannn`: the
+# attack's section, in "run" only when it is the attack (older workdirs lack it and match).
 RUN_KEYS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
-            "width", "epochs", "batch_size", "lr", "seed", "preset", "dtype", "schedule")
+            "width", "epochs", "batch_size", "lr", "seed", "preset", "dtype", "schedule",
+            "trojannn")
 
 # BackdoorBench trains WaNet and Input-aware with a MultiStepLR whose milestones (100..400)
 # never fire in 100 epochs: a constant learning rate. The paper preset keeps that; everything
@@ -60,6 +62,10 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     c.poison_ratio = 0.1
     c.target = 0
     c.trigger_path = config_dict.placeholder(str)
+    # TrojanNN (ftsam_jax/attacks/trojannn.py; used when attack is trojannn): BackdoorBench's
+    # preactresnet18.yaml; smoke shortens the trigger optimisation.
+    c.trojannn = dict(layer="linear", num_neurons=2, target_value=100.0,
+                      iterations=20 if smoke else 1000, step_size=0.1, eps=0.3, tolerance=1e-3)
     # The backdoored model and its training (SGD 0.9 / 5e-4, `backdoored_schedule`).
     c.model = "tiny_cnn" if smoke else "preactresnet18"
     c.width = 8 if smoke else 16 if cpu else 64

@@ -11,6 +11,7 @@ from ftsam_jax.attacks.input_aware import InputAware
 from ftsam_jax.attacks.lf import LowFrequency
 from ftsam_jax.attacks.poison import BackdoorData, build_backdoor_data
 from ftsam_jax.attacks.sig import SIG
+from ftsam_jax.attacks.trojannn import TrojanNN
 from ftsam_jax.attacks.wanet import WaNet
 
 __all__ = ["ATTACKS", "Attack", "BackdoorData", "PoisonPlan", "build_backdoor_data",
@@ -18,7 +19,7 @@ __all__ = ["ATTACKS", "Attack", "BackdoorData", "PoisonPlan", "build_backdoor_da
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (BadNets, BadNetsAllToAll, Blended, SIG, WaNet, LowFrequency,
-                               InputAware)
+                               InputAware, TrojanNN)
 }
 
 

@@ -118,6 +118,9 @@ class Attack(abc.ABC):
     # Set by `fit` for attacks that train the backdoored classifier themselves (Input-aware);
     # the pipeline then uses these variables instead of training on the poisoned set.
     trained_variables: dict[str, Any] | None = None
+    # Set by `fit` for attacks that make a resource (TrojanNN's trigger): what it measured,
+    # recorded in results.json.
+    fit_record: dict[str, Any] | None = None
 
     def fit(self, **kwargs: Any) -> None:  # noqa: B027 - optional hook
         """Prepares data-dependent triggers; a no-op for fixed-pattern attacks.
