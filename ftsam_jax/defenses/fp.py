@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftsam_jax import parallel, xla
+from ftsam_jax import parallel
 from ftsam_jax.defenses.base import BenignData
-from ftsam_jax.training.epoch import to_float
+from ftsam_jax.training.epoch import apply_in_batches
 from ftsam_jax.training.recipe import FitConfig, fit
 from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, train_stage
 from ftsam_jax.training.step import classification_loss
@@ -91,26 +91,13 @@ def fp_config(preset: str = "paper") -> FinePruningConfig:
 def benign_features(model: nn.Module, variables: Variables, images: np.ndarray,
                     mesh: jax.sharding.Mesh, batch_size: int = 256) -> np.ndarray:
     """Inference-mode pooled features (N, C) of uint8 or float [0, 1] images."""
-    n_dev = mesh.devices.size
-    batch_size = max(n_dev, batch_size // n_dev * n_dev)
-    sharding = parallel.data_sharding(mesh)
-
-    @xla.jit
-    def run(v: Variables, x: jax.Array) -> jax.Array:
-        x = jax.lax.with_sharding_constraint(to_float(x), sharding)
+    def features(v: Variables, x: jax.Array, y: jax.Array) -> jax.Array:
+        del y
         _, mut = model.apply(v, x, train=False, mutable=["intermediates"])
         return mut["intermediates"][FEATURES][-1].astype(jnp.float32)
 
-    v = parallel.replicate(variables, mesh)
-    n = len(images)
-    out = []
-    for start in range(0, n, batch_size):
-        chunk = np.asarray(images[start:start + batch_size])
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(run(v, jax.device_put(chunk, sharding)))[:batch_size - pad])
-    return np.concatenate(out)
+    return apply_in_batches(features, variables, images, np.zeros(len(images), np.int32), mesh,
+                            batch_size)
 
 
 def pruning_order(features: np.ndarray) -> np.ndarray:

@@ -22,8 +22,9 @@ from ftsam_jax import parallel, xla
 from ftsam_jax.data.augment import crop_flip
 from ftsam_jax.training.step import Batch, Metrics, TrainState, eval_step
 
-__all__ = ["Preprocess", "Sampler", "Step", "epoch_indices", "evaluate", "make_epoch_fn",
-           "make_evaluator", "standard_preprocess", "steps_per_epoch", "to_float"]
+__all__ = ["Preprocess", "Sampler", "Step", "apply_in_batches", "epoch_indices", "evaluate",
+           "make_epoch_fn", "make_evaluator", "standard_preprocess", "steps_per_epoch",
+           "to_float"]
 
 Step = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]
 Preprocess = Callable[[Batch, jax.Array], Batch]
@@ -193,3 +194,32 @@ def evaluate(apply_fn: Callable[..., Any], variables: dict[str, Any], images: An
     out = make_evaluator(apply_fn, mesh=mesh, batch_size=batch_size)(
         variables, jax.device_put(images, repl), jax.device_put(labels, repl))
     return {"preds": np.asarray(out["preds"]), "accuracy": float(out["accuracy"])}
+
+
+def apply_in_batches(fn: Callable[[Any, jax.Array, jax.Array], jax.Array], variables: Any,
+                     images: np.ndarray, labels: np.ndarray, mesh: Mesh,
+                     batch_size: int = 256) -> np.ndarray:
+    """`fn(variables, float [0, 1] images, labels) -> per-example array` over a whole host set,
+    batch by batch (compiled once, each batch sharded over the mesh, the last one padded and
+    cut back): inference-mode features or per-example losses of every training image."""
+    n_dev = mesh.devices.size
+    batch_size = max(n_dev, batch_size // n_dev * n_dev)
+    sharding = parallel.data_sharding(mesh)
+
+    @xla.jit
+    def run(v: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        x = jax.lax.with_sharding_constraint(to_float(x), sharding)
+        return fn(v, x, y)
+
+    v = parallel.replicate(variables, mesh)
+    labels = np.asarray(labels, np.int32)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x, y = np.asarray(images[start:start + batch_size]), labels[start:start + batch_size]
+        pad = batch_size - len(x)
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+        out.append(np.asarray(run(v, jax.device_put(x, sharding),
+                                  jax.device_put(y, sharding)))[:batch_size - pad])
+    return np.concatenate(out)
