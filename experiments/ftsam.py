@@ -75,7 +75,12 @@ from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create
 from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data import Dataset, check_backdoor_target, load_dataset, normalization_for
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
-from ftsam_jax.defenses.base import BENIGN_SELECTIONS, benign_fingerprint, with_defaults
+from ftsam_jax.defenses.base import (
+    BENIGN_SELECTIONS,
+    benign_fingerprint,
+    defended_parts,
+    with_defaults,
+)
 from ftsam_jax.models import MODELS, create_model
 from ftsam_jax.retune import RetuneConfig, RetuneData, retune, retune_data
 from ftsam_jax.training.epoch import make_evaluator
@@ -679,13 +684,15 @@ def defense_stage(name: str, settings: Settings, ds: Dataset, model: Any, bd_var
     # A variant's stages keep their own checkpoints (checkpoints/FOLDER/STAGE).
     ctx = dataclasses.replace(ctx, scope=column.folder if column.is_variant else None)
     t0 = start_timer(ctx)
-    variables = spec.run(model, bd_vars, benign, dcfg, rng, ctx)
+    variables, details = defended_parts(spec.run(model, bd_vars, benign, dcfg, rng, ctx))
     save_variables(workdir / "models" / column.folder, variables)
     r = ctx.evaluate(variables)
     r["der"] = metrics.der(results["backdoored"], r)
     r.update(seconds=elapsed(t0, ctx), benign_examples=int(len(idx)),
              benign={"selection": settings.benign_selection, **benign_fingerprint(idx)},
              config=record)
+    if details is not None:  # a defense's own facts (NC's anomaly indices, ...)
+        r["details"] = details
     results["defenses"][name] = r
     write_results(workdir, results)
 

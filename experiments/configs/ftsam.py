@@ -152,6 +152,16 @@ def defense_settings(preset: str) -> ml_collections.ConfigDict:
         rounds=2 if smoke else 3, epochs=1 if smoke else 30, batch_size=128, lr=0.01,
         momentum=0.1, weight_decay=0.0, rho=0.5, reversed_fraction=0.2, trigger="uap",
         uap_lr=10.0, uap_reg=0.001, augment=True, drop_last=False)
+    # NC (nc.py): a trigger per label (Adam, the cost schedule), MAD test, unlearning of the
+    # flagged triggers; BackdoorBench's settings (t_max None: the epochs).
+    d.nc = dict(
+        trigger_epochs=2 if smoke else 80, batch_size=64 if smoke else 256, mask_lr=0.1,
+        betas=(0.5, 0.9), init_cost=1e-3, cost_multiplier=2.0, patience=5,
+        attack_threshold=0.98, early_stop=True, early_stop_threshold=0.99,
+        early_stop_patience=25, reset_cost_to_zero=False, anomaly_threshold=2.0,
+        unlearning_ratio=0.2, epochs=2 if smoke else 100, lr=0.01, momentum=0.9,
+        weight_decay=5e-4, schedule="cosine_epoch", t_max=config_dict.placeholder(int),
+        augment=True)
     return d
 
 

@@ -21,8 +21,9 @@ import numpy as np
 
 from ftsam_jax.training.stage import StageContext
 
-__all__ = ["BENIGN_SELECTIONS", "BenignData", "DefenseFn", "DefenseSpec", "benign_fingerprint",
-           "select_benign", "settings_from_dict", "with_defaults"]
+__all__ = ["BENIGN_SELECTIONS", "BenignData", "DefenseFn", "DefenseSpec", "Defended",
+           "benign_fingerprint", "defended_parts", "select_benign", "settings_from_dict",
+           "with_defaults"]
 
 # How a run's defenses get their benign subsets: `reference`, each by its own rule
 # (`DefenseSpec.balanced`) from its own random stream, as BackdoorBench does; `shared`, one
@@ -44,7 +45,25 @@ class BenignData:
         return len(self.y)
 
 
-DefenseFn = Callable[[nn.Module, Variables, BenignData, Any, jax.Array, StageContext], Variables]
+@dataclasses.dataclass(frozen=True)
+class Defended:
+    """What a defense returns when it has facts to record beside the defended variables (NC's
+    anomaly indices and flagged labels): the pipeline writes `details` (JSON-serialisable)
+    into the defense's row of results.json as "details"."""
+
+    variables: Variables
+    details: dict[str, Any]
+
+
+DefenseFn = Callable[[nn.Module, Variables, BenignData, Any, jax.Array, StageContext],
+                     Variables | Defended]
+
+
+def defended_parts(out: Variables | Defended) -> tuple[Variables, dict[str, Any] | None]:
+    """(variables, details or None) of a defense's return value."""
+    if isinstance(out, Defended):
+        return out.variables, out.details
+    return out, None
 
 
 @dataclasses.dataclass(frozen=True)
