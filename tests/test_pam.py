@@ -266,8 +266,15 @@ def test_pam_is_deterministic_and_resumes_exactly(mesh, tmp_path, tiny_vars, ben
     cfg = dataclasses.replace(spec.default_config("smoke"), batch_size=16)
     rng = jax.random.key(7)
     history = []
-    out = spec.run(MODEL, tiny_vars, benign, cfg, rng, ctx_for(
+    defended = spec.run(MODEL, tiny_vars, benign, cfg, rng, ctx_for(
         mesh, tmp_path / "a", log=lambda stage, hist: history.append(hist[-1])))
+    out, details = defended.variables, defended.details
+    assert details["reversed_per_batch"] == 4 and [r["round"] for r in details["rounds"]] == [1, 2]
+    assert all(r["trigger_l2"] > 0 for r in details["rounds"])
+    want = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+                       for a, b in zip(jax.tree.leaves(out["params"]),
+                                       jax.tree.leaves(tiny_vars["params"]), strict=True)))
+    assert details["deviation"] == pytest.approx(want, rel=1e-9)
     assert jax.tree.structure(out) == jax.tree.structure(tiny_vars)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out))
     assert not np.allclose(out["params"]["conv1"]["kernel"], tiny_vars["params"]["conv1"]["kernel"])
@@ -280,7 +287,8 @@ def test_pam_is_deterministic_and_resumes_exactly(mesh, tmp_path, tiny_vars, ben
     epochs_run = []
     again = spec.run(MODEL, tiny_vars, benign, cfg, rng, ctx_for(
         mesh, tmp_path / "a", log=lambda stage, hist: epochs_run.append(stage)))
-    assert epochs_run == [] and assert_same(out, again) is None
+    assert epochs_run == [] and assert_same(out, again.variables) is None
+    assert again.details == details
     # Interrupted after the first round, then rerun in a fresh workdir: resumes to the same
     # variables bit for bit (so the same seed gives the same run).
     monkeypatch.setattr(stage_mod, "_epochs_run_in_process", 0)
@@ -288,7 +296,9 @@ def test_pam_is_deterministic_and_resumes_exactly(mesh, tmp_path, tiny_vars, ben
     with pytest.raises(KeyboardInterrupt):
         spec.run(MODEL, tiny_vars, benign, cfg, rng, ctx_for(mesh, tmp_path / "c"))
     monkeypatch.delenv("FTSAM_JAX_INTERRUPT_AFTER")
-    assert_same(out, spec.run(MODEL, tiny_vars, benign, cfg, rng, ctx_for(mesh, tmp_path / "c")))
+    resumed = spec.run(MODEL, tiny_vars, benign, cfg, rng, ctx_for(mesh, tmp_path / "c"))
+    assert_same(out, resumed.variables)
+    assert resumed.details == details
 
 
 def test_pam_through_experiments_ftsam_writes_its_row_and_resumes(toy_npz, tmp_path,
@@ -303,6 +313,8 @@ def test_pam_through_experiments_ftsam_writes_its_row_and_resumes(toy_npz, tmp_p
     row = results["defenses"]["pam"]
     assert {"clean_acc", "asr", "robust_acc", "der"} <= set(row)
     assert row["config"]["rho"] == 0.5 and row["config"]["trigger"] == "uap"
+    assert row["details"]["reversed_per_batch"] == 26 and len(row["details"]["rounds"]) == 2
+    assert row["details"]["deviation"] > 0
     stored = json.loads((tmp_path / "full" / "results.json").read_text())
     assert stored["defenses"]["pam"]["clean_acc"] == row["clean_acc"]
     # Interrupted after PAM's first round (2 backdoored epochs + 1), then rerun: the numbers of

@@ -77,7 +77,7 @@ import numpy as np
 import optax
 
 from ftsam_jax import parallel, xla
-from ftsam_jax.defenses.base import BenignData
+from ftsam_jax.defenses.base import BenignData, Defended
 from ftsam_jax.optim import pam_gradient
 from ftsam_jax.training.epoch import epoch_indices, standard_preprocess, steps_per_epoch
 from ftsam_jax.training.stage import Stage, StageContext, evaluate_variables, train_stage
@@ -240,21 +240,32 @@ def universal_trigger(model: nn.Module, variables: Variables, benign: BenignData
 
 
 def pam(model: nn.Module, variables: Variables, benign: BenignData, config: PAMConfig,
-        rng: jax.Array, ctx: StageContext) -> Variables:
-    """PAM tuning from the backdoored `variables`: `rounds` of (trigger, `epochs` epochs)."""
+        rng: jax.Array, ctx: StageContext) -> Defended:
+    """PAM tuning from the backdoored `variables`: `rounds` of (trigger, `epochs` epochs).
+
+    `Defended.details`: the reversed images per batch, per round the trigger's L2 and max-abs
+    size (pixel units, [0, 1] images; None without one), and `deviation`, the L2 distance
+    ||theta_0 - theta|| over all parameters of the returned model from the backdoored one (the
+    deviation along the path that PAM is built to enlarge).
+    """
     parallel.check_batch_size(config.batch_size, ctx.mesh)
     tx = pam_optimizer(config)
     state = create_train_state(model, tx, rng, (), variables={
         "params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
     per_batch = num_reversed(config.reversed_fraction, config.batch_size)
     data = {"image": benign.x, "label": np.asarray(benign.y, np.int32)}
+    rounds = []
     for r in range(config.rounds):
         round_rng = jax.random.fold_in(rng, r)
         trigger_rng, run_rng = jax.random.split(round_rng)
-        trigger = None
+        trigger, size = None, {"trigger_l2": None, "trigger_linf": None}
         if config.trigger == "uap" and per_batch > 0 and config.epochs > 0:
-            trigger = jnp.asarray(universal_trigger(model, jax.device_get(state.variables), benign,
-                                                    config, trigger_rng, ctx.mesh))
+            delta = universal_trigger(model, jax.device_get(state.variables), benign, config,
+                                      trigger_rng, ctx.mesh)
+            trigger = jnp.asarray(delta)
+            size = {"trigger_l2": float(np.sqrt(np.sum(np.square(delta, dtype=np.float64)))),
+                    "trigger_linf": float(np.max(np.abs(delta)))}
+        rounds.append({"round": r + 1, **size})
         step = partial(pam_step, tx=tx, loss_fn=classification_loss(model.apply),
                        trigger=trigger, reversed_per_batch=per_batch)
         state, _ = train_stage(Stage(
@@ -262,4 +273,10 @@ def pam(model: nn.Module, variables: Variables, benign: BenignData, config: PAMC
             batch_size=config.batch_size, drop_last=config.drop_last,
             preprocess=standard_preprocess(config.augment), evaluate=evaluate_variables(ctx),
             rng=run_rng, lr=lambda epoch: config.lr), ctx)
-    return jax.device_get(state.variables)
+    out = jax.device_get(state.variables)
+    deviation = math.sqrt(sum(
+        float(np.sum(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+        for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(out["params"]),
+                        strict=True)))
+    return Defended(out, {"reversed_per_batch": per_batch if config.trigger != "none" else 0,
+                          "rounds": rounds, "deviation": deviation})
