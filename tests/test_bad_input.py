@@ -26,6 +26,8 @@ from tests.conftest import ENV, ROOT
 
 DATA = ROOT.parent / "shared" / "data"
 SMOKE = "--preset=smoke"
+CONFIG = "--config=experiments/configs/ftsam.py:smoke"
+TJ = f"--attack=trojannn {CONFIG} --dataset={{npz:toy}}"  # "trojan" in the test ids
 
 ROWS: dict[str, list[tuple[str, str]]] = {
     "ftsam": [
@@ -134,6 +136,29 @@ ROWS: dict[str, list[tuple[str, str]]] = {
         (f"{SMOKE} --dataset={{npz:toy}} --defenses=pam[trigger=bti]", "unknown trigger 'bti'"),
         (f"{SMOKE} --dataset={{npz:toy}} --defenses=pam --set=pam.reversed_fraction=2",
          "reversed_fraction must be in [0, 1]"),
+        # TrojanNN's settings (config section trojannn)
+        (f"{TJ} --config.trojannn.num_neurons=0",
+         "trojannn: num_neurons must be >= 1"),
+        (f"{TJ} --config.trojannn.num_neurons=17",
+         "num_neurons must lie in [1, 16] (the inputs of layer linear)"),
+        (f"{TJ} --config.trojannn.layer=magic",
+         "the model has no layer 'magic'"),
+        (f"{TJ} --config.trojannn.layer=bn1",
+         "layer 'bn1' is not a dense or conv layer"),
+        (f"{TJ} --config.trojannn.eps=-1",
+         "step_size and eps must be > 0"),
+        (f"{TJ} --config.trojannn.iterations=-5",
+         "iterations must be >= 0"),
+        (f"{TJ} --config.trojannn.target_value=nan",
+         "target_value must be a finite number"),
+        (f"{TJ} --config.trojannn.target_value=big",
+         "--config.trojannn.target_value=big"),
+        (f"{TJ} --trigger_path={{file}}",
+         "not used by the trojannn attack"),
+        # ({tmp}/w/trojannn: "trojan" in the test id; a refused run still makes no {tmp}/w)
+        (f"--workdir={{tmp}}/w/trojannn {CONFIG} --dataset={{npz:toy}} "
+         "--config.trojannn.iterations=5",
+         "config trojannn is changed but --attack is not trojannn"),
         ("--config=experiments/configs/ftsam.py:smoke --dataset={npz:toy} --config.nope=1",
          "no config field"),
         ("--dataset={npz:toy} --config=experiments/configs/ftsam.py:tiny", "unknown preset 'tiny'"),

@@ -76,6 +76,7 @@ trained from scratch, and the neurons are the classifier's inputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -222,6 +223,42 @@ def trigger_step(x: jax.Array, x0: jax.Array, grad: jax.Array, step_size: float,
     return jnp.clip(x0 + jnp.clip(moved - x0, -eps, eps), 0.0, 1.0)
 
 
+def _optimise(model: nn.Module, layer: str, variables: Any, x0: jax.Array, keep: jax.Array,
+              neurons: jax.Array, target_value: jax.Array, iterations: jax.Array,
+              step_size: jax.Array, eps: jax.Array, tolerance: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    cost_and_grad = jax.value_and_grad(
+        lambda x: neuron_cost(model, variables, layer, neurons, target_value, x, keep))
+
+    def cond(state: tuple) -> jax.Array:
+        i, _, cost = state
+        return (i < iterations) & (cost >= tolerance)
+
+    def body(state: tuple) -> tuple:
+        i, x, _ = state
+        cost, grad = cost_and_grad(x)
+        return i + 1, trigger_step(x, x0, grad, step_size, eps), cost
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), x0, jnp.float32(jnp.inf)))
+
+
+def _forward(model: nn.Module, layer: str, variables: Any, x: jax.Array, neurons: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+    """(predicted classes, the selected neurons' activations averaged over positions)."""
+    logits, a = layer_input(model, variables, x, layer)
+    a = a[..., neurons]
+    return jnp.argmax(logits, -1), a.reshape(a.shape[0], -1, a.shape[-1]).mean(axis=1)
+
+
+@functools.cache
+def _compiled(name: str) -> Callable:
+    """The jitted `_optimise` / `_forward` / `neuron_cost` (one compile per model and layer)."""
+    fun, static = {"optimise": (_optimise, ("model", "layer")),
+                   "forward": (_forward, ("model", "layer")),
+                   "cost": (neuron_cost, ("model", "layer"))}[name]
+    return xla.jit(fun, static_argnames=static)
+
+
 def optimise_trigger(model: nn.Module, variables: Any, x0: np.ndarray, keep: np.ndarray,
                      layer: str, neurons: Sequence[int], *, target_value: float,
                      iterations: int, step_size: float, eps: float, tolerance: float
@@ -229,26 +266,12 @@ def optimise_trigger(model: nn.Module, variables: Any, x0: np.ndarray, keep: np.
     """Runs the trigger optimisation (the module docstring, step 4) from x0 (H, W, C) in
     [0, 1]; returns the trigger, the number of steps taken and the cost at the last step's
     start (inf when no step ran)."""
-    idx = jnp.asarray(np.asarray(neurons, np.int32))
-    keep_j = jnp.asarray(keep, jnp.float32)
-
-    @xla.jit
-    def run(variables: Any, x0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        cost_and_grad = jax.value_and_grad(
-            lambda x: neuron_cost(model, variables, layer, idx, target_value, x, keep_j))
-
-        def cond(state: tuple) -> jax.Array:
-            i, _, cost = state
-            return (i < iterations) & (cost >= tolerance)
-
-        def body(state: tuple) -> tuple:
-            i, x, _ = state
-            cost, grad = cost_and_grad(x)
-            return i + 1, trigger_step(x, x0, grad, step_size, eps), cost
-
-        return jax.lax.while_loop(cond, body, (jnp.int32(0), x0, jnp.float32(jnp.inf)))
-
-    steps, x, cost = run(variables, jnp.asarray(x0, jnp.float32))
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    steps, x, cost = _compiled("optimise")(
+        model=model, layer=layer, variables=variables, x0=f32(x0), keep=f32(keep),
+        neurons=jnp.asarray(np.asarray(neurons, np.int32)), target_value=f32(target_value),
+        iterations=jnp.int32(iterations), step_size=f32(step_size), eps=f32(eps),
+        tolerance=f32(tolerance))
     return np.asarray(x, np.float32), int(steps), float(cost)
 
 
@@ -372,19 +395,16 @@ class TrojanNN(Attack):
         stamped; the clean model's accuracy on those clean images."""
         idx = jnp.asarray(neurons)
         keep = jnp.asarray(self.keep, jnp.float32)
-
-        @xla.jit
-        def forward_with(variables: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-            logits, a = layer_input(model, variables, x, self.layer)
-            a = a[..., idx]
-            return jnp.argmax(logits, -1), a.reshape(a.shape[0], -1, a.shape[-1]).mean(axis=1)
+        static = dict(model=model, layer=self.layer)
 
         def forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-            return forward_with(variables, x)
+            return _compiled("forward")(**static, variables=variables, x=x, neurons=idx)
 
         def on_trigger(x: np.ndarray) -> tuple[list[float], float]:
             xj = jnp.asarray(x, jnp.float32)
-            cost = neuron_cost(model, variables, self.layer, idx, self.target_value, xj, keep)
+            cost = _compiled("cost")(**static, variables=variables, neurons=idx,
+                                     target_value=jnp.float32(self.target_value), x=xj,
+                                     keep=keep)
             return np.asarray(forward((xj * keep)[None])[1][0]).tolist(), float(cost)
 
         def on_images(imgs: np.ndarray) -> tuple[np.ndarray, list[float]]:
