@@ -4,6 +4,7 @@ length and direction, one real step against its pieces, the stamping, the stand-
 determinism and exact resume of the defense, and a smoke run through `experiments.ftsam`."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -21,6 +22,7 @@ from ftsam_jax.defenses import pam as pam_mod
 from ftsam_jax.models import TinyCNN
 from ftsam_jax.optim import pam, pam_gradient, path_perturbation
 from ftsam_jax.training import stage as stage_mod
+from ftsam_jax.training.epoch import make_epoch_fn, standard_preprocess
 from ftsam_jax.training.stage import StageContext
 from ftsam_jax.training.step import classification_loss, create_train_state
 
@@ -221,11 +223,11 @@ def test_the_released_count_of_reversed_images_and_the_stamp():
     np.testing.assert_allclose(out[stamped], np.clip(np.asarray(images)[stamped] + 0.5, 0, 1))
 
 
-def test_the_stand_in_trigger_is_deterministic_and_raises_the_loss(mesh, tiny_vars, benign):
+def test_the_stand_in_trigger_raises_the_loss_of_the_models_own_labels(mesh, tiny_vars, benign):
     cfg = dataclasses.replace(pam_mod.pam_config("smoke"), batch_size=16)
     delta = pam_mod.universal_trigger(MODEL, tiny_vars, benign, cfg, jax.random.key(0), mesh)
     assert delta.shape == (1, 8, 8, 3) and np.all(np.isfinite(delta))
-    assert np.abs(delta).max() > 0  # (its determinism: the defense's test)
+    assert np.abs(delta).max() > 0  # (its determinism: the defense's resume test)
 
     @jax.jit
     def ces(x, d):
@@ -236,6 +238,30 @@ def test_the_stand_in_trigger_is_deterministic_and_raises_the_loss(mesh, tiny_va
 
     clean, stamped = ces(jnp.asarray(benign.x, jnp.float32) / 255, delta)
     assert float(stamped) > float(clean)
+
+
+def test_a_scanned_epoch_of_pam_steps_equals_the_looped_one(mesh, tiny_vars, benign):
+    """Accelerators run the epoch as one `lax.scan`, the CPU as a Python loop of steps: PAM's
+    step (its anchor in the optimizer state, the stamped images) gives the same numbers in both."""
+    cfg = dataclasses.replace(pam_mod.pam_config("smoke"), batch_size=16)
+    tx = pam_mod.pam_optimizer(cfg)
+    start = random_variables(MODEL, seed=2)
+    state = create_train_state(MODEL, tx, jax.random.key(0), (), variables=start)
+    state = state.replace(opt_state=tx.init(tiny_vars["params"]))
+    step = functools.partial(pam_mod.pam_step, tx=tx, loss_fn=classification_loss(MODEL.apply),
+                             trigger=jnp.full((1, 8, 8, 3), 0.2), reversed_per_batch=4)
+    x, y = jnp.asarray(benign.x), jnp.asarray(benign.y)
+    outs = []
+    for scan in (True, False):
+        epoch = make_epoch_fn(step, mesh=mesh, num_examples=len(benign.y), batch_size=16,
+                              preprocess=standard_preprocess(True), drop_last=False, scan=scan)
+        outs.append(epoch(parallel.replicate(state, mesh), x, y, jax.random.key(4)))
+    (a, ma), (b, mb) = outs
+    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    for k in ("loss", "deviation"):
+        assert float(ma[k]) == pytest.approx(float(mb[k]), rel=1e-5)
+    assert float(ma["deviation"]) > 0
 
 
 def test_pam_settings_refuse_bad_values():
