@@ -70,6 +70,7 @@ import math
 from functools import partial
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -89,8 +90,8 @@ from ftsam_jax.training.step import (
     cross_entropy,
 )
 
-__all__ = ["TRIGGERS", "PAMConfig", "num_reversed", "pam", "pam_config", "pam_optimizer",
-           "pam_step", "stamp", "universal_trigger"]
+__all__ = ["TRIGGERS", "PAMConfig", "PAMTrainState", "num_reversed", "pam", "pam_config",
+           "pam_optimizer", "pam_step", "stamp", "universal_trigger"]
 
 Variables = dict[str, Any]
 
@@ -172,15 +173,27 @@ def pam_optimizer(config: PAMConfig) -> optax.GradientTransformationExtraArgs:
                        optax.sgd(config.lr, momentum=config.momentum or None))
 
 
+@flax.struct.dataclass
+class PAMTrainState(TrainState):
+    """A `TrainState` that also carries the round's trigger (1, H, W, C): an input of the
+    compiled step, not a constant in it, so a new round's trigger needs no new compilation; it
+    is checkpointed with the rest."""
+
+    trigger: jax.Array | None = None
+
+
 def pam_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
              tx: optax.GradientTransformationExtraArgs, loss_fn: LossFn,
              trigger: jax.Array | None = None, reversed_per_batch: int = 0,
              ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One PAM step: `reversed_per_batch` random images of the batch stamped with `trigger`
+    """One PAM step: `reversed_per_batch` random images of the batch stamped with the trigger
     (labels kept), a forward pass at theta_t (loss, accuracy, BN statistics), the gradient at
-    theta_t + e_t from `tx`'s `pam_gradient`, the update. Metrics: loss, accuracy and
-    `deviation` = ||theta_0 - theta_t||_2 before the step."""
+    theta_t + e_t from `tx`'s `pam_gradient`, the update. The trigger: `trigger`, else the
+    state's (`PAMTrainState`). Metrics: loss, accuracy and `deviation` = ||theta_0 - theta_t||_2
+    before the step."""
     stamp_rng, loss_rng = jax.random.split(rng)
+    if trigger is None:
+        trigger = getattr(state, "trigger", None)
     images = batch["image"]
     if trigger is not None and reversed_per_batch > 0:
         b = images.shape[0]
@@ -250,24 +263,29 @@ def pam(model: nn.Module, variables: Variables, benign: BenignData, config: PAMC
     """
     parallel.check_batch_size(config.batch_size, ctx.mesh)
     tx = pam_optimizer(config)
-    state = create_train_state(model, tx, rng, (), variables={
+    base = create_train_state(model, tx, rng, (), variables={
         "params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
+    state = PAMTrainState(step=base.step, params=base.params, batch_stats=base.batch_stats,
+                          opt_state=base.opt_state,
+                          trigger=jnp.zeros((1, *benign.x.shape[1:]), jnp.float32))
     per_batch = num_reversed(config.reversed_fraction, config.batch_size)
+    if config.trigger == "none":
+        per_batch = 0
+    step = partial(pam_step, tx=tx, loss_fn=classification_loss(model.apply),
+                   reversed_per_batch=per_batch)
     data = {"image": benign.x, "label": np.asarray(benign.y, np.int32)}
     rounds = []
     for r in range(config.rounds):
         round_rng = jax.random.fold_in(rng, r)
         trigger_rng, run_rng = jax.random.split(round_rng)
-        trigger, size = None, {"trigger_l2": None, "trigger_linf": None}
-        if config.trigger == "uap" and per_batch > 0 and config.epochs > 0:
+        size = {"trigger_l2": None, "trigger_linf": None}
+        if per_batch > 0 and config.epochs > 0:
             delta = universal_trigger(model, jax.device_get(state.variables), benign, config,
                                       trigger_rng, ctx.mesh)
-            trigger = jnp.asarray(delta)
+            state = state.replace(trigger=jnp.asarray(delta))
             size = {"trigger_l2": float(np.sqrt(np.sum(np.square(delta, dtype=np.float64)))),
                     "trigger_linf": float(np.max(np.abs(delta)))}
         rounds.append({"round": r + 1, **size})
-        step = partial(pam_step, tx=tx, loss_fn=classification_loss(model.apply),
-                       trigger=trigger, reversed_per_batch=per_batch)
         state, _ = train_stage(Stage(
             f"pam_round{r + 1}", state, config.epochs, step=step, data=data,
             batch_size=config.batch_size, drop_last=config.drop_last,
@@ -278,5 +296,5 @@ def pam(model: nn.Module, variables: Variables, benign: BenignData, config: PAMC
         float(np.sum(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
         for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(out["params"]),
                         strict=True)))
-    return Defended(out, {"reversed_per_batch": per_batch if config.trigger != "none" else 0,
+    return Defended(out, {"reversed_per_batch": per_batch,
                           "rounds": rounds, "deviation": deviation})
