@@ -43,7 +43,9 @@ abstract's description (deviation along the backdoor-connected path with extra m
 Differences from the released code (all deliberate):
 - Reversed samples: the universal-perturbation stand-in above instead of BTI-DBF's generator
   (mask search 20 epochs, generator 30 epochs, a generator pre-trained 50 epochs, the detected
-  target label's CE from round 1 on); no early stop on a changed target label (off there too).
+  target label's CE from round 1 on); each round's perturbation starts again from 0, where the
+  released generator keeps training from the last round's; no early stop on a changed target
+  label (off there too).
 - BatchNorm: the released step has a single forward pass, at the perturbed weights in training
   mode, so its running statistics come from theta_t + e_t; here, as for SAM in this library, a
   forward pass at theta_t (no backward) gives the statistics, the loss and the accuracy, and the
