@@ -320,15 +320,15 @@ def test_an_evenly_spread_model_is_not_flagged_and_returned_unchanged(mesh):
 
 
 def test_the_search_is_deterministic_and_resumes_label_by_label(mesh, tmp_path, monkeypatch):
-    model, variables, benign, cfg = region_run(mesh, (1, 8, 9, 10), trigger_epochs=3,
+    model, variables, benign, cfg = region_run(mesh, (1, 8, 9), trigger_epochs=2,
                                                augment=True, batch_size=32)
     rng = jax.random.key(3)
     run = lambda w: nc_mod.reverse_engineer(model, variables, benign, cfg, rng, ctx_for(mesh, w))
     first = run(tmp_path / "a")
     assert set(first) == {"masks", "patterns", "l1_norms", "epochs", "final_cost",
                           "attack_acc", "found"}
-    assert first["masks"].shape == (4, 8, 8, 1) and first["patterns"].shape == (4, 8, 8, 3)
-    assert list(first["epochs"]) == [3] * 4
+    assert first["masks"].shape == (3, 8, 8, 1) and first["patterns"].shape == (3, 8, 8, 3)
+    assert list(first["epochs"]) == [2] * 3
     for key, value in run(None).items():
         np.testing.assert_array_equal(value, first[key])
     # Interrupted after its first label, then rerun: the same triggers.
@@ -341,9 +341,6 @@ def test_the_search_is_deterministic_and_resumes_label_by_label(mesh, tmp_path, 
                   if p.name.isdigit()) == ["1"]
     for key, value in run(tmp_path / "b").items():
         np.testing.assert_array_equal(value, first[key])
-    other = nc_mod.reverse_engineer(model, variables, benign, cfg, jax.random.key(4),
-                                    ctx_for(mesh, None))
-    assert not np.array_equal(other["masks"], first["masks"])  # another augmentation stream
 
 
 # ----------------------------------------------------------------------------------------------
