@@ -12,7 +12,10 @@ stamped onto training images with the attacker's label (dirty-label, all-to-one)
 
        s_j = sum_{i, spatial} |W[..., j, i]|        (flax kernels: (in, out) or (kh, kw, in, out))
 
-   and the `num_neurons` highest scores are taken (ties: the lower index first).
+   and the `num_neurons` highest scores are taken (ties: the lower index first). This is
+   BackdoorBench's rule (and trojanzoo's): |`linear.weight`| summed over the outputs, per
+   input, i.e. the layer's incoming weights grouped by the neuron they come from. The paper's
+   own wording could not be read (reference notes, section 0).
 3. **The mask** `apple_mask(H, W)`: an apple silhouette drawn in code (below), grey at its
    edges; the keep-mask is where it is > 0; the trigger starts from the mask image itself
    (one value on every channel).
@@ -61,7 +64,9 @@ Reference: BackdoorBench `attack/trojannn.py` + `config/attack/trojannn/preactre
   expects normalised inputs (its normalisation is a data transform, bypassed here).
 - The mask is drawn in code (above), not read from `apple4.png`.
 - Poisoned pixels are clipped to 255; BackdoorBench casts img + T to uint8 before clipping, so
-  sums above 255 wrap around to dark values. T is rounded (BackdoorBench truncates).
+  sums above 255 wrap around to dark values. T is rounded (BackdoorBench truncates). Its
+  `TrojanTrigger` also uses `np.float`, which NumPy >= 1.24 no longer has.
+- Grey images (Fashion-MNIST) get a one-channel mask and trigger; BackdoorBench's mask is RGB.
 - The layer is named by its module path (`linear`, or e.g. `layer4_1/conv2`); its input is
   captured by a flax method interceptor instead of a forward hook. Conv kernels are scored as
   BackdoorBench does (|W| summed over the spatial and output dimensions).
