@@ -77,6 +77,7 @@ from ftsam_jax.data import Dataset, check_backdoor_target, load_dataset, normali
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
 from ftsam_jax.defenses.base import (
     BENIGN_SELECTIONS,
+    PoisonedTrainData,
     benign_fingerprint,
     defended_parts,
     with_defaults,
@@ -500,7 +501,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
         retuner(results["clean"], clean_vars, "clean")
         write_results(workdir, results)
     for name in settings.defenses:
-        defense_stage(name, settings, ds, model, bd_vars, results, ctx, defense_seed)
+        defense_stage(name, settings, ds, bd, model, bd_vars, results, ctx, defense_seed)
         if retuner is not None and "retune" not in results["defenses"][name]:
             folder = settings.columns[name].folder
             retuner(results["defenses"][name],
@@ -534,9 +535,14 @@ def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dat
                                image_shape=ds.image_shape, target=cfg.target, **attack_kwargs)
     except ValueError as e:
         raise InputError(e) from None
-    if settings.retune is not None and attack.make_train_transform(cfg.poison_ratio) is not None:
+    on_the_fly = attack.make_train_transform(cfg.poison_ratio) is not None
+    if settings.retune is not None and on_the_fly:
         raise InputError(f"--retune_attack: the Retuning Attack needs the attack's poisoned "
                          f"training images; {cfg.attack} poisons each batch on the fly")
+    timed = [n for n in settings.defenses if DEFENSES[settings.columns[n].base].training_time]
+    if timed and on_the_fly:
+        raise InputError(f"--defenses {timed[0]}: a training-time defense needs the attack's "
+                         f"poisoned training images; {cfg.attack} poisons each batch on the fly")
     mean, std = normalization_for(ds)
     model = create_model(cfg.model, ds.num_classes, width=cfg.width, mean=mean, std=std,
                          dtype=compute_dtype(cfg.dtype))
@@ -660,12 +666,15 @@ def make_retuner(cfg: ml_collections.ConfigDict, config: RetuneConfig, ds: Datas
     return run_one
 
 
-def defense_stage(name: str, settings: Settings, ds: Dataset, model: Any, bd_vars: Any,
-                  results: dict[str, Any], ctx: StageContext, defense_seed: int) -> None:
+def defense_stage(name: str, settings: Settings, ds: Dataset, bd: BackdoorData, model: Any,
+                  bd_vars: Any, results: dict[str, Any], ctx: StageContext,
+                  defense_seed: int) -> None:
     """(3) One column (a defense or a variant of one) from the backdoored weights, with its own
     random stream (from the defense seed and its name) and files (`DefenseColumn.folder`);
     skipped when finished earlier. Adds its row to `results`, with the benign subset's
-    fingerprint ("benign": selection, count, sha256 of the sorted indices)."""
+    fingerprint ("benign": selection, count, sha256 of the sorted indices), or for a
+    training-time defense (AC, ABL), which gets the whole poisoned training set instead,
+    "training_set": its count and how many of it were poisoned."""
     column, dcfg = settings.columns[name], settings.defense_configs[name]
     spec, workdir = DEFENSES[column.base], Path(ctx.workdir)
     record = json.loads(json.dumps(defense_record(
@@ -677,20 +686,25 @@ def defense_stage(name: str, settings: Settings, ds: Dataset, model: Any, bd_var
     marker.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(marker, json.dumps(record) + "\n")
     rng = stage_rng(defense_seed, f"defense/{name}")
-    idx = benign_indices(ds.y_train, settings, spec.balanced, rng, defense_seed, ctx.seed)
-    if not spec.uses_data:  # data-free (CLP): no image, only the input shape
-        idx = idx[:0]
-    benign = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)
+    if spec.training_time:  # the victim's poisoned training set (AC, ABL)
+        data: BenignData | PoisonedTrainData = PoisonedTrainData(
+            bd.x_train, bd.y_train, ds.num_classes, bd.poison_mask)
+        seen = {"training_set": {"count": int(len(bd.y_train)), "poisoned": bd.num_poisoned}}
+    else:
+        idx = benign_indices(ds.y_train, settings, spec.balanced, rng, defense_seed, ctx.seed)
+        if not spec.uses_data:  # data-free (CLP): no image, only the input shape
+            idx = idx[:0]
+        data = BenignData(ds.x_train[idx], ds.y_train[idx], ds.num_classes)
+        seen = {"benign_examples": int(len(idx)),
+                "benign": {"selection": settings.benign_selection, **benign_fingerprint(idx)}}
     # A variant's stages keep their own checkpoints (checkpoints/FOLDER/STAGE).
     ctx = dataclasses.replace(ctx, scope=column.folder if column.is_variant else None)
     t0 = start_timer(ctx)
-    variables, details = defended_parts(spec.run(model, bd_vars, benign, dcfg, rng, ctx))
+    variables, details = defended_parts(spec.run(model, bd_vars, data, dcfg, rng, ctx))
     save_variables(workdir / "models" / column.folder, variables)
     r = ctx.evaluate(variables)
     r["der"] = metrics.der(results["backdoored"], r)
-    r.update(seconds=elapsed(t0, ctx), benign_examples=int(len(idx)),
-             benign={"selection": settings.benign_selection, **benign_fingerprint(idx)},
-             config=record)
+    r.update(seconds=elapsed(t0, ctx), **seen, config=record)
     if details is not None:  # a defense's own facts (NC's anomaly indices, ...)
         r["details"] = details
     results["defenses"][name] = r

@@ -162,6 +162,24 @@ def defense_settings(preset: str) -> ml_collections.ConfigDict:
         unlearning_ratio=0.2, epochs=2 if smoke else 100, lr=0.01, momentum=0.9,
         weight_decay=5e-4, schedule="cosine_epoch", t_max=config_dict.placeholder(int),
         augment=True)
+    # AC (ac.py), a training-time defense: per-class ICA + 2-means of the last hidden layer on
+    # the poisoned training set, clusters under 35% of their class removed, a model retrained
+    # from scratch (BackdoorBench's recipe; cpu: the cpu backdoor recipe).
+    d.ac = dict(
+        nb_dims=10, reduce="ica", nb_clusters=2, n_init=10, cluster_analysis="relative_size",
+        size_threshold=0.35, batch_size=256, retrain=dict(
+            epochs=2 if smoke else 60 if cpu else 100, batch_size=128 if smoke or cpu else 256,
+            lr=0.05 if smoke or cpu else 0.01, momentum=0.9, weight_decay=5e-4,
+            schedule="cosine_epoch", t_max=config_dict.placeholder(int), label_smoothing=0.0,
+            sam=False, rho=2.0, adaptive=True, eta=0.0, group_size=config_dict.placeholder(int),
+            augment=True, drop_last=True))
+    # ABL (abl.py), a training-time defense: LGA isolation training, the lowest-loss 1%
+    # isolated, continued training, unlearning by gradient ascent (BackdoorBench's yaml).
+    d.abl = dict(
+        isolation_epochs=1 if smoke else 20, lr=0.01, gamma=0.5, loss="lga",
+        isolation_ratio=0.01, finetune_epochs=2 if smoke else 60,
+        lr_drop_epoch=1 if smoke else 40, unlearn_epochs=1 if smoke else 20, unlearn_lr=1e-4,
+        batch_size=256, momentum=0.9, weight_decay=1e-4, nesterov=True)
     return d
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftsam_jax.defenses import anp, clp, fp, fst, ibau, ikd, nad, nc, pam
-from ftsam_jax.defenses.base import BenignData, DefenseSpec, select_benign
+from ftsam_jax.defenses import abl, ac, anp, clp, fp, fst, ibau, ikd, nad, nc, pam
+from ftsam_jax.defenses.base import BenignData, DefenseSpec, PoisonedTrainData, select_benign
 from ftsam_jax.defenses.finetune import (
     RECIPES,
     FineTuneConfig,
@@ -20,7 +20,8 @@ from ftsam_jax.defenses.finetune import (
     ftsam_config,
 )
 
-__all__ = ["DEFENSES", "BenignData", "DefenseSpec", "register", "select_benign"]
+__all__ = ["DEFENSES", "BenignData", "DefenseSpec", "PoisonedTrainData", "register",
+           "select_benign"]
 
 DEFENSES: dict[str, DefenseSpec] = {}
 
@@ -85,3 +86,11 @@ register(DefenseSpec(
     "nc", nc.nc, nc.nc_config, nc.NCConfig, balanced=False,
     summary="Neural Cleanse: a reversed trigger per label, MAD outlier test, unlearning of "
             "the flagged triggers (Wang et al., S&P 2019)"))
+register(DefenseSpec(
+    "ac", ac.ac, ac.ac_config, ac.ACConfig, training_time=True,
+    summary="Activation Clustering: per-class ICA + 2-means of the last hidden layer on the "
+            "poisoned training set, small clusters removed, retrained (Chen et al., 2018)"))
+register(DefenseSpec(
+    "abl", abl.abl, abl.abl_config, abl.ABLConfig, training_time=True,
+    summary="Anti-Backdoor Learning: LGA isolation of the lowest-loss 1%, continued training, "
+            "then unlearning them (Li et al., NeurIPS 2021)"))

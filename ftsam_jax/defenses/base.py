@@ -22,8 +22,8 @@ import numpy as np
 from ftsam_jax.training.stage import StageContext
 
 __all__ = ["BENIGN_SELECTIONS", "BenignData", "DefenseFn", "DefenseSpec", "Defended",
-           "benign_fingerprint", "defended_parts", "select_benign", "settings_from_dict",
-           "with_defaults"]
+           "PoisonedTrainData", "benign_fingerprint", "defended_parts", "select_benign",
+           "settings_from_dict", "with_defaults"]
 
 # How a run's defenses get their benign subsets: `reference`, each by its own rule
 # (`DefenseSpec.balanced`) from its own random stream, as BackdoorBench does; `shared`, one
@@ -40,6 +40,23 @@ class BenignData:
     x: np.ndarray
     y: np.ndarray
     num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonedTrainData:
+    """What a training-time defense (AC, ABL; `DefenseSpec.training_time`) receives instead of
+    a benign subset: the victim's whole training set as it was poisoned (uint8 NHWC images with
+    the triggers baked in, the labels the model was trained on). `poison_mask` marks the images
+    that were really poisoned, for the defense's record (its detection's precision and recall)
+    only, never for its decisions."""
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    poison_mask: np.ndarray
 
     def __len__(self) -> int:
         return len(self.y)
@@ -80,6 +97,9 @@ class DefenseSpec:
       config_cls: the frozen settings dataclass, the schema (`config_from_dict`).
       balanced: draw the benign subset class-balanced (FT-SAM) instead of uniformly (FT).
       uses_data: False for data-free defenses (CLP).
+      training_time: a training-time defense (AC, ABL): it receives the whole poisoned
+        training set (`PoisonedTrainData`) instead of a benign subset, and the pipeline refuses
+        it with an attack that poisons on the fly (no fixed poisoned set).
       summary: one line for --help and README.
       fixed: {dotted field: why}: settings the defense fixes or derives itself; a change to one
         is refused (it would be dropped).
@@ -97,6 +117,7 @@ class DefenseSpec:
     config_cls: type
     balanced: bool = False
     uses_data: bool = True
+    training_time: bool = False
     summary: str = ""
     fixed: Mapping[str, str] = dataclasses.field(default_factory=dict)
     variant_field: str | None = None
