@@ -11,8 +11,8 @@ Every setting is a field of `experiments/configs/detect.py` (`--config=...:cpu
 Stages (each resumable; rerun the same command to continue): the scenes (cached in
 `WORKDIR/data`), the teacher (`ftsam_jax.models.fcos.FCOS`, wider/deeper; its final variables
 in `models/teacher`), its adversarial training set made once with MI-DI-FGSM against its
-classification loss (eps 8/255, step 2/255, 5 steps, momentum 1, DI p 0.5 / 0.9; cached), then
-one student per method and seed:
+classification loss (eps `afa_eps`/255, default 8; step 2/255; `afa_steps` steps, default 5;
+momentum 1, DI p 0.5 / 0.9; cached), then one student per method and seed:
 - `student`: the detection loss alone.
 - `fgd`: + FGD on P3-P5 (official RetinaNet weights, see `ftsam_jax.detection.fgd`).
 - `fgd_ssa`: + the official sample-specific augmentation in the IKD phase.
@@ -20,17 +20,24 @@ one student per method and seed:
 - `fgd_ikd`: fgd + SSA + AFA: IKD.
 - `fgd_noise`: like fgd_afa with uniform +-`noise_eps` noise instead of the adversarial images
   (the control: "adversarial" or "any perturbation").
-The IKD phase is the first `ikd_fraction` of the epochs (2/3: the official 16 of 24); plain FGD
-after. Optimizer: AdamW (lr `lr`, weight decay `weight_decay`, cosine per epoch after an
-optional linear warm-up), the same for teacher and students (not the paper's SGD 2x schedule
-for ImageNet-pretrained R50s: our detectors train from scratch on small data). With
+- `mgd`, `mgd_ssa`, `mgd_afa`, `mgd_ikd`: the same with MGD as the base distiller
+  (`ftsam_jax.detection.mgd`: alpha `mgd_alpha` 2e-5, mask ratio `mgd_lambda` 0.65, the
+  official RetinaNet config's); the IKD terms are the same code whichever base runs.
+The IKD phase is the first `ikd_fraction` of the epochs (2/3: the official 16 of 24); the plain
+base distiller after. Optimizer: AdamW (lr `lr`, weight decay `weight_decay`, cosine per epoch
+after an optional linear warm-up), the same for teacher and students (not the paper's SGD 2x
+schedule for ImageNet-pretrained R50s: our detectors train from scratch on small data). With
 `paired_streams`, every method's student of a seed starts from the same init and sees the same
 batch order (the pairing of the pre-stated IKD test); otherwise each method draws its own.
 
 Writes results.json ({"dataset", "config", "teacher": {"ap", "ap50", "ap75", "ap_s", "ap_m",
 "ap_l", "ar100", "ap_adv", "seconds"}, "students": {method: {same keys as means, "std",
-"per_seed", "seconds"}}}, fractions in [0, 1]), results.md (with paired differences against
-fgd and their 95% intervals), metrics.jsonl (with the teacher's / students' evaluation AP every
+"per_seed", "seconds"}}}, fractions in [0, 1]; "ap_adv": {`adv_key(eps, steps)`: the teacher's
+AP on its adversarial evaluation images at that attack strength}, one entry per strength a run
+of this workdir used: a workdir that starts from another's teacher row keeps its entries and
+adds its own; an older results.json's single number was eps 8/255, 5 steps), results.md (with
+paired differences against fgd, and of the mgd_* methods against mgd, with 95% intervals),
+metrics.jsonl (with the teacher's / students' evaluation AP every
 `teacher_eval_every` / `student_eval_every` epochs: `val_ap`, `val_ap50`, `val_ap_s`),
 tensorboard/, detections.png, models/ (the teacher's final variables, and each method's first
 seed: a workdir with results.json and models/ needs no checkpoint). COCO metrics via
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -94,8 +102,10 @@ from ftsam_jax.detection.distill import (
 )
 from ftsam_jax.detection.evaluate import KEYS, DetectionEvaluator, coco_results
 from ftsam_jax.detection.fgd import FGDConfig
+from ftsam_jax.detection.mgd import MGDConfig
 from ftsam_jax.detection.plot import plot_detections
 from ftsam_jax.detection.step import detect_train_step, detection_loss_fn, random_hflip
+from ftsam_jax.distill.adversarial import AttackConfig
 from ftsam_jax.distill.augment import SSAConfig
 from ftsam_jax.distill.step import StudentTeacherState, bind_teacher
 from ftsam_jax.models.fcos import FCOS
@@ -105,10 +115,16 @@ from ftsam_jax.training.stage import Stage, StageContext, stage_rng, train_stage
 from ftsam_jax.training.step import create_train_state
 
 FLAGS = flags.FLAGS
-METHODS = ("student", "fgd", "fgd_ssa", "fgd_afa", "fgd_ikd", "fgd_noise")
+METHODS = ("student", "fgd", "fgd_ssa", "fgd_afa", "fgd_ikd", "fgd_noise", "mgd", "mgd_ssa",
+           "mgd_afa", "mgd_ikd")
+# A method's name: its base distiller, then a suffix saying which IKD terms it adds (SSA, AFA's
+# input).
+SUFFIXES = {"": (False, None), "_ssa": (True, None), "_afa": (False, "adv"),
+            "_ikd": (True, "adv"), "_noise": (False, "noise")}
 # Flags that are shorthands of the config fields of the same name.
 SHORTHANDS = ("dataset", "data_dir", "methods", "seeds", "num_train", "num_val", "epochs",
-              "teacher_epochs", "batch_size", "lr", "alpha_adv", "progress")
+              "teacher_epochs", "batch_size", "lr", "alpha_adv", "afa_eps", "afa_steps",
+              "progress")
 # Settings whose change makes a workdir's checkpoints and results meaningless (fields added
 # later are compared with `LEGACY_VALUES` where an older config.json lacks them).
 RUN_KEYS = ("dataset", "data_dir", "image_size", "num_train", "num_val", "teacher_epochs",
@@ -138,6 +154,8 @@ def define_flags() -> None:
     flags.DEFINE_float("lr", None, "AdamW learning rate (cosine per epoch).")
     flags.DEFINE_float("alpha_adv", None, "AFA weight (on a sum over C*H*W per image and "
                        "level).")
+    flags.DEFINE_float("afa_eps", None, "AFA's attack radius in grey levels (/255; 8).")
+    flags.DEFINE_integer("afa_steps", None, "AFA's attack iterations (5).")
     flags.DEFINE_string("workdir", None, "Output folder (default runs/detect_<preset>).")
     flags.DEFINE_bool("progress", None, "Progress bars.")
     config_flags.DEFINE_config_file(
@@ -173,6 +191,13 @@ def _check_numbers(tree: ml_collections.ConfigDict, num_devices: int) -> None:
         (0 <= tree.ikd_fraction <= 1, "--config.ikd_fraction must lie in [0, 1]"),
         (tree.ssa_small_area > 0 and tree.noise_eps >= 0 and tree.weight_decay >= 0,
          "--config.ssa_small_area must be > 0, noise_eps and weight_decay >= 0"),
+        (math.isfinite(tree.afa_eps) and 0 < tree.afa_eps <= 255,
+         f"--afa_eps must be a number of grey levels in (0, 255], got {tree.afa_eps}"),
+        (tree.afa_steps >= 1, f"--afa_steps must be >= 1, got {tree.afa_steps}"),
+        (math.isfinite(tree.mgd_alpha) and tree.mgd_alpha >= 0,
+         f"--config.mgd_alpha must be >= 0, got {tree.mgd_alpha}"),
+        (0 <= tree.mgd_lambda < 1,
+         f"--config.mgd_lambda (MGD's masked share) must lie in [0, 1), got {tree.mgd_lambda}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -201,14 +226,47 @@ def resolve(tree: ml_collections.ConfigDict, num_devices: int) -> dict[str, Any]
     return json.loads(json.dumps(cfg))  # tuples as lists, as config.json stores them
 
 
+def method_parts(method: str) -> tuple[str | None, bool, str | None]:
+    """(base distiller's name or None, SSA in the IKD phase, AFA's input: "adv", "noise" or
+    None) of a method name, e.g. "mgd_ikd" -> ("mgd", True, "adv")."""
+    if method == "student":
+        return None, False, None
+    base, _, suffix = method.partition("_")
+    return (base, *SUFFIXES["_" + suffix if suffix else ""])
+
+
 def method_config(method: str, cfg: dict[str, Any]) -> DetectDistillConfig:
-    """A method's distillation settings; `fgd_scale` multiplies FGD's four loss weights."""
-    base, scale = FGDConfig(), cfg["fgd_scale"]
-    fgd = dataclasses.replace(base, alpha=base.alpha * scale, beta=base.beta * scale,
-                              gamma=base.gamma * scale, lam=base.lam * scale)
-    afa = method in ("fgd_afa", "fgd_ikd", "fgd_noise")
-    return DetectDistillConfig(fgd=None if method == "student" else fgd,
-                               alpha_adv=cfg["alpha_adv"] if afa else 0.0)
+    """A method's distillation settings: its base distiller (FGD with `fgd_scale` multiplying
+    its four loss weights, or MGD with `mgd_alpha` / `mgd_lambda`) and AFA's weight."""
+    name, _, source = method_parts(method)
+    base: FGDConfig | MGDConfig | None = None
+    if name == "fgd":
+        fgd, scale = FGDConfig(), cfg["fgd_scale"]
+        base = dataclasses.replace(fgd, alpha=fgd.alpha * scale, beta=fgd.beta * scale,
+                                   gamma=fgd.gamma * scale, lam=fgd.lam * scale)
+    elif name == "mgd":
+        base = MGDConfig(alpha=cfg["mgd_alpha"], ratio=cfg["mgd_lambda"])
+    return DetectDistillConfig(base=base, alpha_adv=cfg["alpha_adv"] if source else 0.0)
+
+
+def attack_config(cfg: dict[str, Any]) -> AttackConfig:
+    """AFA's MI-DI-FGSM: eps `afa_eps`/255, `afa_steps` steps, the official step 2/255."""
+    return AttackConfig(eps=cfg["afa_eps"] / 255.0, steps=cfg["afa_steps"])
+
+
+def adv_key(eps: float, steps: int) -> str:
+    """The key of the teacher's `ap_adv` at an attack strength, e.g. "eps=8/255,steps=5"."""
+    return f"eps={eps:g}/255,steps={steps}"
+
+
+def upgrade_results(results: dict[str, Any]) -> dict[str, Any]:
+    """An older results.json in today's form: the teacher's single `ap_adv` number (every such
+    run attacked with eps 8/255, 5 steps) becomes {adv_key(8, 5): number}."""
+    teacher = results.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("ap_adv"), int | float):
+        teacher["ap_adv"] = {adv_key(LEGACY_VALUES["afa_eps"], LEGACY_VALUES["afa_steps"]):
+                             teacher["ap_adv"]}
+    return results
 
 
 def optimizer(lr: float, steps_per_epoch_: int, epochs: int, warmup_epochs: float = 0.0,
@@ -295,10 +353,12 @@ def _pct(v: float) -> str:
     return "-" if v < 0 else f"{100 * v:.1f}"
 
 
-def paired_lines(results: dict[str, Any], base: str = "fgd") -> list[str]:
-    """Each method's AP and AP_S minus `base`'s, paired by seed: mean ± std and the 95%
-    interval over the seeds both ran; "not resolved" where the interval spans 0."""
-    if base not in results["students"] or len(results["students"]) < 2:
+def paired_lines(results: dict[str, Any], base: str = "fgd", prefix: str = "") -> list[str]:
+    """Each method's (of those named `prefix`...) AP and AP_S minus `base`'s, paired by seed:
+    mean ± std and the 95% interval over the seeds both ran; "not resolved" where the interval
+    spans 0. Nothing where `base` or such methods are absent."""
+    names = [n for n in results["students"] if n != base and n.startswith(prefix)]
+    if base not in results["students"] or not names:
         return []
     paired = results["config"].get("paired_streams", False)
     lines = ["", f"Differences against {base} paired by seed ("
@@ -306,9 +366,10 @@ def paired_lines(results: dict[str, Any], base: str = "fgd") -> list[str]:
                 "each method draws its own init and order from the seed")
              + "), AP and AP_S points: mean ± std [95% interval]:", ""]
     ref = {p["seed"]: p for p in results["students"][base]["per_seed"]}
-    for name, r in results["students"].items():
+    for name in names:
+        r = results["students"][name]
         pairs = [(p, ref[p["seed"]]) for p in r["per_seed"] if p["seed"] in ref]
-        if name == base or not pairs:
+        if not pairs:
             continue
         parts = []
         for key in ("ap", "ap_s"):
@@ -335,6 +396,26 @@ def seeds_phrase(students: dict[str, Any]) -> str:
                                        for seeds, names in groups.items()) + ")"
 
 
+def teacher_adv_line(results: dict[str, Any]) -> str:
+    """The teacher's AP on its adversarial evaluation images at this run's attack strength
+    (named unless it is the default 8/255, 5 steps), then at any other strengths recorded."""
+    c, t = results["config"], results["teacher"]
+    eps = c.get("afa_eps", LEGACY_VALUES["afa_eps"])
+    steps = c.get("afa_steps", LEGACY_VALUES["afa_steps"])
+    ap_adv = t["ap_adv"] if isinstance(t["ap_adv"], dict) else {adv_key(eps, steps): t["ap_adv"]}
+    own = adv_key(eps, steps)
+    legacy = (eps, steps) == (LEGACY_VALUES["afa_eps"], LEGACY_VALUES["afa_steps"])
+    line = ("Teacher AP on its adversarial evaluation images"
+            + ("" if legacy else f" (MI-DI-FGSM, eps {eps:g}/255, {steps} steps)")
+            + f": {_pct(ap_adv[own])} (clean {_pct(t['ap'])}).")
+    others = sorted((k for k in ap_adv if k != own),
+                    key=lambda k: (float(k.split("=")[1].split("/")[0]), k))
+    if others:
+        line += (" At other strengths (other runs from this teacher): "
+                 + ", ".join(f"{k} {_pct(ap_adv[k])}" for k in others) + ".")
+    return line
+
+
 def results_table(results: dict[str, Any]) -> str:
     c = results["config"]
     buckets = ("COCO's size buckets (original pixels)" if results["dataset"].startswith("coco:")
@@ -358,8 +439,8 @@ def results_table(results: dict[str, Any]) -> str:
                                                  if n > 1 and r[k] >= 0 else "")
         lines.append(f"| {name} | " + " | ".join(cell(k) for k in KEYS)
                      + f" | {r['seconds']:.0f} |")
-    lines += ["", f"Teacher AP on its adversarial evaluation images: {_pct(t['ap_adv'])} "
-              f"(clean {_pct(t['ap'])}).", *paired_lines(results)]
+    lines += ["", teacher_adv_line(results), *paired_lines(results),
+              *paired_lines(results, "mgd", "mgd_")]
     return "\n".join(lines) + "\n"
 
 
@@ -435,34 +516,51 @@ def train_teacher(run: Run, extra: DetectionData | None) -> Any:
 
 
 def evaluate_teacher(run: Run, t_params: Any, t0: float) -> None:
-    """The teacher's row of results.json (clean metrics, AP on adversarial evaluation images),
-    once; results.json's "config" is always this run's settings."""
+    """The teacher's row of results.json (clean metrics, AP on adversarial evaluation images
+    at this run's attack strength), once; a teacher row without this strength's `ap_adv`
+    (one taken over from a run at another eps) gets it added. results.json's "config" is
+    always this run's settings."""
+    key = adv_key(run.cfg["afa_eps"], run.cfg["afa_steps"])
+    evaluate = run.evaluator(run.teacher)
+
+    def ap_adv() -> float:
+        val_adv = adversarial_set(run.teacher, t_params, run.val, jax.random.fold_in(
+            stage_rng(run.cfg["seed0"], "adversarial"), 1), run.ctx.mesh,
+            run.cfg["batch_size"], attack_config(run.cfg))
+        return evaluate(t_params, val_adv)["ap"]
+
     if "teacher" in run.results:  # finished earlier: the config is this run's
         run.results["config"] = {**run.cfg, "train_images": len(run.train),
                                  "val_images": len(run.val)}
+        if key not in run.results["teacher"]["ap_adv"]:
+            run.results["teacher"]["ap_adv"][key] = ap_adv()
+            run.save_results()
         return
-    evaluate = run.evaluator(run.teacher)
-    val_adv = adversarial_set(run.teacher, t_params, run.val, jax.random.fold_in(
-        stage_rng(run.cfg["seed0"], "adversarial"), 1), run.ctx.mesh, run.cfg["batch_size"])
     t_metrics, dets = evaluate.evaluate(t_params)
     write_detections(run.workdir, "teacher", run.val, dets)
     run.results = {"dataset": run.cfg["dataset"],
                    "config": {**run.cfg, "train_images": len(run.train),
                               "val_images": len(run.val)},
-                   "teacher": {**t_metrics, "ap_adv": evaluate(t_params, val_adv)["ap"],
+                   "teacher": {**t_metrics, "ap_adv": {key: ap_adv()},
                                "seconds": elapsed(t0, run.ctx)}, "students": {}}
     run.save_results()
 
 
 def perturbed_sets(run: Run, t_params: Any) -> dict[str, np.ndarray]:
     """The AFA inputs of the methods that need them: the adversarial training images (made
-    once, cached in data/) and the control's uniform noise."""
-    cfg, methods, out = run.cfg, run.cfg["methods"], {}
-    if any(m in methods for m in ("fgd_afa", "fgd_ikd")):
-        out["adv"] = _cached(run.workdir / "data" / "adversarial.npy", lambda: adversarial_set(
+    once per attack strength, cached in data/: `adversarial.npy` at the default eps 8/255 and
+    5 steps, `adversarial_eps<E>_steps<K>.npy` otherwise) and the control's uniform noise."""
+    cfg, out = run.cfg, {}
+    sources = {method_parts(m)[2] for m in cfg["methods"]}
+    if "adv" in sources:
+        eps, steps = cfg["afa_eps"], cfg["afa_steps"]
+        name = ("adversarial.npy" if (eps, steps) == (LEGACY_VALUES["afa_eps"],
+                                                      LEGACY_VALUES["afa_steps"])
+                else f"adversarial_eps{eps:g}_steps{steps}.npy")
+        out["adv"] = _cached(run.workdir / "data" / name, lambda: adversarial_set(
             run.teacher, t_params, run.train, stage_rng(cfg["seed0"], "adversarial"),
-            run.ctx.mesh, cfg["batch_size"]))
-    if "fgd_noise" in methods:
+            run.ctx.mesh, cfg["batch_size"], attack_config(cfg)))
+    if "noise" in sources:
         rng = np.random.default_rng(cfg["seed0"])
         eps = cfg["noise_eps"]
         out["noise"] = np.clip(np.rint(run.train.images + rng.uniform(
@@ -475,20 +573,22 @@ def student_stage(run: Run, method: str, seed: int, t_params: Any,
     """The stage of one method's student for one seed."""
     cfg, size, k = run.cfg, run.cfg["image_size"], len(run.train.class_names)
     spe, dcfg = run.steps_per_epoch, method_config(method, run.cfg)
+    _, with_ssa, source = method_parts(method)
     tx = optimizer(cfg["lr"], spe, cfg["epochs"], cfg["warmup_epochs"], cfg["weight_decay"])
     ssa = SSAConfig(small_area=cfg["ssa_small_area"])
+    teacher = None if method == "student" else run.teacher
     step = bind_teacher(make_detect_distill_step(
-        run.student, None if method == "student" else run.teacher, tx, dcfg, k, size,
+        run.student, teacher, tx, dcfg, k, size,
         ikd_steps=int(round(cfg["ikd_fraction"] * cfg["epochs"])) * spe,
-        ssa=ssa if method in ("fgd_ssa", "fgd_ikd") else None))
+        ssa=ssa if with_ssa else None))
     data = dict(run.data)
     if dcfg.alpha_adv > 0:
-        source = "noise" if method == "fgd_noise" else "adv"
         data["adv"] = jax.device_put(pert[source], parallel.replicated(run.ctx.mesh))
     stream = "student" if cfg["paired_streams"] else f"student/{method}"
     init_rng, run_rng = jax.random.split(stage_rng(seed, stream))
     state = StudentTeacherState(
-        create_detect_distill_state(run.student, tx, init_rng, size, dcfg), t_params)
+        create_detect_distill_state(run.student, tx, init_rng, size, dcfg, teacher=teacher),
+        t_params)
     every = cfg["student_eval_every"]
     curve = (_curve(run.evaluator(run.student), lambda s: s.student.params["student"])
              if every else None)
@@ -535,8 +635,7 @@ def train_students(run: Run, t_params: Any, plots: dict[str, list]) -> None:
             run.results["students"][method] = {
                 **seed_summary(per_seed), "per_seed": per_seed,
                 "seconds": round(float(np.mean(seconds)), 1), "seconds_per_seed": seconds,
-                "config": json.loads(json.dumps(dataclasses.asdict(
-                    method_config(method, cfg))))}
+                "config": method_config(method, cfg).record()}
             run.save_results()
 
 
@@ -557,7 +656,8 @@ def train_and_evaluate(tree: ml_collections.ConfigDict, workdir: str | Path, *,
     run = Run(cfg, workdir, ctx, train, val, device_data(mesh, train),
               mk(cfg["teacher_width"], cfg["teacher_blocks"]),
               mk(cfg["student_width"], cfg["student_blocks"]),
-              read_json(path, "the results", RESULTS_FIX) if path.is_file() else {})
+              upgrade_results(read_json(path, "the results", RESULTS_FIX))
+              if path.is_file() else {})
     t0 = start_timer(ctx)
     t_params = train_teacher(run, extra)
     evaluate_teacher(run, t_params, t0)

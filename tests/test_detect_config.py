@@ -8,10 +8,22 @@ import pytest
 
 from experiments.cli import InputError
 from experiments.configs.detect import LEGACY_VALUES, PRESETS, get_config
-from experiments.detect import RUN_KEYS, method_config, resolve, seeds_phrase
+from experiments.detect import (
+    RUN_KEYS,
+    adv_key,
+    attack_config,
+    method_config,
+    method_parts,
+    resolve,
+    results_table,
+    seeds_phrase,
+    upgrade_results,
+)
 from experiments.workdir import check_workdir
 from ftsam_jax.detection.distill import DetectDistillConfig
 from ftsam_jax.detection.fgd import FGDConfig
+from ftsam_jax.detection.mgd import MGDConfig
+from ftsam_jax.distill.adversarial import AttackConfig
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -20,7 +32,9 @@ def test_config_values_match_the_library_defaults(preset):
     so the two cannot drift apart unnoticed."""
     tree = get_config(preset)
     assert tree.alpha_adv == DetectDistillConfig().alpha_adv
-    assert method_config("fgd", resolve(tree, 1)).fgd == FGDConfig()
+    assert method_config("fgd", resolve(tree, 1)).base == FGDConfig()
+    assert method_config("mgd_ikd", resolve(tree, 1)).base == MGDConfig()
+    assert attack_config(resolve(tree, 1)) == AttackConfig()  # AFA's official 8/255, 5 steps
     # The fields added after older workdirs ran default to what those runs had.
     for key, value in LEGACY_VALUES.items():
         assert tree[key] == value, key
@@ -33,7 +47,12 @@ def test_resolve_records_every_setting_and_refuses_bad_values():
     for field, value, phrase in (("ikd_fraction", 1.5, "ikd_fraction"),
                                  ("noise_eps", -1.0, "noise_eps"),
                                  ("warmup_epochs", 2.0, "warmup_epochs"),
-                                 ("teacher_extra_scenes", -1, "teacher_extra_scenes")):
+                                 ("teacher_extra_scenes", -1, "teacher_extra_scenes"),
+                                 ("afa_eps", -1.0, "--afa_eps"),
+                                 ("afa_eps", float("nan"), "--afa_eps"),
+                                 ("afa_steps", 0, "--afa_steps"),
+                                 ("mgd_alpha", -1e-5, "mgd_alpha"),
+                                 ("mgd_lambda", 1.0, "mgd_lambda")):
         tree = get_config("smoke")
         tree[field] = value
         with pytest.raises(InputError, match=phrase):
@@ -78,3 +97,45 @@ def test_results_header_names_each_rows_seeds_when_they_differ():
     assert seeds_phrase({"fgd": ten, "fgd_ikd": ten}) == f"seeds {list(range(10))}"
     assert seeds_phrase({"fgd": ten, "fgd_ikd": ten, "fgd_afa": three}) == (
         f"their seeds (fgd, fgd_ikd: {list(range(10))}; fgd_afa: [0, 1, 2])")
+
+
+def test_methods_name_their_base_and_ikd_terms():
+    cfg = resolve(get_config("smoke"), 1)
+    assert method_parts("student") == (None, False, None)
+    assert method_parts("fgd_noise") == ("fgd", False, "noise")
+    for base in ("fgd", "mgd"):
+        assert method_parts(base) == (base, False, None)
+        assert method_parts(f"{base}_ssa") == (base, True, None)
+        assert method_parts(f"{base}_afa") == (base, False, "adv")
+        assert method_parts(f"{base}_ikd") == (base, True, "adv")
+    # the IKD terms' settings are the same whichever base runs
+    assert method_config("mgd_ikd", cfg).alpha_adv == method_config("fgd_ikd", cfg).alpha_adv
+    assert method_config("mgd", cfg).alpha_adv == 0.0
+    # results.json's record: an FGD method's as before the base interface
+    assert method_config("fgd", cfg).record() == {
+        "fgd": {"alpha": 1e-3, "beta": 5e-4, "gamma": 5e-4, "lam": 5e-6, "temperature": 0.5},
+        "alpha_adv": 0.0, "levels": ["p3", "p4", "p5"]}
+    assert method_config("mgd_afa", cfg).record()["mgd"] == {"alpha": 2e-5, "ratio": 0.65}
+    tree = get_config("smoke")
+    tree.afa_eps, tree.afa_steps = 2.0, 3
+    assert attack_config(resolve(tree, 1)) == AttackConfig(eps=2 / 255, steps=3)
+
+
+def test_older_results_keep_their_teacher_ap_adv_under_the_default_strength():
+    """An older results.json's single ap_adv (eps 8/255, 5 steps) is keyed on reading; the
+    table's line for the default strength reads as before; other strengths are listed."""
+    cfg = resolve(get_config("smoke"), 1)
+    metrics = {k: 0.5 for k in ("ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l", "ar100")}
+    old = {"dataset": cfg["dataset"], "config": {**cfg, "train_images": 64, "val_images": 32},
+           "teacher": {**metrics, "ap_adv": 0.125, "seconds": 1.0}, "students": {}}
+    for key in ("afa_eps", "afa_steps", "mgd_alpha", "mgd_lambda"):
+        del old["config"][key]  # written before these fields existed
+    new = upgrade_results(json.loads(json.dumps(old)))
+    assert new["teacher"]["ap_adv"] == {"eps=8/255,steps=5": 0.125} == {adv_key(8.0, 5): 0.125}
+    line = ("Teacher AP on its adversarial evaluation images: 12.5 (clean 50.0).")
+    assert line in results_table(new).splitlines()
+    new["teacher"]["ap_adv"][adv_key(2.0, 5)] = 0.25
+    new["config"].update(afa_eps=2.0, afa_steps=5)
+    assert ("Teacher AP on its adversarial evaluation images (MI-DI-FGSM, eps 2/255, 5 steps): "
+            "25.0 (clean 50.0). At other strengths (other runs from this teacher): "
+            "eps=8/255,steps=5 12.5.") in results_table(new).splitlines()

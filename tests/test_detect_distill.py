@@ -98,7 +98,7 @@ def test_sam_step_on_eight_devices_equals_one(setup):
 def test_student_without_teacher_needs_none():
     student = FCOS(num_classes=4, width=8, fpn_channels=16)
     make_detect_distill_step(student, None, optax.sgd(0.1),
-                             DetectDistillConfig(fgd=None, alpha_adv=0.0), 4, 64)
+                             DetectDistillConfig(base=None, alpha_adv=0.0), 4, 64)
     with pytest.raises(ValueError, match="teacher"):
         make_detect_distill_step(student, None, optax.sgd(0.1), DetectDistillConfig(), 4, 64)
 

@@ -33,7 +33,8 @@ PRESETS = {
 LEGACY_VALUES = {"fgd_scale": 1.0, "eval_split": "val", "warmup_epochs": 0.0,
                  "teacher_extra_scenes": 0, "teacher_flip": False, "paired_streams": False,
                  "ikd_fraction": 2 / 3, "ssa_small_area": 256.0, "noise_eps": 8.0,
-                 "weight_decay": 1e-4}
+                 "weight_decay": 1e-4, "afa_eps": 8.0, "afa_steps": 5, "mgd_alpha": 2e-5,
+                 "mgd_lambda": 0.65}
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
@@ -53,7 +54,11 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.teacher_flip = False               # random horizontal flips of the teacher's batches
     # The students' methods.
     c.alpha_adv = 1e-5                   # AFA weight (sum over C*H*W per image and level)
+    c.afa_eps = 8.0                      # AFA's MI-DI-FGSM radius, grey levels (/255; official 8)
+    c.afa_steps = 5                      # ... and its iterations (official 5; step 2/255)
     c.fgd_scale = 1.0                    # multiplies FGD's loss weights (official RetinaNet's)
+    c.mgd_alpha = 2e-5                   # MGD's alpha_mgd (official RetinaNet config)
+    c.mgd_lambda = 0.65                  # MGD's lambda_mgd: the share of masked positions
     c.ikd_fraction = 2 / 3               # IKD phase: this share of the epochs (official 16/24)
     c.ssa_small_area = 256.0             # SSA's "small" box area: 16² px on the 128 px canvas
     c.noise_eps = 8.0                    # fgd_noise: uniform +-eps grey levels (AFA's eps 8/255)

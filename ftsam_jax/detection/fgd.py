@@ -23,13 +23,18 @@ zero-initialised as in the official code). N is the batch size.
 
 Default weights: the official RetinaNet config's (alpha 1e-3, beta 5e-4, gamma 5e-4,
 lambda 5e-6), set for 256-channel P3-P7 features of ~800 px images; the smaller features of
-`ftsam_jax.models.fcos` make every term smaller, so the weights are to be rescaled on a
-held-out split before use (not done yet).
+`ftsam_jax.models.fcos` make every term smaller (`experiments.detect`'s `fgd_scale` rescales
+them; REPRODUCTION.md has the held-out check).
+
+`FGDConfig` is a base distiller (`ftsam_jax.detection.base.FeatureDistiller`, name "fgd"): one
+student/teacher `FGDRelation` pair per level, the loss summed over the levels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -40,11 +45,31 @@ __all__ = ["FGDConfig", "FGDRelation", "fgd_attention", "fgd_loss", "fgd_masks"]
 
 @dataclasses.dataclass(frozen=True)
 class FGDConfig:
+    """FGD's weights; a base distiller (`FeatureDistiller`) of `make_detect_distill_step`."""
+
+    name: ClassVar[str] = "fgd"
     alpha: float = 1e-3
     beta: float = 5e-4
     gamma: float = 5e-4
     lam: float = 5e-6
     temperature: float = 0.5
+
+    def init(self, rng: jax.Array, levels: Sequence[str], student: Sequence[jax.Array],
+             teacher: Sequence[Any]) -> dict[str, Any]:
+        """{level: {"student", "teacher"}}: FGDRelation params sized from the student's
+        features (the teacher's must have the same channels)."""
+        del teacher
+        keys = jax.random.split(rng, 2 * len(levels))
+        return {name: {side: FGDRelation().init(keys[2 * i + j], jnp.zeros_like(f))["params"]
+                       for j, side in enumerate(("student", "teacher"))}
+                for i, (name, f) in enumerate(zip(levels, student, strict=True))}
+
+    def loss(self, params: dict[str, Any], levels: Sequence[str], student: Sequence[jax.Array],
+             teacher: Sequence[jax.Array], inputs: Any) -> jax.Array:
+        """sum over the levels of `fgd_loss(...)["loss"]` (the ground truth's masks)."""
+        return sum(fgd_loss(s, t, inputs.boxes, inputs.valid, inputs.image_hw, params[name],
+                            self)["loss"]
+                   for name, s, t in zip(levels, student, teacher, strict=True))
 
 
 def fgd_attention(features: jax.Array, temperature: float = 0.5) -> tuple[jax.Array, jax.Array]:
