@@ -14,8 +14,10 @@
 # ftsam[label_smoothing=0] and ftsam[schedule=cosine_epoch] beside ftsam on Blended and LF,
 # both model seeds, defense seed 0, in RUNS (default /work/runs/fmnist_knobs) synced to
 # results/fmnist_knobs_cpu. Its cells start as copies of the study's finished ds0 cells
-# (backdoored, clean model, LF's pattern and the ftsam row: the same benign subset), so it
-# refuses to start before those are committed in results/fmnist_cpu.
+# (backdoored, clean model, LF's pattern and the ftsam row: the same benign subset), taken from
+# results/fmnist_cpu or else from the study's run folder (STUDY_RUNS, default
+# /work/runs/fmnist), so it refuses to start before those cells have finished;
+# `bash fmnist_cpu.sh && bash fmnist_cpu.sh --knobs` queues both on one machine.
 #
 # Run it from a snapshot of the code (git worktree add /work/snap COMMIT; cd /work/snap), so
 # that edits in the main tree never change a run halfway, from a folder beside `shared/` (the
@@ -84,9 +86,14 @@ if [ $KNOBS = 1 ]; then
   # study's models it does not commit twice are filled in
   for a in blended lf; do
     for m in 0 1; do
+      # the committed cell, else the study's own run folder (a queue on one machine)
       src=$STUDY/$a/m$m/ds0
+      if ! grep -q '"ftsam"' "$src/results.json" 2>/dev/null; then
+        src=${STUDY_RUNS:-/work/runs/fmnist}/$a/m$m/ds0
+      fi
       if ! grep -q '"ftsam"' "$src/results.json" 2>/dev/null || [ ! -d "$src/models/backdoored" ]; then
-        echo "error: $src has no finished ftsam row yet (issue 31's study first)" >&2; exit 2
+        echo "error: $a/m$m/ds0 has no finished ftsam row yet in $STUDY or its run folder" \
+          "(issue 31's study first)" >&2; exit 2
       fi
       mkdir -p "$RUNS/$a/m$m/ds0" && cp -rn "$src/." "$RUNS/$a/m$m/ds0/"
     done
