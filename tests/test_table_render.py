@@ -326,3 +326,27 @@ def test_report_rebound_of_asr_within_a_defense(tmp_path):
     assert (f"| ftsam | 2 backdoored models | +12.5 ± {np.std([25.0, 0.0], ddof=1):.1f} "
             f"[{12.5 - half:+.1f}, {12.5 + half:+.1f}] not resolved |") in lines
     assert "| ftsam[rho=0] | 1 backdoored model | -10.0 ± 0.0 (one value) |" in lines
+
+
+def test_the_papers_table1_is_transcribed_from_the_reference_notes():
+    """experiments.paper.TABLE1 against ../shared/reference/ftsam-paper.md's Table 1: every
+    attack row, every column (AC, NC and ABL included), every number."""
+    from experiments.paper import TABLE1
+
+    ref = ROOT.parent / "shared" / "reference" / "ftsam-paper.md"
+    if not ref.is_file():
+        pytest.skip("../shared/reference is not beside the checkout")
+    lines = ref.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("### Table 1: CIFAR-10"))
+    rows = [line for line in lines[start:start + 20] if line.startswith("| ")
+            and not line.startswith(("| Attack", "| **Avg"))]
+    names = {"BadNets-A2O": "badnets", "BadNets-A2A": "badnets_a2a", "Blended": "blended",
+             "Input-aware": "input_aware", "CLA (LC)": "lc", "LF": "lf", "SIG": "sig",
+             "SSBA": "ssba", "Trojan": "trojannn", "WaNet": "wanet"}
+    columns = ["none", "ft", "fp", "nad", "ac", "nc", "anp", "abl", "ibau", "ftsam"]
+    parsed = {}
+    for row in rows:
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        parsed[names[cells[0]]] = {c: tuple(float(x) for x in v.split("/"))
+                                   for c, v in zip(columns, cells[1:], strict=True)}
+    assert parsed == TABLE1
