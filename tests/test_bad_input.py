@@ -240,6 +240,12 @@ ROWS: dict[str, list[tuple[str, str]]] = {
         (f"{SMOKE} --config=experiments/configs/detect.py:smoke", "not both"),
         # moved from tests/test_detect_pipeline.py (one subprocess each there)
         ("--config=experiments/configs/detect.py:smoke --config.num_val=0", "must be >= 1"),
+        # AFA's attack strength and MGD's settings (issue 34)
+        (f"{SMOKE} --afa_eps=-1", "--afa_eps must be a number of grey levels in (0, 255]"),
+        (f"{SMOKE} --afa_eps=abc", "--afa_eps"),
+        ("--config=experiments/configs/detect.py:smoke --config.afa_eps=nan", "--afa_eps must"),
+        (f"{SMOKE} --afa_steps=0", "--afa_steps must be >= 1"),
+        ("--config=experiments/configs/detect.py:smoke --config.mgd_lambda=1.0", "mgd_lambda"),
     ],
     "table": [
         ("--attacks=badnets,magic", "magic"),
