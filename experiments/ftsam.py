@@ -265,6 +265,8 @@ def check_run_fields(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     if cfg.attack != "trojannn" and \
             cfg.trojannn.to_dict() != get_config(cfg.preset).trojannn.to_dict():
         raise InputError("config trojannn is changed but --attack is not trojannn")
+    if cfg.attack != "lc" and cfg.lc.to_dict() != get_config(cfg.preset).lc.to_dict():
+        raise InputError("config lc is changed but --attack is not lc")
     if not 0.0 < cfg.poison_ratio <= 1.0:
         raise InputError(f"--poison_ratio must lie in (0, 1], got {cfg.poison_ratio}")
     if not 0.0 < cfg.benign_ratio <= 1.0:
@@ -299,7 +301,8 @@ def run_record(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "seed": cfg.seed, "preset": cfg.preset, "dtype": cfg.dtype,
             "schedule": backdoored_schedule(cfg.preset, cfg.attack),
-            **({"trojannn": cfg.trojannn.to_dict()} if cfg.attack == "trojannn" else {})}
+            **({"trojannn": cfg.trojannn.to_dict()} if cfg.attack == "trojannn" else {}),
+            **({"lc": cfg.lc.to_dict()} if cfg.attack == "lc" else {})}
 
 
 def defense_settings(cfg: ml_collections.ConfigDict, columns: list[DefenseColumn],
@@ -530,6 +533,8 @@ def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dat
         attack_kwargs[key] = cfg.trigger_path
     if cfg.attack == "trojannn":
         attack_kwargs.update(cfg.trojannn.to_dict())
+    if cfg.attack == "lc":
+        attack_kwargs.update(cfg.lc.to_dict())
     try:
         attack = create_attack(cfg.attack, num_classes=ds.num_classes,
                                image_shape=ds.image_shape, target=cfg.target, **attack_kwargs)
@@ -565,8 +570,9 @@ def backdoored_stage(cfg: ml_collections.ConfigDict, settings: Settings, ds: Dat
                         lr=run_cfg["lr"], schedule=run_cfg["schedule"], drop_last=True)
     t0 = start_timer(ctx)
     if attack.needs_fit:
-        # LF's universal perturbation and TrojanNN's trigger are made against the run's clean
-        # model (trained only if the attack asks for it: a cached one needs none).
+        # LF's universal perturbation, TrojanNN's trigger and LC's adversarial images are made
+        # against the run's clean model (trained only if the attack asks for it: a cached one
+        # needs none).
         attack.fit(ds=ds, model=model, fit_config=fit_cfg, ratio=cfg.poison_ratio, ctx=ctx,
                    rng=stage_rng(cfg.seed, "attack"),
                    clean_model=functools.partial(train_clean, cfg, ds, model, ctx))

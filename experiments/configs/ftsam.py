@@ -25,11 +25,11 @@ from ml_collections import config_dict
 PRESETS = ("paper", "cpu", "smoke")
 
 # Settings whose change makes a workdir's checkpoints and results meaningless (config.json's
-# "run": the backdoored model's settings; a rerun with other values is refused). `trojannn`: the
-# attack's section, in "run" only when it is the attack (older workdirs lack it and match).
+# "run": the backdoored model's settings; a rerun with other values is refused). `trojannn`, `lc`:
+# an attack's section, in "run" only when it is the attack (older workdirs lack it and match).
 RUN_KEYS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
             "width", "epochs", "batch_size", "lr", "seed", "preset", "dtype", "schedule",
-            "trojannn")
+            "trojannn", "lc")
 
 # BackdoorBench trains WaNet and Input-aware with a MultiStepLR whose milestones (100..400)
 # never fire in 100 epochs: a constant learning rate. The paper preset keeps that; everything
@@ -66,6 +66,13 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     # preactresnet18.yaml; smoke shortens the trigger optimisation.
     c.trojannn = dict(layer="linear", num_neurons=2, target_value=100.0,
                       iterations=20 if smoke else 1000, step_size=0.1, eps=0.3, tolerance=1e-3)
+    # LC (ftsam_jax/attacks/lc.py; used when attack is lc): PGD eps 16/255 (grey levels), step
+    # 1.5, 100 steps, BackdoorBench's corner trigger at amplitude 1, against a model adversarially
+    # trained here (paper: PGD 8/255, step 2, 10 steps) or the run's clean model (cpu, smoke);
+    # smoke shortens the PGD.
+    c.lc = dict(eps=16.0, step_size=1.5, steps=10 if smoke else 100, amplitude=1.0,
+                source="adversarial" if preset == "paper" else "clean", at_eps=8.0,
+                at_step_size=2.0, at_steps=10)
     # The backdoored model and its training (SGD 0.9 / 5e-4, `backdoored_schedule`).
     c.model = "tiny_cnn" if smoke else "preactresnet18"
     c.width = 8 if smoke else 16 if cpu else 64

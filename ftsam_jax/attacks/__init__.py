@@ -8,6 +8,7 @@ from ftsam_jax.attacks.badnets import BadNets, BadNetsAllToAll
 from ftsam_jax.attacks.base import Attack, PoisonPlan
 from ftsam_jax.attacks.blended import Blended
 from ftsam_jax.attacks.input_aware import InputAware
+from ftsam_jax.attacks.lc import LC
 from ftsam_jax.attacks.lf import LowFrequency
 from ftsam_jax.attacks.poison import BackdoorData, build_backdoor_data
 from ftsam_jax.attacks.sig import SIG
@@ -19,7 +20,7 @@ __all__ = ["ATTACKS", "Attack", "BackdoorData", "PoisonPlan", "build_backdoor_da
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (BadNets, BadNetsAllToAll, Blended, SIG, WaNet, LowFrequency,
-                               InputAware, TrojanNN)
+                               InputAware, TrojanNN, LC)
 }
 
 

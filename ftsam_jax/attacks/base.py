@@ -6,7 +6,8 @@ then
 - `plan(labels, ratio, rng)` says which training indices are poisoned and their new labels
   (dirty-label attacks draw from every class; clean-label attacks only from the target class);
 - `apply(images, labels)` inserts the trigger into uint8 NHWC images (host, numpy), before any
-  augmentation, so crops and flips move it, as in BackdoorBench;
+  augmentation, so crops and flips move it, as in BackdoorBench; `apply_train(images, labels,
+  indices)` makes the poisoned training images (`apply` unless overridden: LC);
 - `poison_labels(labels)` maps true labels to the attacker's labels (target, or (y + 1) mod C);
 - optionally `fit(...)` prepares data-dependent triggers (a universal perturbation, a
   generator; an attack that trains the backdoored classifier itself, like Input-aware, leaves it
@@ -135,6 +136,14 @@ class Attack(abc.ABC):
     @abc.abstractmethod
     def apply(self, images: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Inserts the trigger into uint8 NHWC images; returns new uint8 images."""
+
+    def apply_train(self, images: np.ndarray, labels: np.ndarray | None,
+                    indices: np.ndarray) -> np.ndarray:
+        """The poisoned versions of the training images at `indices` of the training set:
+        `apply` unless an attack's training images differ from its test trigger (LC's
+        adversarial images, looked up by index)."""
+        del indices
+        return self.apply(images, labels)
 
     def make_train_transform(self, ratio: float) -> TrainTransform | None:
         """A jit-able `(batch, rng) -> batch` applied to every (shuffled) training batch, with

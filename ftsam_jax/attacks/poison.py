@@ -52,7 +52,8 @@ def build_backdoor_data(ds: Dataset, attack: Attack, ratio: float, seed: int) ->
     x_train, y_train = ds.x_train.copy(), ds.y_train.copy()
     mask = np.zeros(len(y_train), bool)
     if transform is None:
-        x_train[plan.indices] = attack.apply(ds.x_train[plan.indices], ds.y_train[plan.indices])
+        x_train[plan.indices] = attack.apply_train(ds.x_train[plan.indices],
+                                                   ds.y_train[plan.indices], plan.indices)
         y_train[plan.indices] = plan.labels
         mask[plan.indices] = True
     test_mask = attack.test_mask(ds.y_test)
