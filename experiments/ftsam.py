@@ -545,7 +545,7 @@ def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dat
         raise InputError(f"--retune_attack: the Retuning Attack needs the attack's poisoned "
                          f"training images; {cfg.attack} poisons each batch on the fly")
     timed = [n for n in settings.defenses if DEFENSES[settings.columns[n].base].training_time]
-    if timed and on_the_fly:
+    if timed and not attack.poisoned_set:
         raise InputError(f"--defenses {timed[0]}: a training-time defense needs the attack's "
                          f"poisoned training images; {cfg.attack} poisons each batch on the fly")
     mean, std = normalization_for(ds)

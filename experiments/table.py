@@ -173,9 +173,19 @@ def plan_cells(attacks: list[str], defenses: list[str], seeds: list[int], seeded
             cells.append(Cell(a, None, seeds[0], ratios[0], m))
             for r in ratios:
                 for d in defenses:
+                    if not applicable(a, d):
+                        continue
                     cells.extend(Cell(a, d, s, r, m)
                                  for s in (seeds if d in seeded else seeds[:1]))
     return cells
+
+
+def applicable(attack: str, column: str) -> bool:
+    """Whether a column can run on an attack: a training-time defense (AC, ABL) needs a fixed
+    poisoned training set, which WaNet and Input-aware (poisoned on the fly) do not leave; the
+    table leaves those cells out (a "n/a" in table.md), rather than failing them."""
+    spec = DEFENSES[parse_column(column, DEFENSES).base]
+    return not spec.training_time or ATTACKS[attack].poisoned_set
 
 
 def cell_dir(root: Path, attack: str, seed: int, ratio: float | None = None,

@@ -350,3 +350,17 @@ def test_the_papers_table1_is_transcribed_from_the_reference_notes():
         parsed[names[cells[0]]] = {c: tuple(float(x) for x in v.split("/"))
                                    for c, v in zip(columns, cells[1:], strict=True)}
     assert parsed == TABLE1
+
+
+def test_the_table_leaves_out_training_time_defenses_on_attacks_without_a_poisoned_set():
+    """AC and ABL (and their variants) need a fixed poisoned training set: WaNet's and
+    Input-aware's cells of them are not planned (not failed); every other cell is."""
+    cells = table.plan_cells(["badnets", "wanet", "input_aware"],
+                             ["ft", "ac", "abl[gamma=0.3]"], [0, 1], {"ft"})
+    planned = {(c.attack, c.defense, c.seed) for c in cells}
+    assert ("badnets", "ac", 0) in planned and ("badnets", "abl[gamma=0.3]", 0) in planned
+    assert ("wanet", "ft", 1) in planned and ("input_aware", None, 0) in planned
+    assert not {(a, d) for a, d, _ in planned if a != "badnets"} & {
+        ("wanet", "ac"), ("wanet", "abl[gamma=0.3]"), ("input_aware", "ac"),
+        ("input_aware", "abl[gamma=0.3]")}
+    assert len(cells) == 3 * (1 + 2) + 2  # backdoored + ft's two seeds each, badnets' ac, abl

@@ -67,6 +67,10 @@ class Attack(abc.ABC):
     needs_fit: ClassVar[bool] = False
     # Attacks that are all-to-all whatever they are given (no target class to check).
     always_all_to_all: ClassVar[bool] = False
+    # False for attacks that poison each training batch as it is drawn (WaNet's warps,
+    # Input-aware's generator): they leave no fixed poisoned training set, which the
+    # training-time defenses (AC, ABL) and the Retuning Attack need.
+    poisoned_set: ClassVar[bool] = True
 
     def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], target: int = 0,
                  all_to_all: bool = False) -> None:

@@ -196,6 +196,7 @@ class InputAware(Attack):
     """Input-aware dynamic backdoor (see the module docstring)."""
 
     name = "input_aware"
+    poisoned_set = False  # poisons each batch on the fly (its generator)
     needs_fit = True
 
     def __init__(self, *, mask_density: float = 0.032, lambda_div: float = 1.0,

@@ -135,6 +135,7 @@ class WaNet(Attack):
     """Warping-based backdoor, poisoned on the fly per batch (see the module docstring)."""
 
     name = "wanet"
+    poisoned_set = False  # poisons each batch on the fly
 
     def __init__(self, *, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
                  cross_ratio: float = 2.0, seed: int = 0, **kwargs: Any) -> None:
