@@ -28,6 +28,7 @@ DATA = ROOT.parent / "shared" / "data"
 SMOKE = "--preset=smoke"
 CONFIG = "--config=experiments/configs/ftsam.py:smoke"
 TJ = f"--attack=trojannn {CONFIG} --dataset={{npz:toy}}"  # "trojan" in the test ids
+LCA = f"--attack=lc {CONFIG} --dataset={{npz:toy}}"  # "attack=lc" in the test ids
 
 ROWS: dict[str, list[tuple[str, str]]] = {
     "ftsam": [
@@ -170,6 +171,20 @@ ROWS: dict[str, list[tuple[str, str]]] = {
         (f"--workdir={{tmp}}/w/trojannn {CONFIG} --dataset={{npz:toy}} "
          "--config.trojannn.iterations=5",
          "config trojannn is changed but --attack is not trojannn"),
+        # LC's settings (config section lc)
+        (f"{LCA} --config.lc.eps=0", "lc: eps and at_eps must lie in (0, 255] grey levels"),
+        (f"{LCA} --config.lc.eps=300", "eps and at_eps must lie in (0, 255]"),
+        (f"{LCA} --config.lc.eps=big", "--config.lc.eps=big"),
+        (f"{LCA} --config.lc.step_size=-1", "step_size and at_step_size must be > 0"),
+        (f"{LCA} --config.lc.steps=-5", "steps must be >= 0"),
+        (f"{LCA} --config.lc.amplitude=2", "amplitude must lie in (0, 1]"),
+        (f"{LCA} --config.lc.amplitude=nan", "amplitude must be a finite number"),
+        (f"{LCA} --config.lc.source=robust", "source must be one of ['clean', 'adversarial']"),
+        (f"{LCA} --config.lc.source=adversarial --config.lc.at_steps=0", "at_steps >= 1"),
+        (f"{LCA} --trigger_path={{file}}", "not used by the lc attack"),
+        # ({tmp}/w/lc: "lc" in the test id; a refused run still makes no {tmp}/w)
+        (f"--workdir={{tmp}}/w/lc {CONFIG} --dataset={{npz:toy}} --config.lc.steps=5",
+         "config lc is changed but --attack is not lc"),
         ("--config=experiments/configs/ftsam.py:smoke --dataset={npz:toy} --config.nope=1",
          "no config field"),
         ("--dataset={npz:toy} --config=experiments/configs/ftsam.py:tiny", "unknown preset 'tiny'"),
