@@ -58,8 +58,8 @@ random start, [0, 1] inputs without normalisation, an adversarially trained ResN
 `resnet18_PGD_best_model.pth` that is not in the repository; a commented-out path names
 `cifar_resnet_e8_a2_s10.pth`: eps 8/255, step 2/255, 10 steps, our `at_*` defaults).
 Differences from BackdoorBench:
-- eps is 16/255, as BackdoorBench's attack names the file it reads (`..._16_train.npy`) and as
-  one of the paper's settings; its crafting script writes eps 8/255 to a file of another name
+- eps is 16/255, as BackdoorBench's attack names the file it reads (`..._16_train.npy`, its
+  `eps = 16`); its crafting script uses eps 8/255 and writes a file of another name
   (`{dataset}_train.npy`), so its pipeline only runs on the downloaded 16/255 files.
 - The source model is made here: the run's clean model (`cpu`, `smoke`) or one adversarially
   trained here with the run's architecture and recipe (`paper`); BackdoorBench loads a
@@ -79,10 +79,12 @@ Differences from BackdoorBench:
   convention); BackdoorBench's draw without replacement raises.
 - Grey images (Fashion-MNIST) get the one-channel trigger; the perturbation acts on the one
   channel. BackdoorBench's crafting script assumes three channels.
-Differences from the paper (whose body we could not read; the official code's README and
-config): the official code perturbs with an L2-bounded attack by default (`two_300`) and
-stamps one bottom-right corner; the four-corner trigger (robust to flips) and the L-inf 16/255
-perturbation are among its documented options. Its GAN-interpolation variant is not built.
+Differences from the paper (whose body we could not read: the official code's README and
+config.json instead, MadryLab/label-consistent-backdoor-code): its default perturbed set is an
+L2-bounded one (`two_300.npy`) and its default trigger the bottom-right corner alone; the
+"all-corners" trigger, reduced amplitudes and L-inf-bounded sets (`inf_x.npy`) are its
+documented options, which we take (as BackdoorBench). Its GAN-interpolation variant is not
+built.
 """
 
 from __future__ import annotations
