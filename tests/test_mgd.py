@@ -97,12 +97,13 @@ def test_mask_ratio_init_bounds_and_frozen_teacher():
     cfg = MGDConfig()
     assert isinstance(cfg, FeatureDistiller) and isinstance(FGDConfig(), FeatureDistiller)
     fs = jnp.ones((1, 4, 4, 8))
-    params = cfg.init(jax.random.key(0), ("p3",), [fs], [fs])["p3"]
+    params = jax.jit(lambda k: cfg.init(k, ("p3",), [fs], [fs]))(jax.random.key(0))["p3"]
     for layer, fan_in in (("conv1", 9 * 8), ("conv2", 9 * 8)):  # PyTorch's Conv2d defaults
         bound = 1 / math.sqrt(fan_in)
         for leaf in params["generation"][layer].values():
             assert float(jnp.abs(leaf).max()) <= bound and float(jnp.abs(leaf).max()) > bound / 2
-    g = jax.grad(lambda t: mgd_loss(fs, t, params, jax.random.key(1), cfg)["loss"])(fs * 2)
+    g = jax.jit(jax.grad(lambda t: mgd_loss(fs, t, params, jax.random.key(1), cfg)["loss"]))(
+        fs * 2)
     assert float(jnp.abs(g).max()) == 0.0
 
 

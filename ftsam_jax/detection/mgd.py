@@ -41,8 +41,11 @@ Differences from the reference code, all deliberate or forced by the port:
   the channel counts differ (`init` gets the teacher's feature shapes).
 - The teacher's features enter under `stop_gradient` (the reference runs the teacher under
   `no_grad`); the loss is computed in float32 whatever the features' dtype.
-- The reference asserts equal spatial sizes; here the shapes must match as well (a shape error
-  at trace time).
+- The reference asserts equal spatial sizes; here a mismatch fails when the step is traced
+  (the squared difference does not broadcast).
+- In IKD's combination the reference's MGD term reads the clean features that its forward
+  hooks hold last (the adversarial pass runs first); here the clean features are passed
+  explicitly, the same inputs.
 - Not part of the loss but of the official training around it: `init_student` (teacher neck
   and head weights copied into the student), SGD with grad-clip 35 and the 2x schedule are not
   used: `experiments.detect` trains every student from scratch with AdamW, as for FGD.
