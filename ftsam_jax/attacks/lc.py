@@ -167,8 +167,11 @@ def pgd_attack(model: nn.Module, variables: Any, images: np.ndarray, labels: np.
     def attack(v: Any, x: jax.Array, y: jax.Array) -> jax.Array:
         return _pgd(lambda z: model.apply(v, z, train=False), x, y, e, a, int(steps))
 
+    # Batches of equal size (a multiple of the devices): the last one is padded the least.
+    n_dev = mesh.devices.size
+    per = -(-max(1, len(images)) // -(-max(1, len(images)) // batch_size))
     return apply_in_batches(attack, variables, images, labels, mesh,
-                            batch_size=batch_size).astype(np.float32)
+                            batch_size=-(-per // n_dev) * n_dev).astype(np.float32)
 
 
 def quantise(adversarial: np.ndarray, originals: np.ndarray, eps: float) -> np.ndarray:
