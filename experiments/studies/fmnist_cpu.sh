@@ -58,7 +58,8 @@ fi
 PY=${PYTHON:-python}
 if [ $SYNC = 1 ]; then
   mkdir -p "$R"
-  for f in "$RUNS"/table.json "$RUNS"/table.md "$RUNS"/table*.png; do [ -f "$f" ] && cp "$f" "$R/"; done
+  for f in "$RUNS"/table.json "$RUNS"/table.md "$RUNS"/table*.png "$RUNS"/neurons.json \
+      "$RUNS"/neurons.md; do [ -f "$f" ] && cp "$f" "$R/"; done
   for cell in "$RUNS"/*/m*/ds*; do
     [ -f "$cell/results.json" ] || continue
     dst=$R/${cell#"$RUNS"/}
@@ -66,6 +67,8 @@ if [ $SYNC = 1 ]; then
     for f in results.json results.md metrics.jsonl config.json curves.png lf_pattern.npy; do
       [ -f "$cell/$f" ] && cp "$cell/$f" "$dst/"
     done
+    # issue 35's neuron analysis of the cell (experiments.neurons: analysis.json and PNGs)
+    [ -d "$cell/analysis" ] && mkdir -p "$dst/analysis" && cp -r "$cell/analysis/." "$dst/analysis/"
     # every finished model: the backdoored and clean ones, and each defense's (the neuron
     # analysis of issue 35 reads them; a defense's model is final once its row is written)
     for m in "$cell"/models/*; do
