@@ -10,11 +10,13 @@
 #   bash experiments/studies/table_cpu_extend.sh --sync [RUNS]  (finished cells -> results/table_cpu)
 #
 # Cost (estimated before it runs from the committed cells' times on this 2-core machine): the
-# five columns about 1 h per attack with a poisoned set (AC retrains a model, about one
-# backdoored model's 15-22 min; ABL trains one for 100 epochs, 25-35 min; NC, FST, PAM a few
-# minutes each), about 6-7 h for the seven attacks; each new attack about 2.5 h (its
-# backdoored model, its resource: LC's adversarial images, SSBA's encoder, TrojanNN's trigger,
-# and 17 defense cells), about 7-8 h for the three: some 14 CPU-hours in all.
+# five columns about 1.5-2 h per attack with a poisoned set (AC retrains a model, about one
+# backdoored model's 15-22 min; ABL trains one for 100 epochs, 25-35 min; NC searches 80
+# epochs for each of the 10 labels, about 25-50 min, measured once on BadNets' model on the
+# loaded machine; FST and PAM a few minutes each), about 11 h for the seven attacks; each new
+# attack about 2.5-3 h (its backdoored model, its resource: LC's adversarial images, SSBA's
+# encoder, TrojanNN's trigger, and 17 defense cells), about 8 h for the three: some 19
+# CPU-hours in all.
 #
 # Run it from a snapshot of the code (git worktree add /work/snap COMMIT; cd /work/snap), from a
 # folder beside `shared/` (the committed cells' config.json record the relative data path). A
