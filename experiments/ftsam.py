@@ -71,7 +71,14 @@ from experiments.workdir import (
     start_timer,
 )
 from ftsam_jax import metrics, parallel
-from ftsam_jax.attacks import ATTACKS, BackdoorData, build_backdoor_data, create_attack, trojannn
+from ftsam_jax.attacks import (
+    ATTACKS,
+    BackdoorData,
+    build_backdoor_data,
+    create_attack,
+    ssba,
+    trojannn,
+)
 from ftsam_jax.checkpoint import load_variables, save_variables
 from ftsam_jax.data import Dataset, check_backdoor_target, load_dataset, normalization_for
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
@@ -267,6 +274,8 @@ def check_run_fields(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         raise InputError("config trojannn is changed but --attack is not trojannn")
     if cfg.attack != "lc" and cfg.lc.to_dict() != get_config(cfg.preset).lc.to_dict():
         raise InputError("config lc is changed but --attack is not lc")
+    if cfg.attack != "ssba" and cfg.ssba.to_dict() != get_config(cfg.preset).ssba.to_dict():
+        raise InputError("config ssba is changed but --attack is not ssba")
     if not 0.0 < cfg.poison_ratio <= 1.0:
         raise InputError(f"--poison_ratio must lie in (0, 1], got {cfg.poison_ratio}")
     if not 0.0 < cfg.benign_ratio <= 1.0:
@@ -302,7 +311,8 @@ def run_record(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             "seed": cfg.seed, "preset": cfg.preset, "dtype": cfg.dtype,
             "schedule": backdoored_schedule(cfg.preset, cfg.attack),
             **({"trojannn": cfg.trojannn.to_dict()} if cfg.attack == "trojannn" else {}),
-            **({"lc": cfg.lc.to_dict()} if cfg.attack == "lc" else {})}
+            **({"lc": cfg.lc.to_dict()} if cfg.attack == "lc" else {}),
+            **({"ssba": cfg.ssba.to_dict()} if cfg.attack == "ssba" else {})}
 
 
 def defense_settings(cfg: ml_collections.ConfigDict, columns: list[DefenseColumn],
@@ -535,6 +545,8 @@ def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dat
         attack_kwargs.update(cfg.trojannn.to_dict())
     if cfg.attack == "lc":
         attack_kwargs.update(cfg.lc.to_dict())
+    if cfg.attack == "ssba":
+        attack_kwargs.update(cfg.ssba.to_dict())
     try:
         attack = create_attack(cfg.attack, num_classes=ds.num_classes,
                                image_shape=ds.image_shape, target=cfg.target, **attack_kwargs)
@@ -556,6 +568,9 @@ def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dat
             trojannn.check_layer(model, ds.image_shape, attack.layer, attack.num_neurons)
         except ValueError as e:
             raise InputError(e) from None
+    if cfg.attack == "ssba" and attack.batch_size > len(ds.y_train):
+        raise InputError(f"ssba: batch_size {attack.batch_size} is larger than the training set "
+                         f"({len(ds.y_train)} images)")
     return ds, attack, model
 
 
@@ -573,9 +588,12 @@ def backdoored_stage(cfg: ml_collections.ConfigDict, settings: Settings, ds: Dat
         # LF's universal perturbation, TrojanNN's trigger and LC's adversarial images are made
         # against the run's clean model (trained only if the attack asks for it: a cached one
         # needs none).
-        attack.fit(ds=ds, model=model, fit_config=fit_cfg, ratio=cfg.poison_ratio, ctx=ctx,
-                   rng=stage_rng(cfg.seed, "attack"),
-                   clean_model=functools.partial(train_clean, cfg, ds, model, ctx))
+        try:
+            attack.fit(ds=ds, model=model, fit_config=fit_cfg, ratio=cfg.poison_ratio, ctx=ctx,
+                       rng=stage_rng(cfg.seed, "attack"),
+                       clean_model=functools.partial(train_clean, cfg, ds, model, ctx))
+        except ssba.EncoderRefused as e:  # SSBA's encoder does not carry its code
+            raise InputError(e) from None
         if attack.fit_record is not None:  # TrojanNN's trigger: its neurons, activations
             summary["attack_fit"] = attack.fit_record
     bd = build_backdoor_data(ds, attack, cfg.poison_ratio, cfg.seed)

@@ -25,11 +25,12 @@ from ml_collections import config_dict
 PRESETS = ("paper", "cpu", "smoke")
 
 # Settings whose change makes a workdir's checkpoints and results meaningless (config.json's
-# "run": the backdoored model's settings; a rerun with other values is refused). `trojannn`, `lc`:
-# an attack's section, in "run" only when it is the attack (older workdirs lack it and match).
+# "run": the backdoored model's settings; a rerun with other values is refused). `trojannn`, `lc`,
+# `ssba`: an attack's section, in "run" only when it is the attack (older workdirs lack it and
+# match).
 RUN_KEYS = ("dataset", "data_dir", "attack", "poison_ratio", "target", "trigger_path", "model",
             "width", "epochs", "batch_size", "lr", "seed", "preset", "dtype", "schedule",
-            "trojannn", "lc")
+            "trojannn", "lc", "ssba")
 
 # BackdoorBench trains WaNet and Input-aware with a MultiStepLR whose milestones (100..400)
 # never fire in 100 epochs: a constant learning rate. The paper preset keeps that; everything
@@ -73,6 +74,17 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     c.lc = dict(eps=16.0, step_size=1.5, steps=10 if smoke else 100, amplitude=1.0,
                 source="adversarial" if preset == "paper" else "clean", at_eps=8.0,
                 at_step_size=2.0, at_steps=10)
+    # SSBA (ftsam_jax/attacks/ssba.py; used when attack is ssba): the StegaStamp encoder/decoder
+    # of BackdoorBench's resource/ssba (100-bit code, Adam 1e-4, batch 64, 20 epochs, L2 weight
+    # 10 after 1000 steps ramped over 3000). cpu: half-width networks, a 32-bit code and the
+    # L2 ramp scaled to the slice's steps (80 per epoch, ~1/10 of CIFAR-10's); smoke: tiny
+    # networks, 2 bits, batch 16, lr 1e-3, and no refusal (80 steps may not learn a code).
+    c.ssba = dict(bits=2 if smoke else 32 if cpu else 100, epochs=4 if smoke else 20,
+                  batch_size=16 if smoke else 64, lr=1e-3 if smoke else 1e-4, l2_weight=10.0,
+                  l2_await=0 if smoke else 100 if cpu else 1000,
+                  l2_ramp=20 if smoke else 300 if cpu else 3000, l2_start_acc=0.9,
+                  bce_weight=1.0, width=0.25 if smoke else 0.5 if cpu else 1.0, code_seed=0,
+                  min_bit_accuracy=0.0 if smoke else 0.75)
     # The backdoored model and its training (SGD 0.9 / 5e-4, `backdoored_schedule`).
     c.model = "tiny_cnn" if smoke else "preactresnet18"
     c.width = 8 if smoke else 16 if cpu else 64

@@ -12,6 +12,7 @@ from ftsam_jax.attacks.lc import LC
 from ftsam_jax.attacks.lf import LowFrequency
 from ftsam_jax.attacks.poison import BackdoorData, build_backdoor_data
 from ftsam_jax.attacks.sig import SIG
+from ftsam_jax.attacks.ssba import SSBA
 from ftsam_jax.attacks.trojannn import TrojanNN
 from ftsam_jax.attacks.wanet import WaNet
 
@@ -20,7 +21,7 @@ __all__ = ["ATTACKS", "Attack", "BackdoorData", "PoisonPlan", "build_backdoor_da
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls for cls in (BadNets, BadNetsAllToAll, Blended, SIG, WaNet, LowFrequency,
-                               InputAware, TrojanNN, LC)
+                               InputAware, TrojanNN, LC, SSBA)
 }
 
 
