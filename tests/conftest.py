@@ -32,6 +32,14 @@ CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
 
 
 @pytest.fixture(scope="session")
+def mesh():
+    """The 8 fake CPU devices as one data-parallel mesh."""
+    from ftsam_jax import parallel
+
+    return parallel.make_mesh()
+
+
+@pytest.fixture(scope="session")
 def cifar_dir() -> Path:
     if not (CIFAR_SUBSET / "cifar-10-batches-py").is_dir():
         pytest.skip("../shared/data/cifar10-subset is not present")

@@ -23,16 +23,11 @@ from ftsam_jax.defenses import ac as ac_mod
 from ftsam_jax.defenses.base import PoisonedTrainData
 from ftsam_jax.models import TinyCNN
 from ftsam_jax.training import stage as stage_mod
-from ftsam_jax.training.stage import StageContext
 from ftsam_jax.training.step import classification_loss, init_variables
+from tests.defense_helpers import assert_same, ctx_for
 
 NUM_CLASSES = 4
 MODEL = TinyCNN(num_classes=NUM_CLASSES, width=4)
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return parallel.make_mesh()
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +46,6 @@ def poisoned():
 @pytest.fixture(scope="module")
 def tiny_vars():
     return jax.device_get(init_variables(MODEL, jax.random.key(1), (8, 8, 3)))
-
-
-def ctx_for(mesh, workdir, log=None):
-    return StageContext(mesh=mesh, seed=0, workdir=workdir, progress=False, log=log)
-
-
-def assert_same(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-# ----------------------------------------------------------------------------------------------
-# AC's pieces
-
-
 def test_pca_reduction_is_the_projection_on_the_leading_singular_vectors():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(50, 6)) @ rng.normal(size=(6, 6))

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ftsam_jax import parallel
-from ftsam_jax.defenses import DEFENSES, BenignData
+from ftsam_jax.defenses import DEFENSES
 from ftsam_jax.defenses import anp as anp_mod
 from ftsam_jax.defenses import clp as clp_mod
 from ftsam_jax.defenses import fp as fp_mod
@@ -20,41 +19,15 @@ from ftsam_jax.defenses import nad as nad_mod
 from ftsam_jax.models import TinyCNN, create_model
 from ftsam_jax.training.epoch import evaluate
 from ftsam_jax.training.stage import StageContext
+from tests.defense_helpers import assert_same, ctx_for, random_variables, tiny_benign
 
 NUM_CLASSES = 4
 MODEL = TinyCNN(num_classes=NUM_CLASSES, width=4)
 
 
 @pytest.fixture(scope="module")
-def mesh():
-    return parallel.make_mesh()
-
-
-@pytest.fixture(scope="module")
 def benign():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)
-    return BenignData(x, rng.integers(0, NUM_CLASSES, 32).astype(np.int32), NUM_CLASSES)
-
-
-def random_variables(model, seed=0, image_shape=(8, 8, 3)):
-    """NumPy-random variables of `model` (no eager init): conv/dense kernels ~ N(0, 1/fan_in),
-    random BN scales, biases and running statistics (a freshly initialised BN is trivial)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
-    flat = traverse_util.flatten_dict(shapes)
-    out = {}
-    for key, leaf in sorted(flat.items()):
-        shape, name = leaf.shape, key[-1]
-        if name == "kernel":
-            value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape)
-        elif name in ("scale", "var"):
-            value = rng.uniform(0.2, 2.0, shape) if name == "scale" else rng.uniform(0.3, 3.0,
-                                                                                    shape)
-        else:                                  # biases, running means
-            value = rng.normal(0.0, 0.3, shape)
-        out[key] = value.astype(np.float32)
-    return traverse_util.unflatten_dict(out)
+    return tiny_benign(NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +40,7 @@ def make_ctx(mesh, workdir, log=None):
         return {"pnorm": float(sum(np.sum(np.square(np.asarray(x)))
                                    for x in jax.tree.leaves(v["params"])))}
 
-    return StageContext(mesh=mesh, seed=0, workdir=workdir, progress=False, log=log,
-                        evaluate=evaluate_fn)
-
-
-def assert_same(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
+    return ctx_for(mesh, workdir, log, evaluate_fn)
 
 def run_and_resume(name, config, mesh, tmp_path, variables, benign):
     """Runs a defense, checks the output tree, reruns it on the same workdir: identical

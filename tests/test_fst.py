@@ -16,67 +16,34 @@ from flax import traverse_util
 from experiments import ftsam as ftsam_exp
 from experiments.configs.ftsam import get_config
 from ftsam_jax import parallel
-from ftsam_jax.defenses import DEFENSES, BenignData
+from ftsam_jax.defenses import DEFENSES
 from ftsam_jax.defenses import fst as fst_mod
 from ftsam_jax.models import TinyCNN, create_model
 from ftsam_jax.optim import norm_projection
 from ftsam_jax.training import stage as stage_mod
-from ftsam_jax.training.stage import StageContext
 from ftsam_jax.training.step import classification_loss
+from tests.defense_helpers import assert_same, ctx_for, tiny_benign
+from tests.defense_helpers import random_variables as shared_random_variables
 
 NUM_CLASSES = 4
 MODEL = TinyCNN(num_classes=NUM_CLASSES, width=4)
 
 
 @pytest.fixture(scope="module")
-def mesh():
-    return parallel.make_mesh()
-
-
-@pytest.fixture(scope="module")
 def benign():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)
-    return BenignData(x, rng.integers(0, NUM_CLASSES, 32).astype(np.int32), NUM_CLASSES)
+    return tiny_benign(NUM_CLASSES)
 
 
 def random_variables(model, seed=0, image_shape=(8, 8, 3)):
-    """NumPy-random variables (no eager init); the head's kernel is large (norm well above the
-    re-initialisation's) so that the projection visibly rescales."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
-    out = {}
-    for key, leaf in sorted(traverse_util.flatten_dict(shapes).items()):
-        shape, name = leaf.shape, key[-1]
-        if name == "kernel":
-            value = rng.normal(0.0, 3.0 / np.sqrt(np.prod(shape[:-1])), shape)
-        elif name in ("scale", "var"):
-            value = rng.uniform(0.3, 2.0, shape)
-        else:
-            value = rng.normal(0.0, 0.3, shape)
-        out[key] = value.astype(np.float32)
-    return traverse_util.unflatten_dict(out)
+    """Shared random variables with this file's scales: a large head kernel (norm well above
+    the re-initialisation's), so that the projection visibly rescales."""
+    return shared_random_variables(model, seed, image_shape, kernel_gain=3.0,
+                                   scale=(0.3, 2.0), var=(0.3, 2.0))
 
 
 @pytest.fixture(scope="module")
 def tiny_vars():
     return random_variables(MODEL, seed=1)
-
-
-def ctx_for(mesh, workdir, log=None):
-    return StageContext(mesh=mesh, seed=0, workdir=workdir, progress=False, log=log)
-
-
-def assert_same(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-# ----------------------------------------------------------------------------------------------
-# The projection
-
-
 def test_norm_projection_matches_a_loop_written_from_the_equations():
     """SGD with momentum (PyTorch's: buf = m buf + g; W -= lr buf) on a quadratic, then
     W <- W r / ||W||_F after every step, for W only; in float64 NumPy against the optax chain

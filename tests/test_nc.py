@@ -22,20 +22,7 @@ from ftsam_jax.defenses import DEFENSES, BenignData
 from ftsam_jax.defenses import nc as nc_mod
 from ftsam_jax.defenses.base import Defended
 from ftsam_jax.training import stage as stage_mod
-from ftsam_jax.training.stage import StageContext
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return parallel.make_mesh()
-
-
-def ctx_for(mesh, workdir, log=None):
-    return StageContext(mesh=mesh, seed=0, workdir=workdir, progress=False, log=log)
-
-
-# ----------------------------------------------------------------------------------------------
-# The outlier test
+from tests.defense_helpers import ctx_for
 
 
 def reference_median(values):
