@@ -29,6 +29,7 @@ SMOKE = "--preset=smoke"
 CONFIG = "--config=experiments/configs/ftsam.py:smoke"
 TJ = f"--attack=trojannn {CONFIG} --dataset={{npz:toy}}"  # "trojan" in the test ids
 LCA = f"--attack=lc {CONFIG} --dataset={{npz:toy}}"  # "attack=lc" in the test ids
+SSBA = f"--attack=ssba {CONFIG} --dataset={{npz:toy}}"  # "ssba" in the test ids
 
 ROWS: dict[str, list[tuple[str, str]]] = {
     "ftsam": [
@@ -185,6 +186,23 @@ ROWS: dict[str, list[tuple[str, str]]] = {
         # ({tmp}/w/lc: "lc" in the test id; a refused run still makes no {tmp}/w)
         (f"--workdir={{tmp}}/w/lc {CONFIG} --dataset={{npz:toy}} --config.lc.steps=5",
          "config lc is changed but --attack is not lc"),
+        # SSBA's settings (config section ssba) and its refusal of an encoder near chance
+        (f"{SSBA} --config.ssba.bits=0", "ssba: bits, epochs and batch_size must be >= 1"),
+        (f"{SSBA} --config.ssba.epochs=-1", "bits, epochs and batch_size must be >= 1"),
+        (f"{SSBA} --config.ssba.lr=nan", "ssba: lr must be a finite number"),
+        (f"{SSBA} --config.ssba.lr=fast", "--config.ssba.lr=fast"),
+        (f"{SSBA} --config.ssba.width=0", "lr, bce_weight and width must be > 0"),
+        (f"{SSBA} --config.ssba.l2_ramp=0", "l2_await must be >= 0 and l2_ramp >= 1"),
+        (f"{SSBA} --config.ssba.min_bit_accuracy=2",
+         "l2_start_acc and min_bit_accuracy must lie in [0, 1]"),
+        (f"{SSBA} --config.ssba.batch_size=100000",
+         "ssba: batch_size 100000 is larger than the training set ("),
+        (f"{SSBA} --trigger_path={{file}}", "not used by the ssba attack"),
+        (f"--workdir={{tmp}}/w/ssba {CONFIG} --dataset={{npz:toy}} --config.ssba.epochs=5",
+         "config ssba is changed but --attack is not ssba"),
+        (f"--workdir={{tmp}}/ssba_refused {SSBA} --config.ssba.bits=64 --config.ssba.epochs=1 "
+         "--config.ssba.min_bit_accuracy=0.99 --config.progress=False",
+         "below min_bit_accuracy 0.99: its trigger carries no code"),
         ("--config=experiments/configs/ftsam.py:smoke --dataset={npz:toy} --config.nope=1",
          "no config field"),
         ("--dataset={npz:toy} --config=experiments/configs/ftsam.py:tiny", "unknown preset 'tiny'"),
