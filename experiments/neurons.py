@@ -285,8 +285,8 @@ def rebuild(cell: Cell, tree: ml_collections.ConfigDict, settings: ftsam.Setting
     ds, attack, model = ftsam.load_inputs(tree, settings)
     if attack.needs_fit:
         cached = {"lf": "lf_pattern.npy", "input_aware": "models/input_aware",
-                  "trojannn": "trojannn_trigger.npz", "lc": "lc_adversarial.npz"
-                  }.get(tree.attack)
+                  "trojannn": "trojannn_trigger.npz", "lc": "lc_adversarial.npz",
+                  "ssba": "ssba_encoder.npz"}.get(tree.attack)
         if cached is None or not (cell.path / cached).exists():
             raise InputError(f"{cell.label}: the {tree.attack} attack's trigger is not cached in "
                              f"the cell ({cached}); it would have to be made again")

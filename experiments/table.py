@@ -11,9 +11,10 @@ backdoored model is trained once, in the first seed's folder, and its final vari
 (`models/backdoored`), its row of results.json and its checkpoints are copied to the others
 (nothing is trained twice; those folders are ordinary `experiments.ftsam` workdirs). A folder
 whose results.json has the backdoored row and `models/backdoored` (for LF also its trigger
-`lf_pattern.npy`, for TrojanNN `trojannn_trigger.npz`, for LC `lc_adversarial.npz`; Input-aware
-has `models/input_aware` instead: classifier, generator and mask) needs no checkpoint:
-committing those (a few MB at `cpu` width) lets a table go on later, on another machine.
+`lf_pattern.npy`, for TrojanNN `trojannn_trigger.npz`, for LC `lc_adversarial.npz`, for SSBA
+`ssba_encoder.npz`; Input-aware has `models/input_aware` instead: classifier, generator and
+mask) needs no checkpoint: committing those (a few MB at `cpu` width) lets a table go on
+later, on another machine.
 Defenses in `--seeded_defenses` run with every seed of `--defense_seeds`, the others with the
 first.
 
@@ -222,7 +223,8 @@ def _is_defense_entry(name: str) -> bool:
 def _share_backdoored(origin: Path, dst: Path) -> None:
     """Copies the backdoored model's final variables (Input-aware's: `models/input_aware`), its
     row of results.json, an attack's cached trigger (LF's `lf_pattern.npy`, TrojanNN's
-    `trojannn_trigger.npz`, LC's adversarial images `lc_adversarial.npz`) and the attack's
+    `trojannn_trigger.npz`, LC's adversarial images `lc_adversarial.npz`, SSBA's encoder
+    `ssba_encoder.npz`) and the attack's
     stages' checkpoints (not the defenses') from the folder `origin` into `dst`. The row and
     the variables suffice: an origin holding no checkpoints (a committed table) trains nothing
     again in the others."""
@@ -236,7 +238,7 @@ def _share_backdoored(origin: Path, dst: Path) -> None:
                if k in first_results}
         atomic_write(dst / "results.json", json.dumps({**row, "defenses": {}}, indent=2) + "\n")
     _copy_models(origin, dst, ("backdoored", "input_aware", "clean"))
-    for cached in (*origin.glob("*.npy"), *origin.glob("*.npz")):  # LF, TrojanNN, LC
+    for cached in (*origin.glob("*.npy"), *origin.glob("*.npz")):  # LF, TrojanNN, LC, SSBA
         if not (dst / cached.name).exists():
             shutil.copy2(cached, dst / cached.name)
     if not src.is_dir():
