@@ -90,8 +90,6 @@ built.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,7 +100,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftsam_jax.attacks.base import Attack, to_uint8
-from ftsam_jax.attacks.trojannn import data_fingerprint, model_description
+from ftsam_jax.attacks.resource import (
+    data_fingerprint,
+    load_resource,
+    model_description,
+    save_resource,
+)
 
 __all__ = ["LC", "adversarial_loss", "add_trigger", "corner_pattern", "pgd_attack", "pgd_step",
            "quantise"]
@@ -377,31 +380,22 @@ class LC(Attack):
         self.needs_fit = False
 
     def _load(self, cache: Path, key: dict[str, Any]) -> bool:
-        if not cache.is_file():
-            return False
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                record = json.loads(str(z["record"]))
-                indices, adversarial = np.asarray(z["indices"]), np.asarray(z["adversarial"])
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"lc: cannot read the cached adversarial images {cache}: {e}; "
-                             "delete it to make them again") from None
-        if record.get("key") != key:
-            return False  # made with other settings, data or source model: made again
-        if adversarial.dtype != np.uint8 or adversarial.shape != (len(indices),
-                                                                   *self.image_shape):
-            raise ValueError(f"lc: the cached adversarial images {cache} have shape "
-                             f"{adversarial.shape} ({adversarial.dtype})")
+        found = load_resource(cache, key, "lc: the cached adversarial images")
+        if found is None:
+            return False  # none, or made with other settings, data or source model: made again
+        arrays, record = found
+        indices, adversarial = arrays.get("indices"), arrays.get("adversarial")
+        if (indices is None or adversarial is None or adversarial.dtype != np.uint8
+                or adversarial.shape != (len(indices), *self.image_shape)):
+            raise ValueError(f"lc: the cached adversarial images {cache} do not fit the run "
+                             f"(shape {None if adversarial is None else adversarial.shape})")
         self._set(indices, adversarial)
         self.fit_record = record
         return True
 
     def _save(self, cache: Path) -> None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, indices=self.indices, adversarial=self.adversarial,
-                 record=np.asarray(json.dumps(self.fit_record, sort_keys=True)))
-        os.replace(tmp, cache)
+        save_resource(cache, self.fit_record, {"indices": self.indices,
+                                               "adversarial": self.adversarial})
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), **self.settings(),

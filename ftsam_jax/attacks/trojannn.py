@@ -82,9 +82,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +93,12 @@ import numpy as np
 
 from ftsam_jax import xla
 from ftsam_jax.attacks.base import Attack, to_uint8
+from ftsam_jax.attacks.resource import (
+    data_fingerprint,
+    load_resource,
+    model_description,
+    save_resource,
+)
 
 __all__ = ["TrojanNN", "apple_mask", "layer_input", "neuron_cost", "optimise_trigger",
            "select_neurons", "trigger_step"]
@@ -283,22 +286,6 @@ def optimise_trigger(model: nn.Module, variables: Any, x0: np.ndarray, keep: np.
 # -- the attack --------------------------------------------------------------------------------
 
 
-def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
-    """SHA-256 of the training images and labels (shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for a in (np.ascontiguousarray(x), np.ascontiguousarray(y)):
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def model_description(model: nn.Module) -> dict[str, str]:
-    """The model's class and fields, as strings (part of the cache key)."""
-    fields = {f.name: repr(getattr(model, f.name)) for f in dataclasses.fields(model)
-              if f.name not in ("parent", "name")}
-    return {"class": type(model).__name__, **fields}
-
-
 class TrojanNN(Attack):
     """The TrojanNN trigger (see the module docstring); needs `fit` before `apply`."""
 
@@ -435,17 +422,11 @@ class TrojanNN(Attack):
         }
 
     def _load(self, cache: Path, key: dict[str, Any]) -> bool:
-        if not cache.is_file():
-            return False
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                record = json.loads(str(z["record"]))
-                trigger = np.asarray(z["trigger"], np.float32)
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"trojannn: cannot read the cached trigger {cache}: {e}; delete "
-                             "it to make the trigger again") from None
-        if record.get("key") != key:
-            return False  # made with other settings, data or clean model: made again
+        found = load_resource(cache, key, "trojannn: the cached trigger")
+        if found is None:
+            return False  # none, or made with other settings, data or clean model: made again
+        arrays, record = found
+        trigger = np.asarray(arrays.get("trigger"), np.float32)
         if trigger.shape != self.image_shape:
             raise ValueError(f"trojannn: the cached trigger {cache} has shape {trigger.shape}")
         self.set_trigger(trigger)
@@ -453,11 +434,7 @@ class TrojanNN(Attack):
         return True
 
     def _save(self, cache: Path) -> None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, trigger=self.trigger, keep=self.keep,
-                 record=np.asarray(json.dumps(self.fit_record, sort_keys=True)))
-        os.replace(tmp, cache)
+        save_resource(cache, self.fit_record, {"trigger": self.trigger, "keep": self.keep})
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), **self.settings(),
