@@ -16,7 +16,8 @@ whose results.json has the backdoored row and `models/backdoored` (for LF also i
 mask) needs no checkpoint: committing those (a few MB at `cpu` width) lets a table go on
 later, on another machine.
 Defenses in `--seeded_defenses` run with every seed of `--defense_seeds`, the others with the
-first.
+first. The training-time defenses (AC, ABL) take each attack's poisoned training set; on
+WaNet and Input-aware, which poison on the fly, their cells are left out (`applicable`).
 
 `--model_seeds=0,1,...` trains each attack's backdoored model once per model seed (its own
 initialisation, poison draw and data order: the cell's `--seed`), the unit of replication of a
