@@ -1,8 +1,9 @@
 """SSBA (ftsam_jax/attacks/ssba.py): the loss and the L2 ramp against slow NumPy references
 written from the equations, the encoder's shapes and range on grey 28x28 and colour 32x32
-images, a tiny encoder that reads its code back with a small residual, determinism, the
-cached encoder (reused on rerun, trained again when a setting or the data change), the refusal
-of an encoder whose bit accuracy is near chance, and a smoke run through `experiments.ftsam`."""
+images, a tiny encoder that reads its code back with a small residual, determinism and exact
+resume, the cached encoder (reused on rerun, trained again when a setting or the data
+change), the refusal of an encoder whose bit accuracy is near chance, and a smoke run through
+`experiments.ftsam`."""
 
 import json
 
@@ -17,10 +18,11 @@ from experiments.configs.ftsam import get_config
 from ftsam_jax import parallel
 from ftsam_jax.attacks import create_attack, ssba
 from ftsam_jax.data.datasets import Dataset
+from ftsam_jax.training import stage as stage_mod
 from ftsam_jax.training.stage import StageContext
 
-# A tiny encoder that learns 2 bits in ~90 steps (the published ramp, started at 0.8).
-TINY = dict(bits=2, epochs=15, width=0.25, lr=1e-3, batch_size=16, l2_await=0, l2_ramp=30,
+# A tiny encoder that learns 2 bits in ~120 steps (the published ramp, started at 0.8).
+TINY = dict(bits=2, epochs=20, width=0.25, lr=1e-3, batch_size=16, l2_await=0, l2_ramp=30,
             l2_start_acc=0.8)
 
 
@@ -85,14 +87,13 @@ def test_encoder_shapes_and_range(shape):
     attack = make(shape, bits=5)
     attack.set_params(attack.init_params(jax.random.key(1)))
     x = np.random.default_rng(0).integers(0, 256, (3, *shape), dtype=np.uint8)
-    out = attack.apply(x)
-    assert out.dtype == np.uint8 and out.shape == x.shape
+    out, logits = attack.encode_images(x)
+    assert out.dtype == np.uint8 and out.shape == x.shape and logits.shape == (3, 5)
+    np.testing.assert_array_equal(attack.apply(x), out)
     enc = ssba.encode(attack.encoder, attack.params["encoder"], jnp.asarray(attack.code),
                       jnp.asarray(x, jnp.float32) / 255.0)
     assert enc.shape == x.shape and float(enc.min()) >= 0.0 and float(enc.max()) <= 1.0
     np.testing.assert_array_equal(out, np.round(255.0 * np.asarray(enc)).astype(np.uint8))
-    logits = attack.decoder.apply({"params": attack.params["decoder"]}, enc)
-    assert logits.shape == (3, 5)
     assert attack.config()["code"] == "".join(str(int(b)) for b in attack.code)
 
 
@@ -100,7 +101,7 @@ def test_trained_encoder_reads_its_code_back_with_a_small_residual(trained):
     attack, ds = trained
     rec = attack.fit_record
     assert rec["test_bit_accuracy"] >= 0.9 and rec["train"]["l2_on"] == 1.0
-    assert rec["test_psnr"] > 20.0  # the L2 ramp pulled the residual back
+    assert rec["test_psnr"] > 18.0  # the L2 ramp pulled it back (without: 5-10 dB)
     out = attack.apply(ds.x_test)
     _, logits = attack.encode_images(ds.x_test)
     assert np.mean((logits > 0) == (attack.code > 0.5)) == rec["test_bit_accuracy"]
@@ -119,17 +120,24 @@ def without_time(record):
     return {k: v for k, v in record.items() if k != "train_seconds"}
 
 
-def test_deterministic_cached_and_a_changed_setting_trains_again(tmp_path, monkeypatch):
+def test_deterministic_resumed_cached_and_retrained_on_a_change(tmp_path, monkeypatch):
     ds = tiny_dataset(n_train=32, n_test=8)
-    kw = dict(epochs=1, min_bit_accuracy=0.0)
+    kw = dict(epochs=2, min_bit_accuracy=0.0)
     first = make(**kw)
     first.fit(ds=ds, ctx=ctx_for(tmp_path), rng=jax.random.key(0))
     assert (tmp_path / ssba.CACHE_FILE).is_file()
-    # Determinism: the same key trained again without a workdir gives the same encoder.
-    fresh = make(**kw)
-    fresh.fit(ds=ds, ctx=ctx_for(), rng=jax.random.key(0))
-    same_params(first, fresh)
-    assert without_time(fresh.fit_record) == without_time(first.fit_record)
+    # Determinism and exact resume at once: the same key in another workdir, interrupted after
+    # its first epoch and rerun, gives the same encoder bit for bit.
+    monkeypatch.setattr(stage_mod, "_epochs_run_in_process", 0)
+    monkeypatch.setenv("FTSAM_JAX_INTERRUPT_AFTER", "1")
+    with pytest.raises(KeyboardInterrupt):
+        make(**kw).fit(ds=ds, ctx=ctx_for(tmp_path / "b"), rng=jax.random.key(0))
+    monkeypatch.delenv("FTSAM_JAX_INTERRUPT_AFTER")
+    assert not (tmp_path / "b" / ssba.CACHE_FILE).exists()
+    resumed = make(**kw)
+    resumed.fit(ds=ds, ctx=ctx_for(tmp_path / "b"), rng=jax.random.key(0))
+    same_params(first, resumed)
+    assert without_time(resumed.fit_record) == without_time(first.fit_record)
     calls = []
 
     def fake_train(self, x, ctx, rng, stage_name):

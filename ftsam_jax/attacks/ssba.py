@@ -11,6 +11,7 @@ for every image (sample-specific) and hard to see; dirty-label, all-to-one.
    conv1x1 -> C: the residual r. The encoded image is clip(x + r, 0, 1) (`encode`). The
    decoder: conv3x3 32 s2, 32, 64 s2, 64, 64 s2, 128 s2, 128 s2 (1x1 at 32 px), Dense 512,
    Dense L logits. ReLU everywhere. `width` scales every conv width (1: BackdoorBench's).
+   Both start from flax's default initialisation (`SSBA.init_params`).
 2. **Loss** (BackdoorBench's `train.py`): with x_e = clip(x + r(x, c), 0, 1) for random
    codes c,
 
@@ -56,11 +57,13 @@ made its `*_ssba_*_b1.npy` files; reference notes section 7):
 - Training codes are random bits per batch (BackdoorBench's default, `--fix_fingerprint 0`).
 - 28x28 images are edge-padded to 32 and cropped back (BackdoorBench's model only works for
   sides that are multiples of 16 and uses 3 channels; ours takes 1 or 3).
-- Flax's default initialisation (LeCun normal kernels, zero biases), not PyTorch's; the last
-  batch of an epoch is dropped (fixed shapes); the images are not resized (BackdoorBench
-  trains at `--image_resolution` with a resize + centre crop: the identity at 32 px).
-- `width` (default 1) can narrow the networks; the `cpu` preset keeps 1 (see
-  experiments/configs/ftsam.py for its epochs and ramp).
+- Flax's default initialisation (LeCun normal kernels, zero biases), not PyTorch's
+  (U(+-1/sqrt(fan_in)) kernels and biases; with it our tiny test encoder did not learn its
+  bits); the last batch of an epoch is dropped (fixed shapes); the images are not resized
+  (BackdoorBench trains at `--image_resolution` with a resize + centre crop: the identity at
+  32 px).
+- `width` (default 1) can narrow the networks; the `cpu` preset halves them, uses a 32-bit
+  code and scales the L2 ramp to its steps (experiments/configs/ftsam.py).
 Differences from the paper / ISSBA: ISSBA encodes 224x224 ImageNet images with StegaStamp's
 TF encoder (Dense 7500 = 50*50*3, upsampled x8; YUV-weighted L2 + LPIPS + secret CE + a WGAN
 critic, with perturbation augmentations, 140k steps); its 32-px settings are not published.
@@ -92,6 +95,7 @@ __all__ = ["SSBA", "Decoder", "Encoder", "EncoderRefused", "SSBAState", "bit_acc
            "encode", "l2_ramp_weight", "psnr", "ssba_loss"]
 
 CACHE_FILE = "ssba_encoder.npz"
+TRUNCATED_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2] (as flax's)
 APPLY_BATCH = 256
 
 
@@ -290,13 +294,36 @@ class SSBA(Attack):
 
     # -- the networks' variables -------------------------------------------------------------------
 
-    def init_params(self, rng: jax.Array) -> dict[str, Any]:
+    def param_shapes(self) -> dict[str, Any]:
+        """The networks' parameters as ShapeDtypeStructs (nothing computed)."""
         h, w, c = self.image_shape
-        k_e, k_d = jax.random.split(rng)
-        x = jnp.zeros((1, padded_size(h), padded_size(w), c), jnp.float32)
-        code = jnp.zeros((1, self.bits), jnp.float32)
-        return {"encoder": self.encoder.init(k_e, code, x)["params"],
-                "decoder": self.decoder.init(k_d, x[:, :h, :w])["params"]}
+        x = jax.ShapeDtypeStruct((1, padded_size(h), padded_size(w), c), jnp.float32)
+        code = jax.ShapeDtypeStruct((1, self.bits), jnp.float32)
+        crop = jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)
+        key = jax.random.key(0)
+        return {"encoder": jax.eval_shape(self.encoder.init, key, code, x)["params"],
+                "decoder": jax.eval_shape(self.decoder.init, key, crop)["params"]}
+
+    def init_params(self, rng: jax.Array) -> dict[str, Any]:
+        """Flax's default initialisation (kernels LeCun normal: a normal truncated at 2 standard
+        deviations, scaled to variance 1/fan_in with fan_in = kh*kw*in; biases 0), drawn on
+        the host from a generator seeded by `rng`'s key data (a flax `init` with jax.random
+        compiles for ~20 s on a CPU; this takes milliseconds)."""
+        seed = [int(v) for v in np.asarray(jax.random.key_data(rng)).ravel()]
+        gen = np.random.default_rng(seed)
+        flat = flax.traverse_util.flatten_dict(self.param_shapes(), sep="/")
+        out = {}
+        for path in sorted(flat):
+            shape = flat[path].shape
+            if not path.endswith("/kernel"):
+                out[path] = np.zeros(shape, np.float32)
+                continue
+            z = gen.standard_normal(shape)
+            while (bad := np.abs(z) > 2.0).any():  # truncation by redrawing
+                z[bad] = gen.standard_normal(int(bad.sum()))
+            std = np.sqrt(1.0 / np.prod(shape[:-1])) / TRUNCATED_STD
+            out[path] = (z * std).astype(np.float32)
+        return flax.traverse_util.unflatten_dict(out, sep="/")
 
     # -- the trigger -------------------------------------------------------------------------
 
@@ -454,8 +481,7 @@ class SSBA(Attack):
                              "train the encoder again") from None
         if record.get("key") != key:
             return False  # other settings, data or seed: trained again
-        template = flax.traverse_util.flatten_dict(
-            jax.eval_shape(self.init_params, jax.random.key(0)), sep="/")
+        template = flax.traverse_util.flatten_dict(self.param_shapes(), sep="/")
         if set(flat) != set(template) or any(flat[k].shape != template[k].shape
                                              for k in template):
             raise ValueError(f"ssba: the cached encoder {cache} does not fit the settings; delete "
