@@ -79,6 +79,8 @@ def get_config(preset: str = "paper") -> ml_collections.ConfigDict:
     # 10 after 1000 steps ramped over 3000). cpu: half-width networks, a 32-bit code and the
     # L2 ramp scaled to the slice's steps (80 per epoch, ~1/10 of CIFAR-10's); smoke: tiny
     # networks, 2 bits, batch 16, lr 1e-3, and no refusal (80 steps may not learn a code).
+    # cpu on the 5,170-image CIFAR slice: 9.5 min of encoder training on the shared 2-core
+    # machine (18-49 s an epoch); test bit accuracy 0.9999, PSNR 28.4 dB.
     c.ssba = dict(bits=2 if smoke else 32 if cpu else 100, epochs=4 if smoke else 20,
                   batch_size=16 if smoke else 64, lr=1e-3 if smoke else 1e-4, l2_weight=10.0,
                   l2_await=0 if smoke else 100 if cpu else 1000,

@@ -63,7 +63,11 @@ made its `*_ssba_*_b1.npy` files; reference notes section 7):
   (BackdoorBench trains at `--image_resolution` with a resize + centre crop: the identity at
   32 px).
 - `width` (default 1) can narrow the networks; the `cpu` preset halves them, uses a 32-bit
-  code and scales the L2 ramp to its steps (experiments/configs/ftsam.py).
+  code and scales the L2 ramp to its steps (100 / 300 instead of 1000 / 3000: the slice has
+  1,600 steps in 20 epochs, CIFAR-10 15,600). Its cost on the 5,170-image CIFAR-10 slice:
+  566 s of training on a shared 2-core CPU (18-49 s an epoch); on the 1,017 test images the
+  code read back at bit accuracy 0.9999 (99.6% of images exactly), PSNR 28.4 dB (lowest
+  25.6), largest pixel change 77 grey levels, mean 7.1.
 Differences from the paper / ISSBA: ISSBA encodes 224x224 ImageNet images with StegaStamp's
 TF encoder (Dense 7500 = 50*50*3, upsampled x8; YUV-weighted L2 + LPIPS + secret CE + a WGAN
 critic, with perturbation augmentations, 140k steps); its 32-px settings are not published.
