@@ -147,7 +147,10 @@ def test_deterministic_resumed_cached_and_retrained_on_a_change(tmp_path, monkey
     monkeypatch.setattr(ssba.SSBA, "train", fake_train)
     again = make(**kw)
     again.fit(ds=ds, ctx=ctx_for(tmp_path), rng=jax.random.key(0))
-    assert calls == []  # the cache: nothing trained
+    with pytest.raises(ssba.EncoderRefused):  # a stricter judge of the same cached encoder
+        make(**{**kw, "min_bit_accuracy": 1.0}).fit(ds=ds, ctx=ctx_for(tmp_path),
+                                                    rng=jax.random.key(0))
+    assert calls == []  # the cache (the refusal threshold is no part of its key): nothing trained
     same_params(first, again)
     assert again.fit_record == json.loads(json.dumps(first.fit_record))
     np.testing.assert_array_equal(again.apply(ds.x_test), first.apply(ds.x_test))
@@ -192,7 +195,8 @@ def test_ssba_through_experiments_ftsam(toy_npz, tmp_path, monkeypatch):
     mesh = parallel.make_mesh()
     results = ftsam_exp.train_and_evaluate(cfg, tmp_path, mesh=mesh)
     fit_record = results["config"]["attack_fit"]
-    assert fit_record["key"]["settings"] == cfg.ssba.to_dict()
+    settings = {k: v for k, v in cfg.ssba.to_dict().items() if k != "min_bit_accuracy"}
+    assert fit_record["key"]["settings"] == settings
     assert {"test_bit_accuracy", "test_psnr", "train"} <= set(fit_record)
     assert fit_record["num_test_images"] == 80
     assert {"clean_acc", "asr", "robust_acc"} <= set(results["backdoored"])

@@ -34,8 +34,9 @@ for every image (sample-specific) and hard to see; dirty-label, all-to-one.
    is refused with a ValueError (`EncoderRefused`): the trigger would carry no code.
 5. **Cache.** The encoder's and decoder's variables (flattened, `/`-joined paths) and the record
    are `<ctx.workdir>/ssba_encoder.npz`, keyed by the settings, the image shape, the training
-   data's SHA-256 and the seed; a rerun with the same key reuses it (nothing trained), any other
-   key trains again (in a stage of its own, named by the key's hash).
+   data's SHA-256 and the seed (not `min_bit_accuracy`, which only judges the result); a rerun
+   with the same key reuses it (nothing trained), any other key trains again (in a stage of
+   its own, named by the key's hash).
 
 Images whose sides are not multiples of 16 (Fashion-MNIST's 28x28) are edge-padded to the next
 multiple (32) for the encoder, and its output is cropped back; the decoder reads the cropped
@@ -428,7 +429,9 @@ class SSBA(Attack):
         return jax.device_get(state.params), history
 
     def cache_key(self, x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Any]:
-        return {"settings": self.settings(), "image_shape": list(self.image_shape),
+        # The refusal threshold is not part of the encoder: changing it trains nothing again.
+        settings = {k: v for k, v in self.settings().items() if k != "min_bit_accuracy"}
+        return {"settings": settings, "image_shape": list(self.image_shape),
                 "data_sha256": data_fingerprint(x, y), "seed": int(seed)}
 
     def fit(self, *, ds: Any, ctx: Any, rng: jax.Array, **kwargs: Any) -> None:
