@@ -20,7 +20,7 @@ for every image (sample-specific) and hard to see; dirty-label, all-to-one.
    and the L2 ramp: w_L2 = 0 until the first step whose batch bit accuracy exceeds
    `l2_start_acc` (0.9); with s the steps since then, w_L2 = clip(l2_weight * (s - l2_await) /
    l2_ramp, 0, l2_weight) (10, 1000, 3000). `ssba_loss` is the loss, `l2_ramp_weight` the ramp.
-   Adam, lr 1e-4, batch 64, 20 epochs over the training images (`train_encoder`: a resumable
+   Adam, lr 1e-4, batch 64, 20 epochs over the training images (`SSBA.train`: a resumable
    stage `ssba_encoder_<key hash>`, one epoch per checkpoint).
 3. **Poisoning.** The attack's code is one fixed bit string (`code_seed`); a poisoned image is
    round(255 * clip(x + r(x, code), 0, 1)) (uint8, what BackdoorBench's PNG files hold);
