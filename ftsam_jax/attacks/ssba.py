@@ -78,9 +78,7 @@ We use BackdoorBench's simpler loss (L2 + BCE only; no LPIPS, critic or augmenta
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +93,7 @@ import optax
 
 from ftsam_jax import xla
 from ftsam_jax.attacks.base import Attack
+from ftsam_jax.attacks.resource import data_fingerprint, load_resource, save_resource
 
 __all__ = ["SSBA", "Decoder", "Encoder", "EncoderRefused", "SSBAState", "bit_accuracy",
            "encode", "l2_ramp_weight", "psnr", "ssba_loss"]
@@ -231,15 +230,6 @@ class SSBAState:
 
 
 # -- the attack -----------------------------------------------------------------------------------
-
-
-def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
-    """SHA-256 of the training images and labels (shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for a in (np.ascontiguousarray(x), np.ascontiguousarray(y)):
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:
@@ -477,17 +467,11 @@ class SSBA(Attack):
                 "test_mean_abs_change": float(change.mean()) if change.size else 0.0}
 
     def _load(self, cache: Path, key: dict[str, Any]) -> bool:
-        if not cache.is_file():
-            return False
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                record = json.loads(str(z["record"]))
-                flat = {k[len("p:"):]: np.asarray(z[k]) for k in z.files if k.startswith("p:")}
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"ssba: cannot read the cached encoder {cache}: {e}; delete it to "
-                             "train the encoder again") from None
-        if record.get("key") != key:
-            return False  # other settings, data or seed: trained again
+        found = load_resource(cache, key, "ssba: the cached encoder")
+        if found is None:
+            return False  # none, or other settings, data or seed: trained again
+        arrays, record = found
+        flat = {k[len("p:"):]: v for k, v in arrays.items() if k.startswith("p:")}
         template = flax.traverse_util.flatten_dict(self.param_shapes(), sep="/")
         if set(flat) != set(template) or any(flat[k].shape != template[k].shape
                                              for k in template):
@@ -498,11 +482,8 @@ class SSBA(Attack):
         return True
 
     def _save(self, cache: Path) -> None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-        arrays = {f"p:{k}": v for k, v in _flatten(jax.device_get(self.params)).items()}
-        np.savez(tmp, record=np.asarray(json.dumps(self.fit_record, sort_keys=True)), **arrays)
-        os.replace(tmp, cache)
+        save_resource(cache, self.fit_record, {
+            f"p:{k}": v for k, v in _flatten(jax.device_get(self.params)).items()})
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), **self.settings(),
