@@ -16,10 +16,9 @@ from experiments import ftsam as ftsam_exp
 from experiments.configs.ftsam import get_config
 from ftsam_jax import parallel
 from ftsam_jax.attacks import build_backdoor_data, create_attack, lc
-from ftsam_jax.data.datasets import Dataset
-from ftsam_jax.training.recipe import FitConfig
-from ftsam_jax.training.stage import StageContext
 from ftsam_jax.training.step import cross_entropy
+from tests.attack_helpers import fit_with
+from tests.attack_helpers import tiny_dataset as shared_tiny_dataset
 
 SHAPES = [(28, 28, 1), (32, 32, 3)]
 
@@ -36,27 +35,14 @@ MODEL = Linear()
 
 
 def tiny_dataset(shape, n_train=24, n_test=12, seed=0):
-    rng = np.random.default_rng(seed)
-    img = lambda n: rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-    x_train = img(n_train)
-    x_train[0, :2] = 0  # saturated pixels: the [0, 1] clip binds
-    x_train[0, 2:4] = 255
-    return Dataset("tiny", x_train, np.arange(n_train, dtype=np.int32) % 4, img(n_test),
-                   np.arange(n_test, dtype=np.int32) % 4, ("a", "b", "c", "d"))
-
-
-def ctx_for(workdir=None):
-    return StageContext(mesh=parallel.make_mesh(), seed=0, workdir=workdir, progress=False)
+    ds = shared_tiny_dataset(shape, n_train, n_test, seed)
+    ds.x_train[0, :2] = 0  # saturated pixels: the [0, 1] clip binds
+    ds.x_train[0, 2:4] = 255
+    return ds
 
 
 def fit(attack, ds, variables, workdir=None, calls=None):
-    def clean_model():
-        if calls is not None:
-            calls.append(1)
-        return variables
-
-    attack.fit(ds=ds, model=MODEL, fit_config=FitConfig(epochs=1, batch_size=8),
-               ctx=ctx_for(workdir), rng=jax.random.key(0), clean_model=clean_model)
+    fit_with(attack, ds, MODEL, variables, 8, workdir, calls)
 
 
 @pytest.fixture(scope="module")

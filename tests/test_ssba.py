@@ -19,7 +19,7 @@ from ftsam_jax import parallel
 from ftsam_jax.attacks import create_attack, ssba
 from ftsam_jax.data.datasets import Dataset
 from ftsam_jax.training import stage as stage_mod
-from ftsam_jax.training.stage import StageContext
+from tests.attack_helpers import ctx_for
 
 # A tiny encoder that learns 2 bits in ~120 steps (the published ramp, started at 0.8).
 TINY = dict(bits=2, epochs=20, width=0.25, lr=1e-3, batch_size=16, l2_await=0, l2_ramp=30,
@@ -40,10 +40,6 @@ def tiny_dataset(n_train=96, n_test=40, shape=(16, 16, 3), seed=0):
 
     (xtr, ytr), (xte, yte) = make(n_train), make(n_test)
     return Dataset("tiny", xtr, ytr, xte, yte, ("a", "b", "c", "d"))
-
-
-def ctx_for(workdir=None):
-    return StageContext(mesh=parallel.make_mesh(), seed=0, workdir=workdir, progress=False)
 
 
 def make(shape=(16, 16, 3), **kw):

@@ -17,10 +17,9 @@ from experiments.configs.ftsam import get_config
 from ftsam_jax import parallel
 from ftsam_jax.attacks import create_attack
 from ftsam_jax.attacks import trojannn as tj
-from ftsam_jax.data.datasets import Dataset
 from ftsam_jax.models import TinyCNN
-from ftsam_jax.training.recipe import FitConfig
-from ftsam_jax.training.stage import StageContext
+from tests.attack_helpers import fit_with
+from tests.attack_helpers import tiny_dataset as shared_tiny_dataset
 
 SHAPES = [(28, 28, 1), (32, 32, 3)]
 MODEL = TinyCNN(num_classes=4, width=4)
@@ -36,24 +35,11 @@ class TwoLayer(nn.Module):
 
 
 def tiny_dataset(shape, n_train=32, n_test=16, seed=0):
-    rng = np.random.default_rng(seed)
-    img = lambda n: rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-    return Dataset("tiny", img(n_train), np.arange(n_train, dtype=np.int32) % 4, img(n_test),
-                   np.arange(n_test, dtype=np.int32) % 4, ("a", "b", "c", "d"))
-
-
-def ctx_for(workdir=None):
-    return StageContext(mesh=parallel.make_mesh(), seed=0, workdir=workdir, progress=False)
+    return shared_tiny_dataset(shape, n_train, n_test, seed)
 
 
 def fit(attack, ds, variables, workdir=None, calls=None):
-    def clean_model():
-        if calls is not None:
-            calls.append(1)
-        return variables
-
-    attack.fit(ds=ds, model=MODEL, fit_config=FitConfig(epochs=1, batch_size=16),
-               ctx=ctx_for(workdir), rng=jax.random.key(0), clean_model=clean_model)
+    fit_with(attack, ds, MODEL, variables, 16, workdir, calls)
 
 
 @pytest.fixture(scope="module")
