@@ -59,3 +59,18 @@ def assert_same(a: Any, b: Any) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def interrupt_after(epochs: int, run: Callable[[], Any], monkeypatch: Any) -> None:
+    """Calls `run()` with the stage machinery told to stop after `epochs` epochs of this
+    process (`FTSAM_JAX_INTERRUPT_AFTER`) and checks that it stopped (KeyboardInterrupt); the
+    caller then reruns it to test the resume."""
+    import pytest
+
+    from ftsam_jax.training import stage as stage_mod
+
+    monkeypatch.setattr(stage_mod, "_epochs_run_in_process", 0)
+    monkeypatch.setenv("FTSAM_JAX_INTERRUPT_AFTER", str(epochs))
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.delenv("FTSAM_JAX_INTERRUPT_AFTER")

@@ -22,9 +22,8 @@ from ftsam_jax.defenses import abl as abl_mod
 from ftsam_jax.defenses import ac as ac_mod
 from ftsam_jax.defenses.base import PoisonedTrainData
 from ftsam_jax.models import TinyCNN
-from ftsam_jax.training import stage as stage_mod
 from ftsam_jax.training.step import classification_loss, init_variables
-from tests.defense_helpers import assert_same, ctx_for
+from tests.defense_helpers import assert_same, ctx_for, interrupt_after
 
 NUM_CLASSES = 4
 MODEL = TinyCNN(num_classes=NUM_CLASSES, width=4)
@@ -119,11 +118,8 @@ def test_ac_is_deterministic_and_resumes_exactly(mesh, tmp_path, tiny_vars, pois
     assert jax.tree.structure(out.variables) == jax.tree.structure(tiny_vars)
     # Interrupted in the retraining, rerun in the same workdir: the same removal and the same
     # variables bit for bit (determinism and exact resume at once).
-    monkeypatch.setattr(stage_mod, "_epochs_run_in_process", 0)
-    monkeypatch.setenv("FTSAM_JAX_INTERRUPT_AFTER", "1")
-    with pytest.raises(KeyboardInterrupt):
-        spec.run(MODEL, tiny_vars, poisoned, cfg, rng, ctx_for(mesh, tmp_path / "c"))
-    monkeypatch.delenv("FTSAM_JAX_INTERRUPT_AFTER")
+    interrupt_after(1, lambda: spec.run(MODEL, tiny_vars, poisoned, cfg, rng,
+                                        ctx_for(mesh, tmp_path / "c")), monkeypatch)
     resumed = spec.run(MODEL, tiny_vars, poisoned, cfg, rng, ctx_for(mesh, tmp_path / "c"))
     assert resumed.details == rec and assert_same(resumed.variables, out.variables) is None
 
@@ -200,11 +196,8 @@ def test_abl_is_deterministic_and_resumes_exactly(mesh, tmp_path, tiny_vars, poi
         "abl_finetune", "abl_isolation", "abl_unlearn"]
     # Interrupted in the continued training (1 isolation epoch + 1), then rerun: the same
     # isolation and variables bit for bit (determinism and exact resume at once).
-    monkeypatch.setattr(stage_mod, "_epochs_run_in_process", 0)
-    monkeypatch.setenv("FTSAM_JAX_INTERRUPT_AFTER", "2")
-    with pytest.raises(KeyboardInterrupt):
-        spec.run(MODEL, tiny_vars, poisoned, cfg, rng, ctx_for(mesh, tmp_path / "c"))
-    monkeypatch.delenv("FTSAM_JAX_INTERRUPT_AFTER")
+    interrupt_after(2, lambda: spec.run(MODEL, tiny_vars, poisoned, cfg, rng,
+                                        ctx_for(mesh, tmp_path / "c")), monkeypatch)
     resumed = spec.run(MODEL, tiny_vars, poisoned, cfg, rng, ctx_for(mesh, tmp_path / "c"))
     assert resumed.details == rec and assert_same(resumed.variables, out.variables) is None
 

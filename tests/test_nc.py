@@ -21,8 +21,7 @@ from ftsam_jax import parallel
 from ftsam_jax.defenses import DEFENSES, BenignData
 from ftsam_jax.defenses import nc as nc_mod
 from ftsam_jax.defenses.base import Defended
-from ftsam_jax.training import stage as stage_mod
-from tests.defense_helpers import ctx_for
+from tests.defense_helpers import ctx_for, interrupt_after
 
 
 def reference_median(values):
@@ -319,11 +318,7 @@ def test_the_search_is_deterministic_and_resumes_label_by_label(mesh, tmp_path, 
     for key, value in run(None).items():
         np.testing.assert_array_equal(value, first[key])
     # Interrupted after its first label, then rerun: the same triggers.
-    monkeypatch.setattr(stage_mod, "_epochs_run_in_process", 0)
-    monkeypatch.setenv("FTSAM_JAX_INTERRUPT_AFTER", "1")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b")
-    monkeypatch.delenv("FTSAM_JAX_INTERRUPT_AFTER")
+    interrupt_after(1, lambda: run(tmp_path / "b"), monkeypatch)
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints" / "nc_trigger").iterdir()
                   if p.name.isdigit()) == ["1"]
     for key, value in run(tmp_path / "b").items():
