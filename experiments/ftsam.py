@@ -552,8 +552,7 @@ def load_inputs(cfg: ml_collections.ConfigDict, settings: Settings) -> tuple[Dat
                                image_shape=ds.image_shape, target=cfg.target, **attack_kwargs)
     except ValueError as e:
         raise InputError(e) from None
-    on_the_fly = attack.make_train_transform(cfg.poison_ratio) is not None
-    if settings.retune is not None and on_the_fly:
+    if settings.retune is not None and not attack.poisoned_set:
         raise InputError(f"--retune_attack: the Retuning Attack needs the attack's poisoned "
                          f"training images; {cfg.attack} poisons each batch on the fly")
     timed = [n for n in settings.defenses if DEFENSES[settings.columns[n].base].training_time]

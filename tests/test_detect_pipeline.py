@@ -35,7 +35,7 @@ def test_missing_data_folder_is_one_line(tmp_path):
 
 def test_coco_folder_end_to_end(tmp_path):
     """A COCO folder (real PNG files, images of three sizes, non-contiguous category ids 3 and
-    11) through the student, FGD and IKD (which needs `data/` for its adversarial set)."""
+    11) through the student and FGD with IKD (which needs `data/` for its adversarial set)."""
     from PIL import Image
 
     from tests.test_detector import toy_scenes
@@ -68,17 +68,17 @@ def test_coco_folder_end_to_end(tmp_path):
             {"images": images, "annotations": anns, "categories": cats}))
     work = tmp_path / "w"
     run_module("experiments.detect", f"--dataset=coco:{folder}", "--preset=smoke",
-               "--methods=student,fgd,fgd_ikd", "--seeds=0", "--batch_size=8",
+               "--methods=student,fgd_ikd", "--seeds=0", "--batch_size=8",
                f"--workdir={work}")
     res = json.loads((work / "results.json").read_text())
     assert res["config"]["train_images"] == 16 and res["config"]["val_images"] == 8
     assert "COCO's size buckets" in (work / "results.md").read_text()
-    assert set(res["students"]) == {"student", "fgd", "fgd_ikd"}
+    assert set(res["students"]) == {"student", "fgd_ikd"}
     keys = {"ap", "ap50", "ap75", "ap_s", "ap_m", "ap_l", "ar100"}
     for r in [res["teacher"], *res["students"].values()]:
         assert keys <= set(r) and all(-1 <= r[k] <= 1 for k in keys)
     assert (work / "data" / "adversarial.npy").is_file()
-    for name in ("teacher", "student", "fgd", "fgd_ikd"):
+    for name in ("teacher", "student", "fgd_ikd"):
         dets = json.loads((work / "detections" / f"{name}.json").read_text())
         assert dets, name
         assert {d["category_id"] for d in dets} <= set(cat_ids)

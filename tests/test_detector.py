@@ -18,6 +18,7 @@ from ftsam_jax.detection.evaluate import SCENE_AREAS, coco_metrics
 from ftsam_jax.detection.step import detect_train_step, detection_loss_fn
 from ftsam_jax.models.fcos import FCOS
 from ftsam_jax.training.step import create_train_state
+from tests.conftest import OPTIMIZED
 
 
 def toy_scenes(n, seed=0, size=64):
@@ -106,7 +107,7 @@ def test_overfits_one_batch():
     data = toy_scenes(8)
     tx = optax.adam(3e-3)
     model, loss_fn, state, batch = _setup(tx, data, width=16)
-    step = jax.jit(partial(detect_train_step, tx=tx, loss_fn=loss_fn))
+    step = jax.jit(partial(detect_train_step, tx=tx, loss_fn=loss_fn), compiler_options=OPTIMIZED)
     first = None
     for _ in range(300):
         state, m = step(state, batch, jax.random.key(0))

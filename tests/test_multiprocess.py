@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 pytestmark = pytest.mark.slow  # subprocess runs of the entry points
 
@@ -50,11 +50,11 @@ def test_two_processes_equal_one(tmp_path):
 def test_pipeline_as_two_processes_writes_one_result(tmp_path, toy_npz):
     args = ["-m", "experiments.ftsam", f"--dataset=npz:{toy_npz}", "--attack=badnets",
             "--preset=smoke", "--defenses=ft", "--defense_epochs=2", "--progress=false"]
-    four = dict(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    four = dict(XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, *args, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
                    env=_env(**four), check=True, timeout=600, capture_output=True)
     addr = f"127.0.0.1:{_free_port()}"
-    two = dict(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    two = dict(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=addr,
                JAX_NUM_PROCESSES="2")
     procs = [subprocess.Popen([sys.executable, *args, f"--workdir={tmp_path / 'two'}"],

@@ -88,7 +88,9 @@ def test_bad_retune_settings_are_input_errors(toy_npz, tmp_path):
         ftsam.train_and_evaluate(cfg, tmp_path / "w", mesh=parallel.make_mesh())
     assert not (tmp_path / "w").exists()
     cfg.retune.poison_num = 5
-    cfg.attack = "wanet"
-    with pytest.raises(InputError, match="--retune_attack: .*wanet poisons each batch on the fly"):
-        ftsam.train_and_evaluate(cfg, tmp_path / "w2", mesh=parallel.make_mesh())
-    assert not (tmp_path / "w2").exists()  # refused before anything was trained
+    for attack in ("wanet", "input_aware"):  # no fixed poisoned training set (poisoned_set)
+        cfg.attack = attack
+        with pytest.raises(InputError,
+                           match=f"--retune_attack: .*{attack} poisons each batch on the fly"):
+            ftsam.train_and_evaluate(cfg, tmp_path / attack, mesh=parallel.make_mesh())
+        assert not (tmp_path / attack).exists()  # refused before anything was trained
