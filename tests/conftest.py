@@ -48,6 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
 
 
+def pytest_collection_modifyitems(items):
+    """Files with `slow` tests (end-to-end runs, most of the suite's time) run first, so that
+    pytest-xdist's workers end on short unit tests instead of one waiting on the other's long
+    run (a stable sort: the order within each group is unchanged)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture(scope="session")
 def mesh():
     """The 8 fake CPU devices as one data-parallel mesh."""

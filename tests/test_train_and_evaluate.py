@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # whole runs of the entry points, in process
+
 DATA = ROOT.parent / "shared" / "data"
 
 
