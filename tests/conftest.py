@@ -26,13 +26,17 @@ def xla_flags(devices: int) -> str:
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):  # xdist's workers inherit it
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent XLA compilation cache per test process (one per pytest-xdist worker), shared
-# with the entry points it starts: a rerun, a resume or a second entry point with the same
-# stages loads the programs compiled before instead of compiling them again (XLA's compile
-# time is most of a smoke run on CPU). Removed when the process ends.
-_XLA_CACHE = tempfile.mkdtemp(prefix="ftsam_jax_test_xla_cache_")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+# One persistent XLA compilation cache for the whole test session, shared by pytest-xdist's
+# workers and the entry points they start: a rerun, a resume or another test with the same
+# stages loads the programs compiled before instead of compiling them again (XLA's compile time
+# is most of a smoke run on CPU). The first process to import this file (xdist's controller, or
+# a lone pytest) makes it and removes it when it ends; the workers inherit it. A size limit turns
+# on the cache's file lock, so one process never reads an entry another is writing.
+if "FTSAM_TEST_XLA_CACHE" not in os.environ:
+    os.environ["FTSAM_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="ftsam_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["FTSAM_TEST_XLA_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["FTSAM_TEST_XLA_CACHE"]
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 import subprocess  # noqa: E402
