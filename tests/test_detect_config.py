@@ -14,6 +14,7 @@ from experiments.detect import (
     attack_config,
     method_config,
     method_parts,
+    paired_lines,
     resolve,
     results_table,
     seeds_phrase,
@@ -139,3 +140,27 @@ def test_older_results_keep_their_teacher_ap_adv_under_the_default_strength():
     assert ("Teacher AP on its adversarial evaluation images (MI-DI-FGSM, eps 2/255, 5 steps): "
             "25.0 (clean 50.0). At other strengths (other runs from this teacher): "
             "eps=8/255,steps=5 12.5.") in results_table(new).splitlines()
+
+
+def test_paired_lines_by_hand():
+    """results.md's differences against FGD: paired by seed, mean ± sample std and the 95%
+    t interval over the seeds both methods ran, "not resolved" where it spans 0."""
+    def run(aps, ap_ss, seeds):
+        return {"per_seed": [{"seed": s, "ap": a, "ap_s": b}
+                             for s, a, b in zip(seeds, aps, ap_ss, strict=True)]}
+
+    results = {"config": {"paired_streams": True}, "students": {
+        "fgd": run([0.10, 0.20, 0.30], [0.10, 0.10, 0.10], [0, 1, 2]),
+        "fgd_ikd": run([0.12, 0.25, 0.31, 0.9], [0.11, 0.115, 0.12, 0.9], [0, 1, 2, 3]),
+        "student": run([0.5], [0.5], [7])}}  # no seed in common with fgd: no line
+    lines = paired_lines(results)
+    assert "same init and batch order for every method of a seed" in lines[1]
+    # AP: differences 2, 5, 1 points (seed 3 is fgd_ikd's alone): mean 8/3, std sqrt(13/3),
+    # half-width t(0.975, 2) * std / sqrt(3) = 4.3027 * 2.0817 / 1.7321 = 5.171.
+    # AP_S: 1, 1.5, 2: mean 1.5, std 0.5, half-width 4.3027 * 0.5 / 1.7321 = 1.242.
+    assert lines[3:] == ["- fgd_ikd: AP +2.67 ± 2.08 [-2.50, +7.84] not resolved, "
+                         "AP_S +1.50 ± 0.50 [+0.26, +2.74] (3 seeds)"]
+    results["config"]["paired_streams"] = False
+    assert "each method draws its own init and order" in paired_lines(results)[1]
+    assert paired_lines({**results, "students": {"student": results["students"]["student"]}}) \
+        == []
