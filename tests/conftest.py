@@ -26,19 +26,15 @@ def xla_flags(devices: int) -> str:
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):  # xdist's workers inherit it
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent XLA compilation cache for the whole test session, shared by pytest-xdist's
-# workers and the entry points they start: a rerun, a resume or another test with the same
+# One persistent XLA compilation cache per test process (one per pytest-xdist worker), shared
+# with the entry points it starts: a rerun, a resume or a second entry point with the same
 # stages loads the programs compiled before instead of compiling them again (XLA's compile time
-# is most of a smoke run on CPU). The first process to import this file (xdist's controller, or
-# a lone pytest) makes it and removes it when it ends; the workers inherit it. No size limit: a
-# limit turns on JAX's eviction, which lists and reads the whole folder on every write (about
-# +3 CPU-minutes over the suite in our runs). Two processes compiling the same program at once
-# both write the same bytes; an entry read while it is written fails to decompress, and JAX
-# compiles it again.
-if "FTSAM_TEST_XLA_CACHE" not in os.environ:
-    os.environ["FTSAM_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="ftsam_jax_test_xla_cache_")
-    atexit.register(shutil.rmtree, os.environ["FTSAM_TEST_XLA_CACHE"], ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["FTSAM_TEST_XLA_CACHE"]
+# is most of a smoke run on CPU). Removed when the process ends. (One cache shared by both
+# workers was tried on 2026-12-07: the suite took 31-32 CPU-minutes instead of 27; see
+# results/ci_2026-12-07b.)
+_XLA_CACHE = tempfile.mkdtemp(prefix="ftsam_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 import subprocess  # noqa: E402
