@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import ENV, ROOT
+from tests.conftest import ENV_8, ROOT
 
 DATA = ROOT.parent / "shared" / "data"
 SMOKE = "--preset=smoke"
@@ -479,7 +479,7 @@ def outcomes(entry: str, inputs) -> list[dict]:
             rows.append(argv)
         proc = subprocess.run([sys.executable, "-m", "tests.bad_input_worker", entry],
                               input=json.dumps(rows), capture_output=True, text=True, cwd=ROOT,
-                              env=ENV, timeout=600)
+                              env=ENV_8, timeout=600)  # the batch-size rows need 8
         assert proc.returncode == 0, proc.stderr[-3000:]
         _outcomes[entry] = json.loads(proc.stdout.strip().splitlines()[-1])
     return _outcomes[entry]
