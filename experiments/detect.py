@@ -261,8 +261,11 @@ def adv_key(eps: float, steps: int) -> str:
 
 def upgrade_results(results: dict[str, Any]) -> dict[str, Any]:
     """An older results.json in today's form: the teacher's single `ap_adv` number (every such
-    run attacked with eps 8/255, 5 steps) becomes {adv_key(8, 5): number}."""
+    run attacked with eps 8/255, 5 steps) becomes {adv_key(8, 5): number}. A teacher row
+    without "students" (removed by hand to train them again) gets an empty one."""
     teacher = results.get("teacher")
+    if teacher is not None:
+        results.setdefault("students", {})
     if isinstance(teacher, dict) and isinstance(teacher.get("ap_adv"), int | float):
         teacher["ap_adv"] = {adv_key(LEGACY_VALUES["afa_eps"], LEGACY_VALUES["afa_steps"]):
                              teacher["ap_adv"]}

@@ -29,7 +29,9 @@ mkdir -p "$RUNS"
 step() {  # step NAME COMMAND...: run it; a failed part is said and the queue goes on
   echo "$(date -u +%FT%TZ) start $1"
   shift
-  "$@" || echo "$(date -u +%FT%TZ) FAILED (exit $?): $*"
+  local rc=0
+  "$@" || rc=$?
+  if [ $rc != 0 ]; then echo "$(date -u +%FT%TZ) FAILED (exit $rc): $*"; fi
 }
 step "fmnist study" env PYTHON="$PY" bash "$HERE/fmnist_cpu.sh" "$RUNS/fmnist"
 step "fmnist knobs" env PYTHON="$PY" STUDY_RUNS="$RUNS/fmnist" \
