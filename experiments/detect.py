@@ -580,10 +580,13 @@ def student_stage(run: Run, method: str, seed: int, t_params: Any,
     tx = optimizer(cfg["lr"], spe, cfg["epochs"], cfg["warmup_epochs"], cfg["weight_decay"])
     ssa = SSAConfig(small_area=cfg["ssa_small_area"])
     teacher = None if method == "student" else run.teacher
-    step = bind_teacher(make_detect_distill_step(
-        run.student, teacher, tx, dcfg, k, size,
-        ikd_steps=int(round(cfg["ikd_fraction"] * cfg["epochs"])) * spe,
-        ssa=ssa if with_ssa else None))
+    steps = run.__dict__.setdefault("_student_steps", {})  # one per method: its seeds share
+    if method not in steps:                                 # the compiled programs
+        steps[method] = bind_teacher(make_detect_distill_step(
+            run.student, teacher, tx, dcfg, k, size,
+            ikd_steps=int(round(cfg["ikd_fraction"] * cfg["epochs"])) * spe,
+            ssa=ssa if with_ssa else None))
+    step = steps[method]
     data = dict(run.data)
     if dcfg.alpha_adv > 0:
         data["adv"] = jax.device_put(pert[source], parallel.replicated(run.ctx.mesh))

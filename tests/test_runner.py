@@ -84,6 +84,33 @@ def test_stage_needs_exactly_one_of_step_and_epoch_fn():
         Stage("s", {}, 1, step=_sum_step, data={"x": np.zeros(4)})
 
 
+def test_stages_given_one_step_share_its_compiled_epoch(tmp_path):
+    """Two stages with the same step object (one method's students over two seeds) trace it
+    once; a new step object is traced anew; the numbers are those of separate programs."""
+    mesh = parallel.make_mesh()
+    n, bs = 32, 8
+    data = {"image": np.zeros((n, 2, 2, 1), np.uint8), "label": np.arange(n, dtype=np.int32)}
+    state0 = {"seen": jnp.zeros((), jnp.int32), "n": jnp.zeros((), jnp.int32)}
+    traced = []
+
+    def make_step():
+        def step(st, batch, rng):
+            traced.append(1)  # runs only while tracing
+            return _sum_step(st, batch, rng)
+        return step
+
+    ctx = StageContext(mesh=mesh, seed=0, workdir=None, progress=False)
+    shared = make_step()
+    runs = [train_stage(Stage(f"seed{s}", state0, 2, step=shared, data=data, batch_size=bs,
+                              rng=stage_rng(s, "student")), ctx)[0] for s in (0, 1)]
+    assert len(traced) == 1
+    fresh = train_stage(Stage("fresh", state0, 2, step=make_step(), data=data, batch_size=bs,
+                              rng=stage_rng(1, "student")), ctx)[0]
+    assert len(traced) == 2
+    assert int(runs[1]["seen"]) == int(fresh["seen"]) == 2 * data["label"].sum()
+    assert int(runs[0]["n"]) == int(runs[1]["n"]) == 2 * n // bs
+
+
 def test_train_stage_runs_the_epochs_it_is_given(tmp_path):
     """Every example once per epoch (shuffled epoch), the sampler's draws instead when given,
     per-epoch data from the epoch key, evaluation every epoch, and resume."""

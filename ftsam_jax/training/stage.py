@@ -16,6 +16,7 @@ not re-run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -280,6 +281,24 @@ def evaluate_variables(ctx: StageContext,
     return lambda state: evaluate(variables(state))
 
 
+def _epoch_of(step: Step, mesh: Mesh, num_examples: int, batch_size: int, preprocess: Preprocess,
+              drop_last: bool, sampler: Sampler | None) -> Callable[..., Any]:
+    """`make_epoch_fn`, once per step object and epoch shape: stages given the same step (one
+    method's students over several seeds) share its compiled programs instead of tracing and
+    compiling them again. The epoch functions are kept on the step (freed with it)."""
+    make = functools.partial(make_epoch_fn, step, mesh=mesh, num_examples=num_examples,
+                             batch_size=batch_size, preprocess=preprocess,
+                             drop_last=drop_last, sampler=sampler)
+    try:
+        cache = step.__dict__.setdefault("_ftsam_epoch_fns", {})
+    except AttributeError:  # a step without attributes (a jitted or built-in callable)
+        return make()
+    key = (mesh, num_examples, batch_size, preprocess, drop_last, sampler)
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def train_stage(stage: Stage, ctx: StageContext) -> tuple[Any, list[dict[str, Any]]]:
     """Runs (or resumes, or skips if done) `stage` on `ctx.mesh`.
 
@@ -291,9 +310,8 @@ def train_stage(stage: Stage, ctx: StageContext) -> tuple[Any, list[dict[str, An
         repl = parallel.replicated(ctx.mesh)
         data = {k: jax.device_put(v, repl) for k, v in stage.data.items()}
         images, labels = data.pop("image"), data.pop("label")
-        epoch = make_epoch_fn(stage.step, mesh=ctx.mesh, num_examples=len(labels),
-                              batch_size=stage.batch_size, preprocess=stage.preprocess,
-                              drop_last=stage.drop_last, sampler=stage.sampler)
+        epoch = _epoch_of(stage.step, ctx.mesh, len(labels), stage.batch_size,
+                          stage.preprocess, stage.drop_last, stage.sampler)
         make_extra = stage.epoch_data
 
         def epoch_fn(state: Any, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
