@@ -33,8 +33,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # with the entry points it starts: a rerun, a resume or a second entry point with the same
 # stages loads the programs compiled before instead of compiling them again (XLA's compile time
 # is most of a smoke run on CPU). Removed when the process ends. (One cache shared by both
-# workers was tried on 2026-12-07: the suite took 31-32 CPU-minutes instead of 27; see
-# results/ci_2026-12-07b.)
+# workers was tried on 2026-12-07: 31-32 CPU-minutes against 27 for one earlier run with a cache
+# per worker, but 33 for a later one: not resolved either way; results/ci_2026-12-07b.)
 _XLA_CACHE = tempfile.mkdtemp(prefix="ftsam_jax_test_xla_cache_")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
