@@ -9,10 +9,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from ftsam_jax import parallel
 from ftsam_jax.data.datasets import Dataset
 from ftsam_jax.training.recipe import FitConfig
 from ftsam_jax.training.stage import StageContext
+from tests.conftest import small_mesh
 
 
 def tiny_dataset(shape: tuple[int, ...], n_train: int, n_test: int, seed: int = 0) -> Dataset:
@@ -24,7 +24,7 @@ def tiny_dataset(shape: tuple[int, ...], n_train: int, n_test: int, seed: int = 
 
 
 def ctx_for(workdir: Path | None = None) -> StageContext:
-    return StageContext(mesh=parallel.make_mesh(), seed=0, workdir=workdir, progress=False)
+    return StageContext(mesh=small_mesh(), seed=0, workdir=workdir, progress=False)
 
 
 def fit_with(attack: Any, ds: Dataset, model: Any, variables: Any, batch_size: int,

@@ -8,8 +8,9 @@ Launched by tests/test_multiprocess.py as 2 processes x 2 devices (gloo collecti
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2" if os.environ.get(
-    "JAX_NUM_PROCESSES") else "--xla_force_host_platform_device_count=4"
+# the test passes its XLA_FLAGS (the device count and the suite's cheap compiles); alone:
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2" if os.environ.get(
+    "JAX_NUM_PROCESSES") else "--xla_force_host_platform_device_count=4")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -16,13 +16,13 @@ import pytest
 from experiments import ftsam as ftsam_exp
 from experiments.cli import InputError
 from experiments.configs.ftsam import get_config
-from ftsam_jax import parallel
 from ftsam_jax.defenses import DEFENSES
 from ftsam_jax.defenses import abl as abl_mod
 from ftsam_jax.defenses import ac as ac_mod
 from ftsam_jax.defenses.base import PoisonedTrainData
 from ftsam_jax.models import TinyCNN
 from ftsam_jax.training.step import classification_loss, init_variables
+from tests.conftest import small_mesh
 from tests.defense_helpers import assert_same, ctx_for, interrupt_after
 
 NUM_CLASSES = 4
@@ -214,7 +214,7 @@ def test_training_time_defenses_through_experiments_ftsam(toy_npz, tmp_path):
     cfg.defense.ac.nb_dims = 4
     cfg.defense.ac.retrain.epochs = 1
     cfg.defense.abl.finetune_epochs = 1
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     results = ftsam_exp.train_and_evaluate(cfg, tmp_path / "run", mesh=mesh)
     for name in ("ac", "abl"):
         row = results["defenses"][name]

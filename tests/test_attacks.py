@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftsam_jax import parallel
 from ftsam_jax.attacks import ATTACKS, build_backdoor_data, create_attack
 from ftsam_jax.attacks.base import to_uint8
 from ftsam_jax.attacks.blended import cartoon_pattern
@@ -20,6 +19,7 @@ from ftsam_jax.data.datasets import Dataset
 from ftsam_jax.models import TinyCNN
 from ftsam_jax.training.recipe import FitConfig
 from ftsam_jax.training.stage import StageContext
+from tests.conftest import small_mesh
 
 SHAPES = [(28, 28, 1), (32, 32, 3)]
 
@@ -37,7 +37,7 @@ def tiny_dataset(shape, n_train=32, n_test=16, classes=4, seed=0):
 
 
 def context(tmp_path):
-    return StageContext(mesh=parallel.make_mesh(), seed=0, workdir=tmp_path, progress=False)
+    return StageContext(mesh=small_mesh(), seed=0, workdir=tmp_path, progress=False)
 
 
 # -- fixed triggers --------------------------------------------------------------------------------

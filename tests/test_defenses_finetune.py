@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftsam_jax import parallel
 from ftsam_jax.defenses import DEFENSES, BenignData, select_benign
 from ftsam_jax.defenses.finetune import ftsam_config
 from ftsam_jax.models import TinyCNN
@@ -13,6 +12,7 @@ from ftsam_jax.optim import SAMState
 from ftsam_jax.training import stage as runner
 from ftsam_jax.training.recipe import make_optimizer
 from ftsam_jax.training.stage import StageContext
+from tests.conftest import small_mesh
 
 
 def test_balanced_and_random_benign_selection():
@@ -81,7 +81,7 @@ def test_defense_end_to_end_and_resume(name, tmp_path, monkeypatch):
     spec = DEFENSES[name]
     cfg = spec.default_config("smoke")
     assert cfg.epochs >= 2
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     run = lambda workdir: spec.run(model, variables, BenignData(x, y, 4), cfg,
                                    jax.random.key(1), StageContext(mesh=mesh, seed=0,
                                                                    workdir=workdir,

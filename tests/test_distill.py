@@ -22,6 +22,7 @@ from ftsam_jax.distill import adversarial, augment, losses
 from ftsam_jax.distill import step as distill_step_module
 from ftsam_jax.models import TinyCNN
 from ftsam_jax.training.stage import StageContext
+from tests.conftest import small_mesh
 
 NUM_CLASSES = 4
 STUDENT = TinyCNN(num_classes=NUM_CLASSES, width=4)
@@ -68,7 +69,7 @@ def test_attack_eps_ball_range_loss_increase_and_precompute(data):
     x, y = data
     teacher = init(TEACHER, 1)
     apply = adversarial.eval_apply(TEACHER)
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     cfg = adversarial.AttackConfig()
     adv = adversarial.precompute_adversarial(apply, teacher, x, y, jax.random.key(3), mesh=mesh,
                                              batch_size=8, config=cfg)
@@ -388,7 +389,7 @@ def test_ikd_defense_end_to_end_and_resume(tmp_path):
     benign = BenignData(rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8),
                         (np.arange(32) % NUM_CLASSES).astype(np.int32), NUM_CLASSES)
     variables = init(STUDENT, 3)
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     ctx = lambda d, log=None: StageContext(mesh=mesh, seed=0, workdir=tmp_path / d,  # noqa
                                            progress=False, log=log)
     logs = []

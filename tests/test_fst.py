@@ -15,13 +15,13 @@ from flax import traverse_util
 
 from experiments import ftsam as ftsam_exp
 from experiments.configs.ftsam import get_config
-from ftsam_jax import parallel
 from ftsam_jax.defenses import DEFENSES
 from ftsam_jax.defenses import fst as fst_mod
 from ftsam_jax.models import TinyCNN, create_model
 from ftsam_jax.optim import norm_projection
 from ftsam_jax.training import stage as stage_mod
 from ftsam_jax.training.step import classification_loss
+from tests.conftest import small_mesh
 from tests.defense_helpers import assert_same, ctx_for, tiny_benign
 from tests.defense_helpers import random_variables as shared_random_variables
 
@@ -240,7 +240,7 @@ def test_fst_through_experiments_ftsam_writes_its_row_and_resumes(toy_npz, tmp_p
     cfg.progress = False
     cfg.defenses = "fst"
     assert cfg.defense.fst.epochs == 2 and cfg.epochs == 2
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     results = ftsam_exp.train_and_evaluate(cfg, tmp_path / "full", mesh=mesh)
     row = results["defenses"]["fst"]
     assert {"clean_acc", "asr", "robust_acc", "der"} <= set(row)

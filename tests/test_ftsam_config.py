@@ -15,6 +15,7 @@ from experiments.overrides import apply_set_items
 from ftsam_jax import parallel
 from ftsam_jax.defenses import DEFENSES
 from ftsam_jax.defenses.finetune import RECIPES, ftsam_config
+from tests.conftest import small_mesh
 
 CONFIG = "--config=experiments/configs/ftsam.py:smoke"
 
@@ -156,7 +157,7 @@ def test_flags_win_over_config_paths_and_defense_aliases_skip_defenses_that_do_n
 
 def test_train_and_evaluate_in_process_writes_the_resolved_tree(toy_npz, tmp_path):
     cfg = smoke(toy_npz, defenses="ftsam", defense__ftsam__epochs=1, defense__ftsam__rho=4.0)
-    results = ftsam.train_and_evaluate(cfg, tmp_path, mesh=parallel.make_mesh())
+    results = ftsam.train_and_evaluate(cfg, tmp_path, mesh=small_mesh())
     assert set(results["defenses"]) == {"ftsam"}
     assert results["defenses"]["ftsam"]["config"]["rho"] == 4.0
     stored = json.loads((tmp_path / "config.json").read_text())
@@ -165,11 +166,11 @@ def test_train_and_evaluate_in_process_writes_the_resolved_tree(toy_npz, tmp_pat
     assert stored["config"]["defense"]["ftsam"]["epochs"] == 1
     assert cfg.defense.ftsam.rho == 4.0  # the caller's tree is not modified
     # The same tree again: everything finished, the same numbers.
-    again = ftsam.train_and_evaluate(cfg, tmp_path, mesh=parallel.make_mesh())
+    again = ftsam.train_and_evaluate(cfg, tmp_path, mesh=small_mesh())
     assert again["defenses"]["ftsam"]["asr"] == results["defenses"]["ftsam"]["asr"]
     # Another backdoored-model setting on this workdir is refused.
     with pytest.raises(InputError, match="lr: 0.05 -> 0.1"):
-        ftsam.train_and_evaluate(smoke(toy_npz, lr=0.1), tmp_path, mesh=parallel.make_mesh())
+        ftsam.train_and_evaluate(smoke(toy_npz, lr=0.1), tmp_path, mesh=small_mesh())
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -202,6 +203,7 @@ def test_bad_settings_are_refused_before_anything_is_written(toy_npz, tmp_path, 
         else:
             node[last] = value
     with pytest.raises(InputError) as err:
+        # all 8 devices: a batch of 12 does not split over them
         ftsam.train_and_evaluate(cfg, tmp_path / "w", mesh=parallel.make_mesh())
     assert message in str(err.value)
     assert not (tmp_path / "w").exists()

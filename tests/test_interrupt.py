@@ -94,7 +94,7 @@ def test_detect_student_sigterm_resume(tmp_path):
     row, as a committed run would), so only the student stage runs twice more."""
     if not (DATA / "fashion-mnist").is_dir() or not (DATA / "cifar10-subset").is_dir():
         pytest.skip("../shared/data is not present")
-    args = [f"--data_dir={DATA}", "--preset=smoke", "--methods=student", "--epochs=8"]
+    args = [f"--data_dir={DATA}", "--preset=smoke", "--methods=student", "--epochs=4"]
     full_dir, part = tmp_path / "full", tmp_path / "part"
     run_module("experiments.detect", *args, f"--workdir={full_dir}")
     full = json.loads((full_dir / "results.json").read_text())

@@ -14,11 +14,11 @@ import pytest
 
 from experiments import ftsam as ftsam_exp
 from experiments.configs.ftsam import get_config
-from ftsam_jax import parallel
 from ftsam_jax.attacks import build_backdoor_data, create_attack, lc
 from ftsam_jax.training.step import cross_entropy
 from tests.attack_helpers import fit_with
 from tests.attack_helpers import tiny_dataset as shared_tiny_dataset
+from tests.conftest import small_mesh
 
 SHAPES = [(28, 28, 1), (32, 32, 3)]
 
@@ -102,7 +102,7 @@ def test_pgd_attack_and_stored_images_match_a_numpy_loop(shape, tiny_vars):
     params = tiny_vars[shape]["params"]
     x0, y = ds.x_train.astype(np.float64) / 255.0, ds.y_train
     eps, step, steps = 4.0, 1.5, 4  # the ball binds after 3 steps
-    got = lc.pgd_attack(MODEL, tiny_vars[shape], ds.x_train, y, parallel.make_mesh(), eps=eps,
+    got = lc.pgd_attack(MODEL, tiny_vars[shape], ds.x_train, y, small_mesh(), eps=eps,
                         step_size=step, steps=steps)
     want = numpy_pgd(params, x0, y, eps / 255, step / 255, steps)
     np.testing.assert_allclose(got, want, atol=2e-5)
@@ -292,7 +292,7 @@ def test_lc_through_experiments_ftsam(toy_npz, tmp_path, monkeypatch):
     assert cfg.lc.steps == 10 and get_config("paper").lc.steps == 100
     assert get_config("cpu").lc.source == "clean" and get_config("paper").lc.source == \
         "adversarial"
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     results = ftsam_exp.train_and_evaluate(cfg, tmp_path, mesh=mesh)
     record = results["config"]["attack_fit"]
     assert record["key"]["settings"] == {k: v for k, v in cfg.lc.to_dict().items()

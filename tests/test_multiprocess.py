@@ -30,13 +30,14 @@ def _env(**extra):
 
 def test_two_processes_equal_one(tmp_path):
     single = tmp_path / "single.npz"
-    subprocess.run([sys.executable, str(WORKER), str(single)], env=_env(), check=True,
-                   timeout=600, capture_output=True)
+    subprocess.run([sys.executable, str(WORKER), str(single)], env=_env(XLA_FLAGS=xla_flags(4)),
+                   check=True, timeout=600, capture_output=True)
     multi = tmp_path / "multi.npz"
     addr = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen(
         [sys.executable, str(WORKER), str(multi)],
-        env=_env(JAX_COORDINATOR_ADDRESS=addr, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        env=_env(XLA_FLAGS=xla_flags(2), JAX_COORDINATOR_ADDRESS=addr, JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(i)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)

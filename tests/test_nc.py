@@ -17,10 +17,10 @@ import pytest
 
 from experiments import ftsam as ftsam_exp
 from experiments.configs.ftsam import get_config
-from ftsam_jax import parallel
 from ftsam_jax.defenses import DEFENSES, BenignData
 from ftsam_jax.defenses import nc as nc_mod
 from ftsam_jax.defenses.base import Defended
+from tests.conftest import small_mesh
 from tests.defense_helpers import ctx_for, interrupt_after
 
 
@@ -355,7 +355,7 @@ def test_nc_through_experiments_ftsam_records_its_detection(toy_npz, tmp_path):
     cfg.progress = False
     cfg.defenses = "nc"
     assert cfg.defense.nc.trigger_epochs == 2 and cfg.defense.nc.epochs == 2
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     results = ftsam_exp.train_and_evaluate(cfg, tmp_path / "full", mesh=mesh)
     row = results["defenses"]["nc"]
     assert {"clean_acc", "asr", "robust_acc", "der", "details"} <= set(row)

@@ -23,6 +23,7 @@ from ftsam_jax.optim import pam, pam_gradient, path_perturbation
 from ftsam_jax.training import stage as stage_mod
 from ftsam_jax.training.epoch import make_epoch_fn, standard_preprocess
 from ftsam_jax.training.step import classification_loss, create_train_state
+from tests.conftest import small_mesh
 from tests.defense_helpers import assert_same, ctx_for, tiny_benign
 from tests.defense_helpers import random_variables as shared_random_variables
 
@@ -300,7 +301,7 @@ def test_pam_through_experiments_ftsam_writes_its_row_and_resumes(toy_npz, tmp_p
     cfg.progress = False
     cfg.defenses = "pam"
     assert cfg.defense.pam.rounds == 2 and cfg.defense.pam.epochs == 1 and cfg.epochs == 2
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     results = ftsam_exp.train_and_evaluate(cfg, tmp_path / "full", mesh=mesh)
     row = results["defenses"]["pam"]
     assert {"clean_acc", "asr", "robust_acc", "der"} <= set(row)

@@ -9,10 +9,10 @@ import pytest
 
 from experiments import ftsam
 from experiments.cli import InputError
-from ftsam_jax import parallel
 from ftsam_jax.attacks import build_backdoor_data, create_attack
 from ftsam_jax.data import load_dataset
 from ftsam_jax.retune import RetuneConfig, retune_data
+from tests.conftest import small_mesh
 
 
 def smoke_tree(npz, defenses):
@@ -49,7 +49,7 @@ def test_the_retune_set_holds_the_attacks_poisoned_samples(toy_npz):
 
 
 def test_every_model_of_a_run_is_retuned_paired_and_resumes_exactly(toy_npz, tmp_path):
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     cfg = smoke_tree(toy_npz, "ft,ftsam[rho=0]")
     cfg.defense.ftsam.epochs = 1
     results = ftsam.train_and_evaluate(cfg, tmp_path / "a", mesh=mesh)
@@ -85,12 +85,12 @@ def test_bad_retune_settings_are_input_errors(toy_npz, tmp_path):
     cfg = smoke_tree(toy_npz, "ft")
     cfg.retune.poison_num = -1
     with pytest.raises(InputError, match="config retune"):
-        ftsam.train_and_evaluate(cfg, tmp_path / "w", mesh=parallel.make_mesh())
+        ftsam.train_and_evaluate(cfg, tmp_path / "w", mesh=small_mesh())
     assert not (tmp_path / "w").exists()
     cfg.retune.poison_num = 5
     for attack in ("wanet", "input_aware"):  # no fixed poisoned training set (poisoned_set)
         cfg.attack = attack
         with pytest.raises(InputError,
                            match=f"--retune_attack: .*{attack} poisons each batch on the fly"):
-            ftsam.train_and_evaluate(cfg, tmp_path / attack, mesh=parallel.make_mesh())
+            ftsam.train_and_evaluate(cfg, tmp_path / attack, mesh=small_mesh())
         assert not (tmp_path / attack).exists()  # refused before anything was trained

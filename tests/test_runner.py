@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftsam_jax import parallel
 from ftsam_jax.checkpoint import Checkpointer
 from ftsam_jax.training.epoch import epoch_indices
 from ftsam_jax.training.stage import (
@@ -18,10 +17,11 @@ from ftsam_jax.training.stage import (
     stage_rng,
     train_stage,
 )
+from tests.conftest import small_mesh
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    ctx = StageContext(mesh=parallel.make_mesh(), seed=0, workdir=tmp_path, progress=False)
+    ctx = StageContext(mesh=small_mesh(), seed=0, workdir=tmp_path, progress=False)
     state = {"w": jnp.zeros(())}
 
     def epoch_fn(st, rng):
@@ -38,7 +38,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_resume_continues_and_finished_stages_are_skipped(tmp_path):
-    ctx = StageContext(mesh=parallel.make_mesh(), seed=0, workdir=tmp_path, progress=False)
+    ctx = StageContext(mesh=small_mesh(), seed=0, workdir=tmp_path, progress=False)
     calls = []
 
     def epoch_fn(st, rng):
@@ -87,7 +87,7 @@ def test_stage_needs_exactly_one_of_step_and_epoch_fn():
 def test_stages_given_one_step_share_its_compiled_epoch(tmp_path):
     """Two stages with the same step object (one method's students over two seeds) trace it
     once; a new step object is traced anew; the numbers are those of separate programs."""
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     n, bs = 32, 8
     data = {"image": np.zeros((n, 2, 2, 1), np.uint8), "label": np.arange(n, dtype=np.int32)}
     state0 = {"seen": jnp.zeros((), jnp.int32), "n": jnp.zeros((), jnp.int32)}
@@ -114,7 +114,7 @@ def test_stages_given_one_step_share_its_compiled_epoch(tmp_path):
 def test_train_stage_runs_the_epochs_it_is_given(tmp_path):
     """Every example once per epoch (shuffled epoch), the sampler's draws instead when given,
     per-epoch data from the epoch key, evaluation every epoch, and resume."""
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     n, bs = 32, 8
     labels = np.arange(n, dtype=np.int32)
     data = {"image": np.zeros((n, 2, 2, 1), np.uint8), "label": labels}
@@ -158,7 +158,7 @@ def test_train_stage_runs_the_epochs_it_is_given(tmp_path):
 
 
 def test_evaluate_variables_reads_the_runs_evaluator():
-    ctx = StageContext(mesh=parallel.make_mesh(), progress=False)
+    ctx = StageContext(mesh=small_mesh(), progress=False)
     assert evaluate_variables(ctx) is None
     ctx.evaluate = lambda v: {"acc": float(v["w"])}
     ev = evaluate_variables(ctx, lambda st: {"w": st[0]})

@@ -15,11 +15,11 @@ import pytest
 from experiments import ftsam as ftsam_exp
 from experiments.cli import InputError
 from experiments.configs.ftsam import get_config
-from ftsam_jax import parallel
 from ftsam_jax.attacks import create_attack, ssba
 from ftsam_jax.data.datasets import Dataset
 from ftsam_jax.training import stage as stage_mod
 from tests.attack_helpers import ctx_for
+from tests.conftest import small_mesh
 
 # A tiny encoder that learns 2 bits in ~120 steps (the published ramp, started at 0.8).
 TINY = dict(bits=2, epochs=20, width=0.25, lr=1e-3, batch_size=16, l2_await=0, l2_ramp=30,
@@ -188,7 +188,7 @@ def test_ssba_through_experiments_ftsam(toy_npz, tmp_path, monkeypatch):
     cfg.dataset, cfg.attack, cfg.progress = f"npz:{toy_npz}", "ssba", False
     cfg.epochs, cfg.ssba.epochs = 1, 1
     assert get_config("paper").ssba.bits == 100 and get_config("paper").ssba.epochs == 20
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     results = ftsam_exp.train_and_evaluate(cfg, tmp_path, mesh=mesh)
     fit_record = results["config"]["attack_fit"]
     settings = {k: v for k, v in cfg.ssba.to_dict().items() if k != "min_bit_accuracy"}

@@ -14,12 +14,12 @@ import pytest
 
 from experiments import ftsam as ftsam_exp
 from experiments.configs.ftsam import get_config
-from ftsam_jax import parallel
 from ftsam_jax.attacks import create_attack
 from ftsam_jax.attacks import trojannn as tj
 from ftsam_jax.models import TinyCNN
 from tests.attack_helpers import fit_with
 from tests.attack_helpers import tiny_dataset as shared_tiny_dataset
+from tests.conftest import small_mesh
 
 SHAPES = [(28, 28, 1), (32, 32, 3)]
 MODEL = TinyCNN(num_classes=4, width=4)
@@ -240,7 +240,7 @@ def test_trojannn_through_experiments_ftsam(toy_npz, tmp_path, monkeypatch):
     cfg.dataset, cfg.attack, cfg.progress = f"npz:{toy_npz}", "trojannn", False
     cfg.epochs = 1  # the clean and the backdoored model
     assert cfg.trojannn.iterations == 20 and get_config("paper").trojannn.iterations == 1000
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     results = ftsam_exp.train_and_evaluate(cfg, tmp_path, mesh=mesh)
     fit_record = results["config"]["attack_fit"]
     assert len(fit_record["neurons"]) == 2 and fit_record["steps"] == 20

@@ -13,13 +13,14 @@ from experiments import ftsam
 from experiments.cli import InputError, comma_list
 from experiments.configs.ftsam import get_config
 from experiments.variants import parse_column, parse_columns
-from ftsam_jax import parallel, sam_gradient
+from ftsam_jax import sam_gradient
 from ftsam_jax.defenses import DEFENSES
 from ftsam_jax.defenses.base import benign_fingerprint
 from ftsam_jax.defenses.finetune import FineTuneConfig
 from ftsam_jax.models import create_model
 from ftsam_jax.training.recipe import fit
 from ftsam_jax.training.stage import StageContext
+from tests.conftest import small_mesh
 
 
 def test_commas_inside_brackets_belong_to_their_column():
@@ -111,7 +112,7 @@ def test_the_sam_off_control_takes_plain_gradient_steps(toy_npz):
     data = np.load(toy_npz)
     x, y = data["x_train"][:64], data["y_train"][:64]
     model = create_model("tiny_cnn", 4, width=4)
-    ctx = StageContext(mesh=parallel.make_mesh(), progress=False)
+    ctx = StageContext(mesh=small_mesh(), progress=False)
     recipe = DEFENSES["ftsam"].default_config("smoke")
     rng = jax.random.key(3)
     off, _ = fit("off", model, None, x, y, FineTuneConfig(
@@ -128,7 +129,7 @@ def test_the_sam_off_control_takes_plain_gradient_steps(toy_npz):
 
 def test_shared_benign_subset_pairs_every_column_and_variants_keep_their_own_files(
         toy_npz, tmp_path):
-    mesh = parallel.make_mesh()
+    mesh = small_mesh()
     columns = "ft,ftsam,ftsam[rho=0],nad"
     cfg = smoke_tree(toy_npz, columns, benign_selection="shared", defense_seed=1)
     for name in ("ft", "ftsam"):
