@@ -19,6 +19,8 @@
 # committed teacher. --sync copies each part's config.json, results.json, results.md,
 # metrics.jsonl (and choice.json) into results/detect_mgd of the checkout it is run from.
 set -eu
+. "$(dirname "$0")/args.sh"
+check_study_args "$0" "--sync" "$@"
 SYNC=0
 if [ "${1:-}" = "--sync" ]; then SYNC=1; shift; fi
 W=${1:-/work/runs/detect_mgd}

@@ -29,6 +29,8 @@
 # files into results/fmnist_cpu of the checkout it is run from (no checkpoints, tensorboard
 # or jax_cache).
 set -eu
+. "$(dirname "$0")/args.sh"
+check_study_args "$0" "--sync --knobs" "$@"
 SYNC=0
 KNOBS=0
 while [ $# -gt 0 ]; do

@@ -15,6 +15,8 @@
 #   bash experiments/studies/queue_cpu.sh --sync   (every part's finished files -> results/)
 #   python -m experiments.report --write; git add results ...; git commit
 set -eu
+. "$(dirname "$0")/args.sh"
+check_study_args "$0" "--sync" "$@"
 HERE=$(cd "$(dirname "$0")" && pwd)
 RUNS=${RUNS:-/work/runs}
 PY=${PYTHON:-python}

@@ -26,6 +26,8 @@
 # the cached *.npz resources), the cells' logs and the table's files into results/table_cpu of
 # the checkout it is run from (no checkpoints, defended models, tensorboard or jax_cache).
 set -eu
+. "$(dirname "$0")/args.sh"
+check_study_args "$0" "--sync" "$@"
 SYNC=0
 if [ "${1:-}" = "--sync" ]; then SYNC=1; shift; fi
 RUNS=${1:-/work/runs/table_cpu}
