@@ -37,6 +37,9 @@ def defense_curves(metrics_path: Path) -> dict[str, list[dict[str, Any]]]:
     return {stage: [by_epoch[e] for e in sorted(by_epoch)] for stage, by_epoch in curves.items()}
 
 
+LR_STYLES = ("-", "--", ":", "-.")
+
+
 def plot_defense_curves(metrics_path: Path, path: Path) -> bool:
     """Writes `path` (ASR, C-Acc, lr against epoch; one line per defense stage); False when no
     defense stage has an evaluated epoch (nothing written)."""
@@ -50,13 +53,13 @@ def plot_defense_curves(metrics_path: Path, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for stage, records in curves.items():
+    for i, (stage, records) in enumerate(curves.items()):
         for ax, key, scale in ((axes[0], "asr", 100), (axes[1], "clean_acc", 100),
                                (axes[2], "lr", 1)):
             points = [(r["epoch"], scale * r[key]) for r in records if key in r]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="." if key != "lr" else None,
-                        label=stage)
+            if points:  # columns with one schedule draw one lr curve: dashes keep both visible
+                style = dict(marker=".") if key != "lr" else dict(linestyle=LR_STYLES[i % 4])
+                ax.plot(*zip(*points, strict=True), label=stage, **style)
     for ax, title in zip(axes, ("ASR (%)", "C-Acc (%)", "learning rate"), strict=True):
         ax.set_xlabel("epoch")
         ax.set_title(title)
