@@ -17,6 +17,8 @@ __all__ = ["NOT_DEFENSES", "defense_curves", "plot_defense_curves"]
 # Stages of a run that are not a defense's: the models the defenses start from or compare to,
 # an attack's own training, the Retuning Attack.
 NOT_DEFENSES = ("backdoored", "clean", "lf_surrogate", "input_aware")
+# the learning-rate panel: columns on one schedule draw one curve; a style each keeps them apart
+LR_STYLES = ("-", "--", ":", "-.")
 
 
 def defense_curves(metrics_path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -37,9 +39,6 @@ def defense_curves(metrics_path: Path) -> dict[str, list[dict[str, Any]]]:
     return {stage: [by_epoch[e] for e in sorted(by_epoch)] for stage, by_epoch in curves.items()}
 
 
-LR_STYLES = ("-", "--", ":", "-.")
-
-
 def plot_defense_curves(metrics_path: Path, path: Path) -> bool:
     """Writes `path` (ASR, C-Acc, lr against epoch; one line per defense stage); False when no
     defense stage has an evaluated epoch (nothing written)."""
@@ -57,8 +56,9 @@ def plot_defense_curves(metrics_path: Path, path: Path) -> bool:
         for ax, key, scale in ((axes[0], "asr", 100), (axes[1], "clean_acc", 100),
                                (axes[2], "lr", 1)):
             points = [(r["epoch"], scale * r[key]) for r in records if key in r]
-            if points:  # columns with one schedule draw one lr curve: dashes keep both visible
-                style = dict(marker=".") if key != "lr" else dict(linestyle=LR_STYLES[i % 4])
+            if points:
+                style = (dict(marker=".") if key != "lr"
+                         else dict(linestyle=LR_STYLES[i % len(LR_STYLES)]))
                 ax.plot(*zip(*points, strict=True), label=stage, **style)
     for ax, title in zip(axes, ("ASR (%)", "C-Acc (%)", "learning rate"), strict=True):
         ax.set_xlabel("epoch")
