@@ -156,6 +156,36 @@ def test_lga_and_flooding_follow_their_equations_with_the_same_gradient(tiny_var
             np.testing.assert_allclose(c, b, rtol=1e-5, atol=1e-7)
 
 
+def test_unlearning_ascends_the_cross_entropy(tiny_vars, poisoned):
+    """Step 4's loss is -CE: its value and its gradient are CE's negated (a sign error would
+    make the unlearning a second round of learning the isolated examples)."""
+    batch = {"image": jnp.asarray(poisoned.x[:16], jnp.float32) / 255.0,
+             "label": jnp.asarray(poisoned.y[:16])}
+    params, stats = tiny_vars["params"], tiny_vars["batch_stats"]
+    key = jax.random.key(0)
+    ce_fn, up_fn = classification_loss(MODEL.apply), abl_mod.ascent_loss(MODEL.apply)
+    ce, g_ce = jax.value_and_grad(lambda p: ce_fn(p, stats, batch, key)[0])(params)
+    up, g_up = jax.value_and_grad(lambda p: up_fn(p, stats, batch, key)[0])(params)
+    assert float(ce) > 0 and float(up) == pytest.approx(-float(ce), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g_ce), jax.tree.leaves(g_up), strict=True):
+        np.testing.assert_allclose(b, -np.asarray(a), rtol=1e-6, atol=1e-8)
+
+
+def test_continued_training_and_unlearning_lr_by_step():
+    """Steps 3-4 share one optimizer: lr until the drop epoch, lr / 10 to the end of the
+    continued training, then the unlearning lr (BackdoorBench: 0.01, 0.001 from epoch 40 of
+    60, then 1e-4), counted in optimizer steps."""
+    config = abl_mod.abl_config("paper")
+    assert (config.lr, config.lr_drop_epoch, config.finetune_epochs, config.unlearn_lr) == (
+        0.01, 40, 60, 1e-4)
+    spe = 7
+    schedule = abl_mod.continued_schedule(config, spe)
+    expected = {0: 0.01, 40 * spe - 1: 0.01, 40 * spe: 0.001, 60 * spe - 1: 0.001,
+                60 * spe: 1e-4, 80 * spe: 1e-4}
+    for step, lr in expected.items():
+        assert float(schedule(jnp.asarray(step))) == pytest.approx(lr, rel=1e-6), step
+
+
 def test_per_example_loss_and_isolation_match_a_loop(mesh, tiny_vars, poisoned):
     got = abl_mod.per_example_loss(MODEL, tiny_vars, poisoned.x[:40], poisoned.y[:40], mesh,
                                    batch_size=16)  # 40 = 2 full batches + a padded one

@@ -94,3 +94,15 @@ def test_bad_retune_settings_are_input_errors(toy_npz, tmp_path):
                            match=f"--retune_attack: .*{attack} poisons each batch on the fly"):
             ftsam.train_and_evaluate(cfg, tmp_path / attack, mesh=small_mesh())
         assert not (tmp_path / attack).exists()  # refused before anything was trained
+
+
+def test_the_retune_fit_is_the_released_scripts_plain_sgd():
+    """The released `ft_poison.py`: 2% of the training set with 5 poisoned samples, SGD lr 0.01,
+    momentum 0.9, no weight decay, a constant lr, batch 128, 5 epochs; the benign augmentation
+    is drawn once into the set, so the fit itself does not augment."""
+    config = RetuneConfig()
+    assert (config.benign_ratio, config.poison_num, config.augment) == (0.02, 5, True)
+    fit = config.fit_config()
+    assert (fit.epochs, fit.batch_size, fit.lr, fit.momentum, fit.weight_decay) == (
+        5, 128, 0.01, 0.9, 0.0)
+    assert (fit.schedule, fit.augment, fit.drop_last) == ("constant", False, False)

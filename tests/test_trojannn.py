@@ -143,7 +143,9 @@ def test_apple_mask_shape_area_and_place(shape):
     m = tj.apple_mask(h, w)
     assert m.shape == (h, w) and m.min() == 0.0 and m.max() == 1.0
     keep = m > 0
-    assert 0.08 < keep.mean() < 0.11  # BackdoorBench's resized apple: 11.4-11.7%
+    # this silhouette keeps 9.1% (32 px) / 9.4% (28 px); BackdoorBench's resized PNG 11.4% /
+    # 11.7%, the difference being its faint bilinear rim (the module docstring)
+    assert 0.08 < keep.mean() < 0.11
     assert 0.06 < m.mean() < 0.08  # ink: the 224-px PNG covers 7.0%
     rows, cols = np.nonzero(keep)
     assert rows.min() >= h // 2 and cols.min() >= w // 2  # the lower right, as apple4.png

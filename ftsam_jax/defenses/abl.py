@@ -43,8 +43,9 @@ Differences from BackdoorBench (deliberate):
   PyTorch runs a smaller last batch; on-the-fly attacks (WaNet, Input-aware) have no fixed
   poisoned set and are refused by the pipeline.
 - The original code (`bboylyg/ABL`) differs from BackdoorBench in its settings (isolation lr
-  0.1 for 10 epochs, continued training at 0.1 / 0.01 / 0.001, 5 unlearning epochs at 5e-4,
-  batch 128): BackdoorBench's are the ones the FT-SAM paper's ABL column ran with.
+  0.1 for 10 epochs, continued training at 0.1 / 0.01 / 0.001, 5 unlearning epochs at 5e-4
+  without augmentation, batch 128; Flooding its default loss too): BackdoorBench's are the
+  ones the FT-SAM paper's ABL column ran with.
 """
 
 from __future__ import annotations
@@ -171,6 +172,18 @@ def isolate(losses: np.ndarray, ratio: float) -> np.ndarray:
     return np.sort(np.argsort(np.asarray(losses), kind="stable")[:count])
 
 
+def continued_schedule(config: ABLConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The lr of steps 3 and 4 by optimizer step: `lr` until `lr_drop_epoch`, lr / 10 to the
+    end of the continued training (`finetune_epochs`), then `unlearn_lr`."""
+    drop, end = config.lr_drop_epoch * steps_per_epoch, config.finetune_epochs * steps_per_epoch
+
+    def schedule(step: jax.Array) -> jax.Array:
+        return jnp.where(step < end, jnp.where(step < drop, config.lr, 0.1 * config.lr),
+                         config.unlearn_lr)
+
+    return schedule
+
+
 def _sgd(config: ABLConfig, lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov))
@@ -200,15 +213,9 @@ def abl(model: nn.Module, variables: Variables, data: PoisonedTrainData, config:
                                         config.batch_size), config.isolation_ratio)
     others = np.setdiff1d(np.arange(len(y)), isolated)
 
-    # 3. + 4. one optimizer: lr until the drop, lr / 10 to the end of step 3, then unlearn_lr
-    spe = steps_per_epoch(len(others), config.batch_size, drop_last=False)
-    drop, end = config.lr_drop_epoch * spe, config.finetune_epochs * spe
-
-    def schedule(step: jax.Array) -> jax.Array:
-        return jnp.where(step < end, jnp.where(step < drop, config.lr, 0.1 * config.lr),
-                         config.unlearn_lr)
-
-    tx = _sgd(config, schedule)
+    # 3. + 4. one optimizer (its momentum and step count carried into the unlearning)
+    tx = _sgd(config, continued_schedule(
+        config, steps_per_epoch(len(others), config.batch_size, drop_last=False)))
     epoch_lr = lambda epoch: config.lr * (0.1 if epoch >= config.lr_drop_epoch else 1.0)
     state = create_train_state(model, tx, init_rng, (), variables=jax.device_get(state.variables))
     state, _ = train_stage(Stage(
