@@ -19,6 +19,13 @@ victim was trained on) and the model trained on it:
    the recipe of BackdoorBench's retraining, 100 epochs, SGD lr 0.01, cosine, batch 256,
    drop_last, crop+flip), the defended model.
 
+What to expect of the size rule (noticed before any AC run of the tables): it assumes the
+poisoned images are a minority of their class. An all-to-one attack that poisons 10% of the
+whole training set, drawn from every class, puts about as many poisoned images into the target
+class as it had clean ones (5,000 of ~9,500 on CIFAR-10): neither cluster is under 0.35 of the
+class, nothing is removed there, and the retrained model keeps the backdoor; `smaller` then
+removes the clean half instead. `details` shows which happened.
+
 `details` in results.json: per class the size, the removed count, how many of the removed
 were really poisoned and how many poisoned images the class held, the cluster fractions; over
 all classes the removal's precision and recall against the attack's poison indices (used for
