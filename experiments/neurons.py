@@ -32,12 +32,15 @@ measures on the last convolution (`ftsam_jax.analysis.last_conv_path`):
 
 Per cell it writes `analysis/analysis.json` (every number, per-neuron arrays included) and
 `analysis/norm_vs_tac.png`, `analysis/norm_hist.png`, `analysis/grad_vs_tac.png`; a cell whose
-analysis.json exists and covers every column of its results.json is skipped (`--force`
-recomputes). Then `STUDY/neurons.json` and `STUDY/neurons.md`: per attack and model seed the
-correlations and statistics (each defense's averaged over its defense seeds first), their mean
-and 95% t interval over backdoored models (the unit of replication), and the paired differences
-of `--differences` (default ftsam - ft and ftsam - ftsam[rho=0]) over models,
-`ftsam_jax.metrics.paired_difference`.
+analysis.json exists, was made with the same `--tac_images`, `--grad_images` and `--top_share`
+and covers every column of its results.json is skipped (`--force` recomputes). Then
+`STUDY/neurons.json` and `STUDY/neurons.md`: per attack and model seed the correlations and
+statistics (each defense's averaged over its defense seeds first), their mean and 95% t
+interval over backdoored models (the unit of replication), and the paired differences of
+`--differences` (default ftsam - ft and ftsam - ftsam[rho=0]) over models (a model's
+difference averaged over the defense seeds both columns have),
+`ftsam_jax.metrics.paired_difference`; and the same intervals and differences over every
+backdoored model of every attack ("all": the unit of the pre-stated tests in REPRODUCTION.md).
 
 References: Zhu et al., Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware
 Minimization, ICCV 2023 (arXiv 2304.11823), Fig. 1, 2, 4, 5, 6 and Eq. 4, 6; Zheng et al.,
@@ -342,7 +345,9 @@ def analyse_cell(cell: Cell, mesh: Any, *, columns: Sequence[str] | None = None,
     report: dict[str, Any] = {
         "cell": cell.label, "attack": cell.attack, "model_seed": cell.model_seed,
         "defense_seed": cell.defense_seed, "dataset": tree.dataset, "model": tree.model,
-        "width": tree.width, "poison_ratio": tree.poison_ratio, "target": tree.target}
+        "width": tree.width, "poison_ratio": tree.poison_ratio, "target": tree.target,
+        "settings": {"tac_images": tac_images, "grad_images": grad_images,
+                     "top_share": top_share}}
     if verify:
         measured = ftsam.make_backdoor_evaluator(model, bd, mesh)(bd_vars)
         stored = results["backdoored"]
@@ -517,55 +522,85 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
             for k, v in record.items()}
 
 
+def _model_record(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One backdoored model's numbers: each column's averaged over its defense seeds, and per
+    defense seed the values the paired differences need."""
+    record: dict[str, Any] = {"defense_seeds": [r["defense_seed"] for r in cells],
+                              "columns": {}}
+    record["backdoored"] = {k: cells[0]["models"]["backdoored"][k]
+                            for k in ("clean_acc", "asr", *BACKDOORED_METRICS)}
+    names = dict.fromkeys(n for r in cells for n in r["models"] if n != "backdoored")
+    for n in names:
+        rows = [(r["defense_seed"], r["models"][n]) for r in cells if n in r["models"]]
+        record["columns"][n] = {
+            "defense_seeds": [ds for ds, _ in rows],
+            **{k: _mean([row.get(k) for _, row in rows])
+               for k in ("clean_acc", "asr", *COLUMN_METRICS)},
+            "per_seed": {str(ds): {k: row.get(k) for k in DIFFERENCE_METRICS}
+                         for ds, row in rows}}
+    return record
+
+
+def _paired_on_seeds(record: dict[str, Any], a: str, b: str, k: str) -> float | None:
+    """A model's difference a - b of metric k, averaged over the defense seeds where both
+    columns have it (a seed one column lacks is left out of both)."""
+    if a not in record["columns"] or b not in record["columns"]:
+        return None
+    sa, sb = record["columns"][a]["per_seed"], record["columns"][b]["per_seed"]
+    common = [s for s in sa if s in sb and sa[s][k] is not None and sb[s][k] is not None]
+    return float(np.mean([sa[s][k] - sb[s][k] for s in common])) if common else None
+
+
+def _over_models(models: dict[str, dict[str, Any]], differences: Sequence[tuple[str, str]]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Intervals of each metric and the paired differences over the backdoored models given
+    (keyed by a label; each model's own numbers are seed averages)."""
+    intervals: dict[str, Any] = {"backdoored": {}}
+    for k in BACKDOORED_METRICS:
+        vals = [v["backdoored"][k] for v in models.values() if v["backdoored"][k] is not None]
+        if vals:
+            intervals["backdoored"][k] = interval(vals)
+    for n in dict.fromkeys(n for v in models.values() for n in v["columns"]):
+        intervals[n] = {}
+        for k in COLUMN_METRICS:
+            vals = [v["columns"][n][k] for v in models.values()
+                    if n in v["columns"] and v["columns"][n][k] is not None]
+            if vals:
+                intervals[n][k] = interval(vals)
+    diffs: dict[str, Any] = {}
+    for a, b in differences:
+        pair: dict[str, Any] = {}
+        for k in DIFFERENCE_METRICS:
+            per_model = {label: _paired_on_seeds(v, a, b, k) for label, v in models.items()}
+            kept = [label for label, d in per_model.items() if d is not None]
+            if kept:
+                pair[k] = {**interval([per_model[label] for label in kept]), "models": kept}
+        if pair:
+            diffs[f"{a} - {b}"] = pair
+    return intervals, diffs
+
+
 def summarize(reports: Sequence[dict[str, Any]], differences: Sequence[tuple[str, str]]
               ) -> dict[str, Any]:
     """neurons.json's "attacks": per attack and model seed each metric (a column's averaged
-    over its defense seeds first), their interval over models, and the paired differences."""
+    over its defense seeds first), their interval over models, and the paired differences
+    (each model's difference averaged over the defense seeds both columns have); and "all":
+    the same intervals and differences over every backdoored model of every attack (the
+    pre-stated tests' unit)."""
     out: dict[str, Any] = {}
+    pooled: dict[str, dict[str, Any]] = {}
     for attack in sorted({r["attack"] for r in reports}):
         mine = [r for r in reports if r["attack"] == attack]
-        models: dict[str, Any] = {}
-        for m in sorted({r["model_seed"] for r in mine}):
-            cells = [r for r in mine if r["model_seed"] == m]
-            record: dict[str, Any] = {"defense_seeds": [r["defense_seed"] for r in cells],
-                                      "columns": {}}
-            record["backdoored"] = {k: cells[0]["models"]["backdoored"][k]
-                                    for k in ("clean_acc", "asr", *BACKDOORED_METRICS)}
-            names = dict.fromkeys(n for r in cells for n in r["models"] if n != "backdoored")
-            for n in names:
-                rows = [r["models"][n] for r in cells if n in r["models"]]
-                record["columns"][n] = {
-                    "defense_seeds": [r["defense_seed"] for r in cells if n in r["models"]],
-                    **{k: _mean([row.get(k) for row in rows])
-                       for k in ("clean_acc", "asr", *COLUMN_METRICS)}}
-            models[str(m)] = record
-        intervals: dict[str, Any] = {"backdoored": {}}
-        for k in BACKDOORED_METRICS:
-            vals = [v["backdoored"][k] for v in models.values() if v["backdoored"][k] is not None]
-            if vals:
-                intervals["backdoored"][k] = interval(vals)
-        for n in dict.fromkeys(n for v in models.values() for n in v["columns"]):
-            intervals[n] = {}
-            for k in COLUMN_METRICS:
-                vals = [v["columns"][n][k] for v in models.values()
-                        if n in v["columns"] and v["columns"][n][k] is not None]
-                if vals:
-                    intervals[n][k] = interval(vals)
-        diffs: dict[str, Any] = {}
-        for a, b in differences:
-            pair: dict[str, Any] = {}
-            for k in DIFFERENCE_METRICS:
-                seeds = [s for s, v in models.items() if a in v["columns"] and b in v["columns"]
-                         and v["columns"][a][k] is not None and v["columns"][b][k] is not None]
-                if seeds:
-                    pair[k] = {**_finite(metrics.paired_difference(
-                        [models[s]["columns"][a][k] for s in seeds],
-                        [models[s]["columns"][b][k] for s in seeds])),
-                        "model_seeds": [int(s) for s in seeds]}
-            if pair:
-                diffs[f"{a} - {b}"] = pair
+        models = {str(m): _model_record([r for r in mine if r["model_seed"] == m])
+                  for m in sorted({r["model_seed"] for r in mine})}
+        intervals, diffs = _over_models(models, differences)
+        for d in (d for pair in diffs.values() for d in pair.values()):
+            d["model_seeds"] = [int(m) for m in d.pop("models")]
         out[attack] = {"models": models, "intervals": intervals, "differences": diffs}
-    return out
+        pooled.update({f"{attack}/m{m}": rec for m, rec in models.items()})
+    intervals, diffs = _over_models(pooled, differences)
+    return {"attacks": out, "all": {"models": list(pooled), "intervals": intervals,
+                                    "differences": diffs}}
 
 
 def neurons_markdown(summary: dict[str, Any]) -> str:
@@ -609,6 +644,23 @@ def neurons_markdown(summary: dict[str, Any]) -> str:
                     note = "resolved" if d["resolved"] else "not resolved"
                     lines.append(f"- {pair}, {k}: {_interval_text(d)} ({note})")
         lines.append("")
+    pooled = summary.get("all")
+    if pooled and pooled["models"]:
+        lines += ["## all: every backdoored model of every attack", "",
+                  f"Models: {', '.join(pooled['models'])}. Over backdoored models (mean [95% t "
+                  "interval], n):", ""]
+        for n, metrics_ in pooled["intervals"].items():
+            for k in ("spearman_norm_tac", "high_tac_log_change", "std_ratio",
+                      "spearman_grad_tac"):
+                if k in metrics_:
+                    lines.append(f"- {n} {k}: {_interval_text(metrics_[k])}")
+        if pooled["differences"]:
+            lines += ["", "Paired differences over backdoored models (the pre-stated tests):", ""]
+            for pair, ks in pooled["differences"].items():
+                for k, d in ks.items():
+                    note = "resolved" if d["resolved"] else "not resolved"
+                    lines.append(f"- {pair}, {k}: {_interval_text(d)} ({note})")
+        lines.append("")
     if summary["failures"]:
         lines += ["## Cells not analysed", ""]
         lines += [f"- {f['cell']}: {f['error']}" for f in summary["failures"]]
@@ -632,9 +684,11 @@ def _differences(items: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _covered(existing: dict[str, Any], results: dict[str, Any], path: Path,
-             columns: Sequence[str] | None) -> bool:
-    """Whether an analysis.json already holds every column the cell now has."""
-    return set(cell_columns(results, path, columns)) <= set(existing.get("models", {}))
+             columns: Sequence[str] | None, settings: dict[str, Any]) -> bool:
+    """Whether an analysis.json was made with these settings and holds every column the cell
+    now has."""
+    return (existing.get("settings") == settings
+            and set(cell_columns(results, path, columns)) <= set(existing.get("models", {})))
 
 
 def run_study(study: Path, *, attacks: Sequence[str] | None = None,
@@ -660,7 +714,9 @@ def run_study(study: Path, *, attacks: Sequence[str] | None = None,
         if target.is_file() and not force:
             existing = read_json(target, "the cell's analysis")
             results = read_json(cell.path / "results.json", "the cell's results")
-            if _covered(existing, results, cell.path, columns):
+            settings = {"tac_images": tac_images, "grad_images": grad_images,
+                        "top_share": top_share}
+            if _covered(existing, results, cell.path, columns, settings):
                 log(f"[{i}/{len(cells)}] {cell.label}: done earlier")
                 reports.append(existing)
                 continue
@@ -678,7 +734,7 @@ def run_study(study: Path, *, attacks: Sequence[str] | None = None,
         reports.append(report)
     summary = {"study": str(study), "top_share": top_share,
                "cells": [r["cell"] for r in reports], "failures": failures,
-               "attacks": summarize(reports, differences)}
+               **summarize(reports, differences)}
     atomic_write(study / "neurons.json", json.dumps(summary, indent=1) + "\n")
     atomic_write(study / "neurons.md", neurons_markdown(summary))
     return summary

@@ -154,7 +154,7 @@ def test_summary_averages_defense_seeds_before_models():
     reports = [_report("blended", 0, 0, {"ft": 0.0, "ftsam": -1.0}),
                _report("blended", 0, 1, {"ft": 0.0, "ftsam": -3.0}),  # model 0: ftsam -2
                _report("blended", 1, 0, {"ft": 1.0, "ftsam": -3.0})]  # model 1: diff -4
-    out = neurons.summarize(reports, [("ftsam", "ft"), ("ftsam", "nope")])["blended"]
+    out = neurons.summarize(reports, [("ftsam", "ft"), ("ftsam", "nope")])["attacks"]["blended"]
     assert out["models"]["0"]["columns"]["ftsam"]["high_tac_log_change"] == -2.0
     d = out["differences"]["ftsam - ft"]["high_tac_log_change"]
     assert d["n"] == 2 and d["mean"] == pytest.approx(-3.0) and d["model_seeds"] == [0, 1]
@@ -163,6 +163,32 @@ def test_summary_averages_defense_seeds_before_models():
     assert d["ci_low"] == pytest.approx(-3.0 - half) and d["ci_high"] == pytest.approx(-3 + half)
     assert "ftsam - nope" not in out["differences"]
     assert out["intervals"]["ftsam"]["high_tac_log_change"]["mean"] == pytest.approx(-2.5)
+
+
+def test_the_pooled_block_is_over_every_backdoored_model_and_pairs_defense_seeds():
+    """The pre-stated unit: every backdoored model of every attack (here 3: n = 3, t_2); a
+    defense seed that one column lacks is left out of that model's difference (not compared
+    against the other column's two-seed mean)."""
+    reports = [_report("badnets", 0, 0, {"ft": 0.0, "ftsam": -1.0}),
+               _report("badnets", 0, 1, {"ft": 2.0, "ftsam": -3.0}),  # model diff -3
+               _report("blended", 0, 0, {"ft": 1.0, "ftsam": 0.0}),
+               _report("blended", 0, 1, {"ft": 5.0}),  # ftsam lacks seed 1: diff -1, not -3
+               _report("blended", 1, 0, {"ft": 0.0, "ftsam": 1.0})]  # diff +1
+    out = neurons.summarize(reports, [("ftsam", "ft")])
+    assert out["all"]["models"] == ["badnets/m0", "blended/m0", "blended/m1"]
+    d = out["all"]["differences"]["ftsam - ft"]["high_tac_log_change"]
+    from scipy import stats
+    per_model = [-3.0, -1.0, 1.0]
+    half = stats.t.ppf(0.975, 2) * np.std(per_model, ddof=1) / math.sqrt(3)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(-1.0)
+    assert (d["ci_low"], d["ci_high"]) == (pytest.approx(-1 - half), pytest.approx(-1 + half))
+    assert not d["resolved"] and d["models"] == out["all"]["models"]
+    blended = out["attacks"]["blended"]["differences"]["ftsam - ft"]["high_tac_log_change"]
+    assert blended["mean"] == pytest.approx(0.0) and blended["model_seeds"] == [0, 1]
+    pooled_ftsam = out["all"]["intervals"]["ftsam"]["high_tac_log_change"]
+    assert pooled_ftsam["n"] == 3 and pooled_ftsam["mean"] == pytest.approx((-2 + 0 + 1) / 3)
+    md = neurons.neurons_markdown({"top_share": 0.05, "failures": [], **out})
+    assert "## all: every backdoored model of every attack" in md
 
 
 def _run(module, *args, check=True):
@@ -206,6 +232,8 @@ def test_neurons_end_to_end_on_smoke_study(toy_npz, tmp_path):
                        .read_text())["models"]
         per_model.append(r["ftsam"]["high_tac_log_change"] - r["ft"]["high_tac_log_change"])
     assert d["n"] == 2 and d["mean"] == pytest.approx(np.mean(per_model))
+    pooled = summary["all"]["differences"]["ftsam - ft"]["high_tac_log_change"]
+    assert pooled["models"] == ["lf/m0", "lf/m1"] and pooled["mean"] == pytest.approx(d["mean"])
     assert "## lf" in (study / "neurons.md").read_text()
     # Resumable: nothing recomputed; a removed analysis is recomputed to the same numbers.
     again = _run("experiments.neurons", f"--study={study}").stdout
