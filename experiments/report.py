@@ -236,27 +236,33 @@ def _stage_of(column: str) -> str:
 
 
 def defense_rebound(folder: str, columns: tuple[str, ...] = ("ft", "ftsam"),
-                    early: int = 50) -> Callable[[Path], str]:
+                    early: int = 50, first: int = 5) -> Callable[[Path], str]:
     """Issue 35's (C): does a defense's ASR fall early and climb back? Per backdoored model and
     column, from each defense seed's metrics.jsonl (the evaluated epochs): the lowest ASR over
-    the evaluated epochs up to `early`, the last epoch's ASR, and the rebound r = last − lowest
-    (averaged over the model's defense seeds); then r's mean and 95% t interval over the
-    backdoored models (`metrics.paired_difference` against 0)."""
+    the evaluated epochs `first`..`early`, the last epoch's ASR, and the rebound r = last −
+    lowest (averaged over the model's defense seeds); then r's mean and 95% t interval over the
+    backdoored models (`metrics.paired_difference` against 0). A defense counts only once its
+    row is in the cell's results.json (finished: its last record is its last epoch)."""
     from experiments.curves import defense_curves
     from ftsam_jax.metrics import paired_difference
 
     def make(results: Path) -> str:
         root = results / folder
-        lines = [f"| Attack | model seed | column | defense seeds | lowest ASR, epochs <= {early} "
-                 "(its epoch) | last epoch's ASR | rebound |", "|---|---:|---|---:|---|---|---:|"]
+        lines = [f"| Attack | model seed | column | defense seeds | lowest ASR, epochs "
+                 f"{first}-{early} (its epoch) | last epoch's ASR | rebound |",
+                 "|---|---:|---|---:|---|---|---:|"]
         per_column: dict[str, list[float]] = {c: [] for c in columns}
         for model_dir in sorted(root.glob("*/m*")):
             for column in columns:
                 lows, lasts, cells = [], [], []
                 for cell in sorted(model_dir.glob("ds*")):
+                    done = cell / "results.json"
+                    if not done.is_file() or column not in json.loads(done.read_text()).get(
+                            "defenses", {}):
+                        continue
                     records = [r for r in defense_curves(cell / "metrics.jsonl")
                                .get(_stage_of(column), []) if "asr" in r]
-                    head = [r for r in records if r["epoch"] <= early]
+                    head = [r for r in records if first <= r["epoch"] <= early]
                     if not head or records[-1]["epoch"] <= early:
                         continue
                     low = min(head, key=lambda r: r["asr"])

@@ -300,21 +300,28 @@ def test_report_blocks_of_a_model_seed_study(tmp_path):
 def test_report_rebound_of_asr_within_a_defense(tmp_path):
     """Issue 35 (C): per model, the lowest ASR up to the early epoch and the last epoch's,
     their difference averaged over defense seeds, and its interval over models, computed by
-    hand here; a variant column is read from its own stage, other stages are ignored."""
-    def write(cell, curves):
+    hand here; a variant column is read from its own stage, other stages are ignored; epochs
+    before the first (5) are not in the lowest; a defense not yet in results.json (running: its
+    last record is not its last epoch) is left out."""
+    def write(cell, curves, finished):
         cell.mkdir(parents=True)
         lines = [{"stage": "backdoored", "epoch": 1, "asr": 0.0, "clean_acc": 0.9}]
         for stage, asrs in curves.items():
+            lines.append({"stage": stage, "epoch": 1, "asr": 0.0, "clean_acc": 0.9})
             lines += [{"stage": stage, "epoch": 5 * (i + 1), "asr": a, "clean_acc": 0.9}
                       for i, a in enumerate(asrs)]
             lines.append({"stage": "retune/" + stage, "epoch": 1, "asr": 1.0})
         (cell / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+        (cell / "results.json").write_text(json.dumps({"defenses": dict.fromkeys(finished, {})}))
 
-    # epochs 5, 10, 15, 20; early = 10: lowest over epochs 5-10, last = epoch 20
+    # epochs (1,) 5, 10, 15, 20; early = 10: lowest over epochs 5-10, last = epoch 20
     write(tmp_path / "s" / "blended" / "m0" / "ds0",
-          {"ftsam": [0.5, 0.2, 0.3, 0.6], "ftsam_rho=0/ftsam": [0.9, 0.8, 0.8, 0.7]})
-    write(tmp_path / "s" / "blended" / "m0" / "ds1", {"ftsam": [0.4, 0.1, 0.1, 0.2]})
-    write(tmp_path / "s" / "lf" / "m1" / "ds0", {"ftsam": [0.3, 0.3, 0.2, 0.3]})
+          {"ftsam": [0.5, 0.2, 0.3, 0.6], "ftsam_rho=0/ftsam": [0.9, 0.8, 0.8, 0.7]},
+          ["ftsam", "ftsam[rho=0]"])
+    write(tmp_path / "s" / "blended" / "m0" / "ds1", {"ftsam": [0.4, 0.1, 0.1, 0.2]}, ["ftsam"])
+    write(tmp_path / "s" / "lf" / "m1" / "ds0", {"ftsam": [0.3, 0.3, 0.2, 0.3]}, ["ftsam"])
+    # running: ftsam at epoch 15 of 20, not in results.json yet
+    write(tmp_path / "s" / "lf" / "m1" / "ds1", {"ftsam": [0.9, 0.1, 0.5]}, [])
     text = report.defense_rebound("s", ("ftsam", "ftsam[rho=0]"), early=10)(tmp_path)
     lines = text.splitlines()
     # blended m0: (60 - 20 + 20 - 10) / 2 = +25.0; lf m1: 30 - 30 = 0.0; rho=0: 70 - 80 = -10
