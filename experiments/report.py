@@ -292,6 +292,37 @@ def defense_rebound(folder: str, columns: tuple[str, ...] = ("ft", "ftsam"),
     return make
 
 
+def knob_study(folder: str, base: str = "ftsam") -> Callable[[Path], str]:
+    """Issue 35's (B): the knob columns' grid and their paired differences against `base`
+    (intervals over backdoored models, from the cells), after the pre-stated check that every
+    knob column of a cell tuned on the same benign subset as `base` (equal sha256); a study
+    not run yet is said to be so."""
+    grid = table_grid(folder, paper=False)
+
+    def make(results: Path) -> str:
+        if not (results / folder / "table.json").is_file():
+            return f"Not run yet (`results/{folder}` has no table.json).\n"
+        table = _json(results / folder / "table.json")
+        checked, mismatched = 0, []
+        for attack, columns in table["cells"].items():
+            reference = {(r.get("model_seed"), r["seed"]): r.get("benign", {}).get("sha256")
+                         for r in columns.get(base, {}).get("per_seed", [])}
+            for column, cell in columns.items():
+                if column in (base, "No defense", "retune") or "per_seed" not in cell:
+                    continue
+                for r in cell["per_seed"]:
+                    checked += 1
+                    want = reference.get((r.get("model_seed"), r["seed"]))
+                    if want is None or r.get("benign", {}).get("sha256") != want:
+                        mismatched.append(f"{attack}/m{r.get('model_seed')}/ds{r['seed']} "
+                                          f"{column}")
+        check = (f"Benign subsets: all {checked} knob runs used their `{base}` cell's subset "
+                 "(equal sha256)." if not mismatched else
+                 f"Benign subsets DIFFER from `{base}`'s in: {', '.join(mismatched)}.")
+        return grid(results).rstrip("\n") + "\n\n" + check + "\n"
+    return make
+
+
 # SAM on FT's own recipe (no label smoothing, cosine per epoch): issue 22's 2x2 of recipe x SAM.
 FT_RECIPE_SAM = "ftsam[label_smoothing=0,schedule=cosine_epoch]"
 
@@ -327,6 +358,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "fmnist_cpu_claim": absolute_claim("fmnist_cpu"),
     # Issue 35 (C): ASR's rebound within a defense, from the study's metrics.jsonl.
     "fmnist_cpu_rebound": defense_rebound("fmnist_cpu"),
+    # Issue 35 (B): the knob columns beside ftsam (fmnist_cpu.sh --knobs).
+    "fmnist_knobs_cpu": knob_study("fmnist_knobs_cpu"),
     # BENCHMARKS.md's (experiments/report_bench.py: the benchmark sittings' raw JSON).
     **report_bench.BLOCKS,
 }

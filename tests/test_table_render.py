@@ -371,3 +371,22 @@ def test_the_table_leaves_out_training_time_defenses_on_attacks_without_a_poison
         ("wanet", "ac"), ("wanet", "abl[gamma=0.3]"), ("input_aware", "ac"),
         ("input_aware", "abl[gamma=0.3]")}
     assert len(cells) == 3 * (1 + 2) + 2  # backdoored + ft's two seeds each, badnets' ac, abl
+
+
+def test_report_knob_block_checks_the_benign_subsets(tmp_path):
+    """Issue 35 (B): the knob grid with its differences, after checking that every knob run
+    tuned on its base cell's benign subset (a tampered fingerprint is named); a missing study
+    says it has not run."""
+    make = report.knob_study("k")
+    assert make(tmp_path).startswith("Not run yet")
+    table = json.loads((ROOT / "results" / "fmnist_cpu" / "table.json").read_text())
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "table.json").write_text(json.dumps(table))
+    text = make(tmp_path)
+    runs = sum(len(c[col]["per_seed"]) for c in table["cells"].values()
+               for col in ("ft", "ftsam[rho=0]") if col in c)
+    assert f"all {runs} knob runs used their `ftsam` cell's subset" in text
+    assert "| Attack |" in text
+    table["cells"]["blended"]["ft"]["per_seed"][1]["benign"]["sha256"] = "0" * 64
+    (tmp_path / "k" / "table.json").write_text(json.dumps(table))
+    assert "Benign subsets DIFFER from `ftsam`'s in: blended/m0/ds1 ft." in make(tmp_path)
