@@ -323,6 +323,41 @@ def knob_study(folder: str, base: str = "ftsam") -> Callable[[Path], str]:
     return make
 
 
+def neuron_tests(folder: str) -> Callable[[Path], str]:
+    """Issue 35's (A) from `experiments.neurons`' neurons.json: its "all" block (every
+    backdoored model of every attack), the primary D = s(ftsam) − s(ft) of
+    `high_tac_log_change` and the pre-stated secondaries, each with its 95% t interval over
+    the backdoored models; a study not analysed yet is said to be so."""
+    rows = (("primary", "ftsam - ft", "high_tac_log_change"),
+            ("secondary", "ftsam - ftsam[rho=0]", "high_tac_log_change"),
+            ("secondary", "backdoored", "spearman_norm_tac"),
+            ("secondary", "ftsam - ft", "std_ratio"),
+            ("secondary", "ftsam - ft", "spearman_grad_tac"))
+
+    def make(results: Path) -> str:
+        path = results / folder / "neurons.json"
+        if not path.is_file():
+            return f"Not run yet (`results/{folder}` has no neurons.json).\n"
+        pooled = _json(path).get("all", {})
+        lines = [f"Backdoored models: {', '.join(pooled.get('models', [])) or 'none'}.", "",
+                 "| test | quantity | metric | mean ± std [95% t interval] | n |",
+                 "|---|---|---|---|---:|"]
+        for kind, what, key in rows:
+            source = (pooled.get("intervals", {}).get(what, {}) if " - " not in what else
+                      pooled.get("differences", {}).get(what, {}))
+            d = source.get(key)
+            if d is None:
+                lines.append(f"| {kind} | {what} | {key} | - | 0 |")
+                continue
+            text = f"{d['mean']:+.4g} ± {d['std']:.3g}"
+            text += (" (one value)" if d["ci_low"] is None else
+                     f" [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
+                     + ("" if d["resolved"] else " not resolved"))
+            lines.append(f"| {kind} | {what} | {key} | {text} | {d['n']} |")
+        return "\n".join(lines) + "\n"
+    return make
+
+
 # SAM on FT's own recipe (no label smoothing, cosine per epoch): issue 22's 2x2 of recipe x SAM.
 FT_RECIPE_SAM = "ftsam[label_smoothing=0,schedule=cosine_epoch]"
 
@@ -358,6 +393,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "fmnist_cpu_claim": absolute_claim("fmnist_cpu"),
     # Issue 35 (C): ASR's rebound within a defense, from the study's metrics.jsonl.
     "fmnist_cpu_rebound": defense_rebound("fmnist_cpu"),
+    # Issue 35 (A): the neuron analysis of the study's models (experiments.neurons).
+    "fmnist_neurons": neuron_tests("fmnist_cpu"),
     # Issue 35 (B): the knob columns beside ftsam (fmnist_cpu.sh --knobs).
     "fmnist_knobs_cpu": knob_study("fmnist_knobs_cpu"),
     # BENCHMARKS.md's (experiments/report_bench.py: the benchmark sittings' raw JSON).

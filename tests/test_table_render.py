@@ -390,3 +390,37 @@ def test_report_knob_block_checks_the_benign_subsets(tmp_path):
     table["cells"]["blended"]["ft"]["per_seed"][1]["benign"]["sha256"] = "0" * 64
     (tmp_path / "k" / "table.json").write_text(json.dumps(table))
     assert "Benign subsets DIFFER from `ftsam`'s in: blended/m0/ds1 ft." in make(tmp_path)
+
+
+def test_report_neuron_block_reads_the_pooled_tests(tmp_path):
+    """Issue 35 (A): the primary and secondaries from neurons.json's "all" block (made here by
+    experiments.neurons.summarize from three models' reports), the primary's interval by hand."""
+    from experiments import neurons
+
+    def cell(attack, m, stats):
+        base = {"clean_acc": 0.9, "asr": 1.0, "spearman_norm_tac": 0.5, "std_norm": 0.1,
+                "cv_norm": 0.2, "top_tac_norm_share": 0.1}
+        cols = {n: {**base, "spearman_norm_tac_backdoored": 0.4, "std_ratio": 1.0,
+                    "high_tac_log_change": v, "spearman_log_change_tac": -0.1,
+                    "mean_grad_norm": 1.0, "spearman_grad_tac": 0.0} for n, v in stats.items()}
+        return {"attack": attack, "model_seed": m, "defense_seed": 0,
+                "models": {"backdoored": base, **cols}}
+
+    make = report.neuron_tests("s")
+    assert make(tmp_path).startswith("Not run yet")
+    reports = [cell("badnets", 0, {"ft": 0.0, "ftsam": -0.3}),
+               cell("blended", 0, {"ft": 0.1, "ftsam": -0.1}),
+               cell("lf", 0, {"ft": 0.0, "ftsam": -0.4})]
+    summary = neurons.summarize(reports, [("ftsam", "ft"), ("ftsam", "ftsam[rho=0]")])
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "neurons.json").write_text(json.dumps(summary))
+    lines = make(tmp_path).splitlines()
+    assert lines[0] == "Backdoored models: badnets/m0, blended/m0, lf/m0."
+    d = [-0.3, -0.2, -0.4]
+    half = stats.t.ppf(0.975, 2) * np.std(d, ddof=1) / math.sqrt(3)
+    assert (f"| primary | ftsam - ft | high_tac_log_change | {np.mean(d):+.4g} ± "
+            f"{np.std(d, ddof=1):.3g} [{np.mean(d) - half:+.4g}, {np.mean(d) + half:+.4g}] | 3 |"
+            ) in lines
+    assert "| secondary | ftsam - ftsam[rho=0] | high_tac_log_change | - | 0 |" in lines
+    assert any(line.startswith("| secondary | backdoored | spearman_norm_tac | +0.5 ± 0")
+               for line in lines)
