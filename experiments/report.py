@@ -358,6 +358,84 @@ def neuron_tests(folder: str) -> Callable[[Path], str]:
     return make
 
 
+def mgd_study(folder: str = "detect_mgd", powered: str = "detect_powered"
+              ) -> Callable[[Path], str]:
+    """Issue 34's pre-stated MGD study (REPRODUCTION.md), from its committed parts: (a) per eps
+    AP(fgd_afa) − AP(fgd) on the val scenes, paired by seed with the committed `fgd` (eps 8:
+    the committed `fgd_afa`), and the teacher's AP on that eps's adversarial images; the
+    choices of choice.json (E*, n, A* and the held-out means); (b) AP(mgd_ikd) − AP(mgd), the
+    primary, and the secondaries mgd − fgd and mgd − student; AP and AP_S points, 95% t
+    intervals over seeds. Parts not run yet are said to be so."""
+    from ftsam_jax.metrics import paired_difference
+
+    def per_seed(results: dict[str, Any], method: str, key: str) -> dict[int, float]:
+        rows = results.get("students", {}).get(method, {}).get("per_seed", [])
+        return {r["seed"]: 100 * r[key] for r in rows}
+
+    def diff(a: dict[int, float], b: dict[int, float]) -> str:
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            return "-"
+        d = paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
+        if d["n"] < 2:
+            return f"{d['mean']:+.2f} (1 seed)"
+        return (f"{d['mean']:+.2f} ± {d['std']:.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+                f"{'' if d['resolved'] else ' not resolved'} ({d['n']} seeds)")
+
+    def make(results: Path) -> str:
+        root = results / folder
+        if not root.is_dir():
+            return f"Not run yet (`results/{folder}` does not exist).\n"
+        base = _json(results / powered / "results.json")
+        fgd = {k: per_seed(base, "fgd", k) for k in ("ap", "ap_s")}
+        lines = ["(a) AFA's attack strength, val scenes, against the committed `fgd` seeds:", "",
+                 "| eps (/255) | teacher AP on its adversarial images | AP(fgd_afa) − AP(fgd) | "
+                 "AP_S difference |", "|---:|---:|---|---|"]
+        for eps in (1, 2, 4, 8):
+            part = base if eps == 8 else (_json(root / f"eps{eps}" / "results.json")
+                                          if (root / f"eps{eps}" / "results.json").is_file()
+                                          else None)
+            if part is None:
+                lines.append(f"| {eps} | not run yet | | |")
+                continue
+            adv = part.get("teacher", {}).get("ap_adv")
+            if isinstance(adv, dict):
+                adv = adv.get(f"eps={eps:g}/255,steps=5")
+            adv_text = "-" if adv is None else f"{100 * adv:.1f}"
+            lines.append(f"| {eps} | {adv_text} | "
+                         f"{diff(per_seed(part, 'fgd_afa', 'ap'), fgd['ap'])} | "
+                         f"{diff(per_seed(part, 'fgd_afa', 'ap_s'), fgd['ap_s'])} |")
+        choice_path = root / "choice.json"
+        lines += [""]
+        if choice_path.is_file():
+            c = _json(choice_path)
+            held = ", ".join(f"{k}: {v:.2f}" for k, v in c["heldout_ap_mean"].items())
+            lines.append(f"The choice (held-out split): E* = {c['eps']:g}/255 (mean held-out AP "
+                         f"of fgd_afa by eps: {held}); n = {c['n']} pairs (s = {c['s']:.2f}).")
+            if "mgd_alpha" in c:
+                held = ", ".join(f"{k}: {v:.2f}" for k, v in c["heldout_mgd_ap_mean"].items())
+                lines.append(f"A* = {c['mgd_alpha']:g} (mean held-out AP of mgd by alpha_mgd: "
+                             f"{held}).")
+        else:
+            lines.append("The choice (choice.json): not made yet.")
+        lines += [""]
+        mgd_path = root / "mgd" / "results.json"
+        if not mgd_path.is_file():
+            lines.append("(b) MGD with and without IKD: not run yet.")
+            return "\n".join(lines) + "\n"
+        part = _json(mgd_path)
+        lines += ["(b) paired by seed (same initialisation and batch order), AP and AP_S points:",
+                  "", "| difference | AP | AP_S |", "|---|---|---|"]
+        for label, (ra, ma), (rb, mb) in (
+                ("mgd_ikd − mgd (primary)", (part, "mgd_ikd"), (part, "mgd")),
+                ("mgd − fgd", (part, "mgd"), (base, "fgd")),
+                ("mgd − student", (part, "mgd"), (base, "student"))):
+            cells = [diff(per_seed(ra, ma, k), per_seed(rb, mb, k)) for k in ("ap", "ap_s")]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        return "\n".join(lines) + "\n"
+    return make
+
+
 # SAM on FT's own recipe (no label smoothing, cosine per epoch): issue 22's 2x2 of recipe x SAM.
 FT_RECIPE_SAM = "ftsam[label_smoothing=0,schedule=cosine_epoch]"
 
@@ -393,6 +471,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "fmnist_cpu_claim": absolute_claim("fmnist_cpu"),
     # Issue 35 (C): ASR's rebound within a defense, from the study's metrics.jsonl.
     "fmnist_cpu_rebound": defense_rebound("fmnist_cpu"),
+    # Issue 34: the MGD study (experiments/studies/detect_mgd_cpu.sh).
+    "detect_mgd": mgd_study(),
     # Issue 35 (A): the neuron analysis of the study's models (experiments.neurons).
     "fmnist_neurons": neuron_tests("fmnist_cpu"),
     # Issue 35 (B): the knob columns beside ftsam (fmnist_cpu.sh --knobs).

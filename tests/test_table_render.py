@@ -424,3 +424,51 @@ def test_report_neuron_block_reads_the_pooled_tests(tmp_path):
     assert "| secondary | ftsam - ftsam[rho=0] | high_tac_log_change | - | 0 |" in lines
     assert any(line.startswith("| secondary | backdoored | spearman_norm_tac | +0.5 ± 0")
                for line in lines)
+
+
+def test_report_mgd_block_pairs_seeds_with_the_committed_students(tmp_path):
+    """Issue 34's block: (a) per eps fgd_afa − fgd paired by seed against the committed fgd,
+    the teacher's adversarial AP keyed by strength; the choice; (b) the primary mgd_ikd − mgd
+    by hand; parts not run are said to be."""
+    def students(**methods):
+        return {m: {"per_seed": [{"seed": s, "ap": ap, "ap_s": ap / 2} for s, ap in v.items()]}
+                for m, v in methods.items()}
+
+    make = report.mgd_study("m", "p")
+    assert make(tmp_path).startswith("Not run yet")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "results.json").write_text(json.dumps({
+        "teacher": {"ap_adv": 0.0}, "students": students(
+            fgd={0: 0.10, 1: 0.12, 2: 0.11}, fgd_afa={0: 0.11, 1: 0.12, 2: 0.12},
+            student={0: 0.08, 1: 0.09, 2: 0.085})}))
+    (tmp_path / "m" / "eps2").mkdir(parents=True)
+    (tmp_path / "m" / "eps2" / "results.json").write_text(json.dumps({
+        "teacher": {"ap_adv": {"eps=2/255,steps=5": 0.155}},
+        "students": students(fgd_afa={0: 0.12, 1: 0.13, 2: 0.12})}))
+    text = make(tmp_path)
+    lines = text.splitlines()
+    assert "| 1 | not run yet | | |" in lines
+    def text_of(d, note=" not resolved"):
+        half = stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / math.sqrt(len(d))
+        m = np.mean(d)
+        return (f"{m:+.2f} ± {np.std(d, ddof=1):.2f} [{m - half:+.2f}, {m + half:+.2f}]{note} "
+                f"({len(d)} seeds)")
+
+    # eps 2: fgd_afa 12, 13, 12 against fgd 10, 12, 11; eps 8: the committed 11, 12, 12
+    assert f"| 2 | 15.5 | {text_of([2.0, 1.0, 1.0])} | {text_of([1.0, 0.5, 0.5])} |" in lines
+    assert f"| 8 | 0.0 | {text_of([1.0, 0.0, 1.0])} | {text_of([0.5, 0.0, 0.5])} |" in lines
+    assert "The choice (choice.json): not made yet." in lines
+    assert "(b) MGD with and without IKD: not run yet." in lines
+    (tmp_path / "m" / "choice.json").write_text(json.dumps({
+        "eps": 2, "heldout_ap_mean": {"1": 9.0, "2": 9.5}, "n": 8, "s": 0.6,
+        "mgd_alpha": 0.002, "heldout_mgd_ap_mean": {"2e-5": 9.1, "2e-3": 9.9}}))
+    (tmp_path / "m" / "mgd").mkdir()
+    (tmp_path / "m" / "mgd" / "results.json").write_text(json.dumps({"students": students(
+        mgd={0: 0.10, 1: 0.11}, mgd_ikd={0: 0.105, 1: 0.12})}))
+    lines = make(tmp_path).splitlines()
+    assert "A* = 0.002 (mean held-out AP of mgd by alpha_mgd: 2e-5: 9.10, 2e-3: 9.90)." in lines
+    assert (f"| mgd_ikd − mgd (primary) | {text_of([0.5, 1.0])} | {text_of([0.25, 0.5])} |"
+            in lines)
+    # mgd 10, 11 against the committed student 8, 9: the same +2 on both seeds
+    assert "| mgd − student | +2.00 ± 0.00 [+2.00, +2.00] (2 seeds) | " \
+        "+1.00 ± 0.00 [+1.00, +1.00] (2 seeds) |" in lines
