@@ -124,6 +124,36 @@ def test_ac_is_deterministic_and_resumes_exactly(mesh, tmp_path, tiny_vars, pois
     assert resumed.details == rec and assert_same(resumed.variables, out.variables) is None
 
 
+def test_ac_retrains_from_scratch_on_exactly_the_kept_images(mesh, tmp_path, tiny_vars,
+                                                              poisoned, monkeypatch):
+    """Step 5: the retraining gets no variables (a fresh model, not the backdoored one) and
+    the poisoned set less the flagged images, in order, with their labels; `smaller` flags a
+    cluster in every class, so something is removed."""
+    spec = DEFENSES["ac"]
+    cfg = dataclasses.replace(spec.default_config("smoke"), nb_dims=4,
+                              cluster_analysis="smaller", retrain=dataclasses.replace(
+                                  spec.default_config("smoke").retrain, batch_size=16))
+    seen = {}
+
+    def fake_fit(name, model, variables, x, y, config, rng, ctx):
+        seen.update(name=name, variables=variables, x=x, y=y)
+        return tiny_vars, None
+
+    monkeypatch.setattr(ac_mod, "fit", fake_fit)
+    rec = spec.run(MODEL, tiny_vars, poisoned, cfg, jax.random.key(3),
+                   ctx_for(mesh, tmp_path)).details
+    assert seen["name"] == "ac_retrain" and seen["variables"] is None
+    assert rec["removed"] > 0 and len(seen["y"]) == rec["kept"] == 64 - rec["removed"]
+    # the kept images are a subsequence of the poisoned set, with their own labels
+    index = {poisoned.x[i].tobytes(): i for i in range(64)}
+    kept = [index[x.tobytes()] for x in seen["x"]]
+    assert kept == sorted(kept) and np.array_equal(poisoned.y[kept], seen["y"])
+    per_class = np.bincount(seen["y"], minlength=NUM_CLASSES)
+    sizes = np.bincount(poisoned.y, minlength=NUM_CLASSES)
+    assert per_class.tolist() == [int(sizes[c]) - r["removed"]
+                                  for c, r in enumerate(rec["per_class"])]
+
+
 # ----------------------------------------------------------------------------------------------
 # ABL's pieces
 
