@@ -436,6 +436,86 @@ def mgd_study(folder: str = "detect_mgd", powered: str = "detect_powered"
     return make
 
 
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _attack_fit_text(attack: str, fit: dict[str, Any], attack_config: dict[str, Any]) -> str:
+    """One line of an attack's resource record (results.json config.attack_fit)."""
+    if attack == "ssba":
+        return (f"encoder: test bit accuracy {_pct(fit.get('test_bit_accuracy'))}% (exact code "
+                f"{_pct(fit.get('test_exact_code_rate'))}%), PSNR {fit.get('test_psnr', 0):.1f} "
+                f"dB (min {fit.get('test_psnr_min', 0):.1f}), max change "
+                f"{fit.get('test_max_abs_change', '-')} grey levels")
+    if attack == "lc":
+        return (f"source model ({fit.get('source', '-')}): test accuracy "
+                f"{_pct(fit.get('source_model_test_acc'))}%, on the {fit.get('num_perturbed', 0)} "
+                f"target-class images {_pct(fit.get('source_model_acc_original'))}% before and "
+                f"{_pct(fit.get('source_model_acc_perturbed'))}% after PGD (L-inf max "
+                f"{255 * fit.get('linf_max', 0.0):.1f}/255)")
+    if attack == "trojannn":
+        def mean(values: Any) -> str:
+            return "-" if not values else f"{sum(values) / len(values):.2f}"
+        return (f"neurons {fit.get('neurons')} of the clean model (accuracy "
+                f"{_pct(fit.get('clean_model_acc'))}%): activation on the trigger alone "
+                f"{mean(fit.get('trigger_activation_start'))} -> "
+                f"{mean(fit.get('trigger_activation_end'))} (target "
+                f"{attack_config.get('target_value', '-')}), on triggered test images "
+                f"{mean(fit.get('triggered_activation_start'))} -> "
+                f"{mean(fit.get('triggered_activation_end'))}, clean images "
+                f"{mean(fit.get('clean_activation'))}")
+    return "-"
+
+
+def _detection_text(defense: str, details: dict[str, Any]) -> str:
+    """One cell of a defense's detection record (its results.json row's `details`)."""
+    if defense == "nc":
+        flagged = details.get("flagged") or []
+        index = details.get("min_anomaly_index")
+        head = "flagged " + ", ".join(str(v) for v in flagged) if flagged else "none flagged"
+        return f"{head} (index {'-' if index is None else f'{index:.2f}'})"
+    if defense == "ac":
+        return (f"removed {details.get('removed', 0)}, precision {_pct(details.get('precision'))}, "
+                f"recall {_pct(details.get('recall'))}")
+    if defense == "abl":
+        return (f"isolated {details.get('isolated', 0)}, precision "
+                f"{_pct(details.get('precision'))}, recall {_pct(details.get('recall'))}")
+    return "-"
+
+
+def table_records(folder: str, attacks: tuple[str, ...] = ("lc", "ssba", "trojannn"),
+                  defenses: tuple[str, ...] = ("nc", "ac", "abl")) -> Callable[[Path], str]:
+    """Issues 32 and 33's records in an `experiments.table` folder, from each attack's first
+    cell (`ATTACK/ds0/results.json`): the resources the new attacks made (SSBA's encoder, LC's
+    source model and perturbations, TrojanNN's neurons before / after) and the detections of
+    the new defenses (NC's flagged labels and anomaly index, AC's and ABL's precision and
+    recall against the attack's poison indices). Cells not run yet are said to be."""
+    def make(results: Path) -> str:
+        root = results / folder
+        cells = {}
+        for cell in sorted(root.glob("*/ds0/results.json")):
+            cells[cell.parent.parent.name] = json.loads(cell.read_text())
+        lines = ["| attack | its resource (results.json `config.attack_fit`) |", "|---|---|"]
+        for attack in attacks:
+            config = cells.get(attack, {}).get("config", {})
+            fit = config.get("attack_fit")
+            text = ("not run yet" if fit is None else
+                    _attack_fit_text(attack, fit, config.get("attack_config", {})))
+            lines.append(f"| {attack} | {text} |")
+        lines += ["", "| attack | " + " | ".join(defenses) + " |",
+                  "|---|" + "---|" * len(defenses)]
+        from experiments.table import applicable
+
+        for attack, r in cells.items():
+            row = [(_detection_text(d, r["defenses"][d].get("details", {}))
+                    if d in r.get("defenses", {}) else
+                    "not run yet" if applicable(attack, d) else "n/a (poisons on the fly)")
+                   for d in defenses]
+            lines.append(f"| {attack} | " + " | ".join(row) + " |")
+        return "\n".join(lines) + "\n"
+    return make
+
+
 # SAM on FT's own recipe (no label smoothing, cosine per epoch): issue 22's 2x2 of recipe x SAM.
 FT_RECIPE_SAM = "ftsam[label_smoothing=0,schedule=cosine_epoch]"
 
@@ -444,6 +524,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "table_cpu_per_seed": table_per_seed("table_cpu"),
     "table_cpu_benign2500": table_grid("table_cpu_benign2500", paper=False),
     "table_paper_gpu": table_grid("table_paper_gpu"),
+    # Issues 32 and 33: the new attacks' resources and the new defenses' detections.
+    "table_cpu_records": table_records("table_cpu"),
     "table_cpu_variants": workdirs_grid("table_cpu_variants"),
     "lf_backdoorbench": workdirs_grid("lf_backdoorbench"),
     "detect_powered": results_md_table("detect_powered"),

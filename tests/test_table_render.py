@@ -472,3 +472,31 @@ def test_report_mgd_block_pairs_seeds_with_the_committed_students(tmp_path):
     # mgd 10, 11 against the committed student 8, 9: the same +2 on both seeds
     assert "| mgd − student | +2.00 ± 0.00 [+2.00, +2.00] (2 seeds) | " \
         "+1.00 ± 0.00 [+1.00, +1.00] (2 seeds) |" in lines
+
+
+def test_report_records_of_the_new_attacks_and_defenses(tmp_path):
+    """Issues 32/33: an attack's resource record and the defenses' detections, read from each
+    attack's ds0 results.json; a missing one is 'not run yet', AC on an on-the-fly attack
+    'n/a'."""
+    def cell(attack, config, defenses):
+        folder = tmp_path / "t" / attack / "ds0"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"config": config,
+                                                         "defenses": defenses}))
+
+    cell("ssba", {"attack_fit": {"test_bit_accuracy": 0.98765, "test_exact_code_rate": 0.5,
+                                 "test_psnr": 31.25, "test_psnr_min": 27.0,
+                                 "test_max_abs_change": 40}}, {})
+    cell("badnets", {}, {
+        "nc": {"details": {"flagged": [0], "min_anomaly_index": 3.456}},
+        "ac": {"details": {"removed": 600, "precision": 0.5, "recall": None}},
+        "abl": {"details": {"isolated": 51, "precision": 1.0, "recall": 51 / 517}}})
+    cell("wanet", {}, {"nc": {"details": {"flagged": [], "min_anomaly_index": None}}})
+    lines = report.table_records("t")(tmp_path).splitlines()
+    assert ("| ssba | encoder: test bit accuracy 98.8% (exact code 50.0%), PSNR 31.2 dB (min "
+            "27.0), max change 40 grey levels |") in lines
+    assert "| lc | not run yet |" in lines and "| trojannn | not run yet |" in lines
+    assert ("| badnets | flagged 0 (index 3.46) | removed 600, precision 50.0, recall - | "
+            "isolated 51, precision 100.0, recall 9.9 |") in lines
+    assert ("| wanet | none flagged (index -) | n/a (poisons on the fly) | "
+            "n/a (poisons on the fly) |") in lines
