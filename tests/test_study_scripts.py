@@ -9,7 +9,8 @@ from tests.conftest import ROOT
 
 STUDIES = ROOT / "experiments" / "studies"
 SCRIPTS = {"queue_cpu.sh": "--sync", "fmnist_cpu.sh": "--sync --knobs",
-           "table_cpu_extend.sh": "--sync", "detect_mgd_cpu.sh": "--sync"}
+           "table_cpu_extend.sh": "--sync", "detect_mgd_cpu.sh": "--sync",
+           "start_queue.sh": ""}
 
 
 def _bash(script, *args, cwd):
@@ -23,7 +24,7 @@ def _bash(script, *args, cwd):
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_help_prints_the_header_and_starts_nothing(script, tmp_path):
     for flag in ("--help", "-h"):
-        proc = _bash(script, "--sync", flag, cwd=tmp_path)
+        proc = _bash(script, *SCRIPTS[script].split()[:1], flag, cwd=tmp_path)
         assert proc.returncode == 0 and proc.stderr == ""
         first = (STUDIES / script).read_text().splitlines()[1].lstrip("# ")
         assert proc.stdout.splitlines()[0] == first

@@ -14,8 +14,9 @@ check_study_args() {
       -*)
         case "$allowed" in
           *" $arg "*) ;;
-          *) echo "error: $(basename "$script") has no option $arg (it takes:${allowed% };" \
-               "-h for help)" >&2
+          *) local takes="it takes:${allowed% }"
+             [ -z "${allowed// /}" ] && takes="it takes no options"
+             echo "error: $(basename "$script") has no option $arg ($takes; -h for help)" >&2
              exit 2 ;;
         esac ;;
     esac

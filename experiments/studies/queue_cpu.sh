@@ -9,7 +9,8 @@
 #   4. issue 34: the MGD study (detect_mgd_cpu.sh)
 # Their costs are stated in each script and in REPRODUCTION.md's pre-stated tests.
 #
-#   git worktree add /work/snap HEAD && cd /work/snap   (a snapshot beside shared/)
+#   bash experiments/studies/start_queue.sh   (from the checkout: venv, snapshot, this queue)
+#   or by hand: git worktree add /work/snap HEAD && cd /work/snap   (a snapshot beside shared/)
 #   PYTHON=... nohup bash experiments/studies/queue_cpu.sh > /work/runs/queue.log 2>&1 &
 #   ... before the session stops, from the main checkout:
 #   bash experiments/studies/queue_cpu.sh --sync   (every part's finished files -> results/)
