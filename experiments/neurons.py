@@ -633,38 +633,34 @@ def neurons_markdown(summary: dict[str, Any]) -> str:
                     f"{_fmt(c['high_tac_log_change'], 3, 'g')} | "
                     f"{_fmt(c['spearman_grad_tac'])} | {_fmt(c['mean_grad_norm'], 3, 'g')} |")
         lines += ["", "Over backdoored models (mean [95% t interval], n):", ""]
-        for n, metrics_ in block["intervals"].items():
-            for k in ("spearman_norm_tac", "high_tac_log_change", "spearman_grad_tac"):
-                if k in metrics_:
-                    lines.append(f"- {n} {k}: {_interval_text(metrics_[k])}")
-        if block["differences"]:
-            lines += ["", "Paired differences over backdoored models:", ""]
-            for pair, ks in block["differences"].items():
-                for k, d in ks.items():
-                    note = "resolved" if d["resolved"] else "not resolved"
-                    lines.append(f"- {pair}, {k}: {_interval_text(d)} ({note})")
-        lines.append("")
+        lines += _over_models_lines(block, ("spearman_norm_tac", "high_tac_log_change",
+                                            "spearman_grad_tac"), "")
     pooled = summary.get("all")
     if pooled and pooled["models"]:
         lines += ["## all: every backdoored model of every attack", "",
                   f"Models: {', '.join(pooled['models'])}. Over backdoored models (mean [95% t "
                   "interval], n):", ""]
-        for n, metrics_ in pooled["intervals"].items():
-            for k in ("spearman_norm_tac", "high_tac_log_change", "std_ratio",
-                      "spearman_grad_tac"):
-                if k in metrics_:
-                    lines.append(f"- {n} {k}: {_interval_text(metrics_[k])}")
-        if pooled["differences"]:
-            lines += ["", "Paired differences over backdoored models (the pre-stated tests):", ""]
-            for pair, ks in pooled["differences"].items():
-                for k, d in ks.items():
-                    note = "resolved" if d["resolved"] else "not resolved"
-                    lines.append(f"- {pair}, {k}: {_interval_text(d)} ({note})")
-        lines.append("")
+        lines += _over_models_lines(pooled, ("spearman_norm_tac", "high_tac_log_change",
+                                             "std_ratio", "spearman_grad_tac"),
+                                    " (the pre-stated tests)")
     if summary["failures"]:
         lines += ["## Cells not analysed", ""]
         lines += [f"- {f['cell']}: {f['error']}" for f in summary["failures"]]
     return "\n".join(lines) + "\n"
+
+
+def _over_models_lines(block: dict[str, Any], keys: Sequence[str], note: str) -> list[str]:
+    """neurons.md's lines of a block's intervals (the metrics `keys`) and its paired
+    differences (headed "Paired differences over backdoored models" + `note`)."""
+    lines = [f"- {n} {k}: {_interval_text(metrics_[k])}"
+             for n, metrics_ in block["intervals"].items() for k in keys if k in metrics_]
+    if block["differences"]:
+        lines += ["", f"Paired differences over backdoored models{note}:", ""]
+        for pair, ks in block["differences"].items():
+            for k, d in ks.items():
+                state = "resolved" if d["resolved"] else "not resolved"
+                lines.append(f"- {pair}, {k}: {_interval_text(d)} ({state})")
+    return [*lines, ""]
 
 
 def _interval_text(d: dict[str, Any]) -> str:

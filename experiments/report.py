@@ -235,6 +235,17 @@ def _stage_of(column: str) -> str:
     return f"{parsed.folder}/{parsed.base}" if parsed.is_variant else parsed.base
 
 
+def _interval_text(d: dict[str, Any], digits: str = ".1f", spread: str | None = None) -> str:
+    """A `paired_difference` record as "mean ± std [low, high]" (signed, in `digits`; the std
+    in `spread`, default the same), "not resolved" when the interval spans 0, "(one value)"
+    without an interval."""
+    text = f"{d['mean']:+{digits}} ± {d['std']:{spread or digits}}"
+    if d["n"] < 2:
+        return text + " (one value)"
+    return (text + f" [{d['ci_low']:+{digits}}, {d['ci_high']:+{digits}}]"
+            + ("" if d["resolved"] else " not resolved"))
+
+
 def defense_rebound(folder: str, columns: tuple[str, ...] = ("ft", "ftsam"),
                     early: int = 50, first: int = 5) -> Callable[[Path], str]:
     """Issue 35's (C): does a defense's ASR fall early and climb back? Per backdoored model and
@@ -282,12 +293,8 @@ def defense_rebound(folder: str, columns: tuple[str, ...] = ("ft", "ftsam"),
             if not values:
                 continue
             d = paired_difference(values, [0.0] * len(values))
-            text = f"{d['mean']:+.1f} ± {d['std']:.1f}"
-            text += (" (one value)" if d["n"] < 2 else
-                     f" [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
-                     + ("" if d["resolved"] else " not resolved"))
             lines.append(f"| {column} | {d['n']} backdoored model{'s' * (d['n'] != 1)} | "
-                         f"{text} |")
+                         f"{_interval_text(d)} |")
         return "\n".join(lines) + "\n"
     return make
 
@@ -349,11 +356,8 @@ def neuron_tests(folder: str) -> Callable[[Path], str]:
             if d is None:
                 lines.append(f"| {kind} | {what} | {key} | - | 0 |")
                 continue
-            text = f"{d['mean']:+.4g} ± {d['std']:.3g}"
-            text += (" (one value)" if d["ci_low"] is None else
-                     f" [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
-                     + ("" if d["resolved"] else " not resolved"))
-            lines.append(f"| {kind} | {what} | {key} | {text} | {d['n']} |")
+            lines.append(f"| {kind} | {what} | {key} | {_interval_text(d, '.4g', '.3g')} | "
+                         f"{d['n']} |")
         return "\n".join(lines) + "\n"
     return make
 
@@ -379,8 +383,7 @@ def mgd_study(folder: str = "detect_mgd", powered: str = "detect_powered"
         d = paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
         if d["n"] < 2:
             return f"{d['mean']:+.2f} (1 seed)"
-        return (f"{d['mean']:+.2f} ± {d['std']:.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
-                f"{'' if d['resolved'] else ' not resolved'} ({d['n']} seeds)")
+        return f"{_interval_text(d, '.2f')} ({d['n']} seeds)"
 
     def make(results: Path) -> str:
         root = results / folder
